@@ -1,0 +1,82 @@
+"""Who the gateway let in: plain data shared by every login method, the policy engine and the proxy."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+class LoginMethod(str, enum.Enum):
+    """How the professional proved who they are to the gateway."""
+
+    CARD = "card"  # CPS smart card: TLS client certificate or PKCS#11 challenge
+    ECPS = "ecps"  # Pro Santé Connect (e-CPS app, or the card at PSC: see Identity.auth_mode)
+
+
+# First digit of an idNat (domain.md): who the identifier designates.
+ID_TYPE_ADELI = "0"
+ID_TYPE_ADELI_PRACTICE = "1"
+ID_TYPE_FINESS = "3"
+ID_TYPE_SIREN = "4"
+ID_TYPE_SIRET = "5"
+ID_TYPE_RPPS_PRACTICE = "6"
+ID_TYPE_RPPS = "8"
+#: idNat types that designate an establishment's staff or an organisation, not a health professional.
+STAFF_OR_ORGANISATION_ID_TYPES = frozenset({ID_TYPE_FINESS, ID_TYPE_SIREN, ID_TYPE_SIRET})
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    """A professional after a successful strong login.
+
+    ``auth_time`` is the POSIX time of the login itself (not of the session's last use): policies
+    compare it with their ``max_age`` to ask for a fresh login (step-up).
+    """
+
+    idnat: str
+    method: LoginMethod
+    auth_time: float
+    surname: str = ""
+    given_name: str = ""
+    #: TRE_G15 profession codes ("10" Médecin, "21" Pharmacien, ...); a professional may hold several.
+    professions: tuple[str, ...] = ()
+    #: PSC ``authMode`` (e.g. "CARD") for e-CPS logins; "CARD" for direct card logins.
+    auth_mode: str = ""
+    #: PSC ``acr`` for e-CPS logins (e.g. "eidas1"); empty for card logins.
+    acr: str = ""
+    #: Card certificate serial (hex) and issuer, for card logins: audit and revocation follow-up.
+    card_serial: str = ""
+    card_issuer: str = ""
+    extra: dict[str, str] = field(default_factory=dict, compare=False)
+
+    @property
+    def id_type(self) -> str:
+        """The idNat type digit (``8`` RPPS, ``0`` ADELI, ``3`` FINESS staff card...)."""
+        return self.idnat[:1]
+
+    @property
+    def is_staff_or_organisation(self) -> bool:
+        return self.id_type in STAFF_OR_ORGANISATION_ID_TYPES
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["method"] = self.method.value
+        data["professions"] = list(self.professions)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Identity:
+        return cls(
+            idnat=str(data["idnat"]),
+            method=LoginMethod(data["method"]),
+            auth_time=float(data["auth_time"]),
+            surname=str(data.get("surname", "")),
+            given_name=str(data.get("given_name", "")),
+            professions=tuple(str(p) for p in data.get("professions", ())),
+            auth_mode=str(data.get("auth_mode", "")),
+            acr=str(data.get("acr", "")),
+            card_serial=str(data.get("card_serial", "")),
+            card_issuer=str(data.get("card_issuer", "")),
+            extra={str(k): str(v) for k, v in dict(data.get("extra", {})).items()},
+        )

@@ -1,0 +1,85 @@
+"""What the gateway decided about a request, and why, as named reasons.
+
+Every module that refuses something says so with a :class:`Reason`; ``gateway.responses`` alone turns
+reasons into HTTP responses and pages (Pomerium's evaluator / check_response split).
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from gateway.policy.model import Rule
+
+
+class Outcome(str, enum.Enum):
+    ALLOW = "allow"
+    #: A (fresh) strong login would let the request through: show the login page / answer 401.
+    LOGIN = "login"
+    DENY = "deny"
+
+
+class Reason(str, enum.Enum):
+    """Named reasons; the value is the stable code used in audit records, metrics and page lookups."""
+
+    # Policy engine
+    PUBLIC_ROUTE = "public_route"
+    AUTHENTICATED = "authenticated"
+    NO_MATCHING_RULE = "no_matching_rule"
+    DENIED_BY_RULE = "denied_by_rule"
+    UNAUTHENTICATED = "unauthenticated"
+    LOGIN_METHOD_NOT_ACCEPTED = "login_method_not_accepted"
+    LOGIN_TOO_OLD = "login_too_old"
+    PROFESSION_NOT_ALLOWED = "profession_not_allowed"
+    AUTH_MODE_NOT_ACCEPTED = "auth_mode_not_accepted"
+    STAFF_CARD_NOT_ALLOWED = "staff_card_not_allowed"
+    # Request hygiene
+    BAD_REQUEST_PATH = "bad_request_path"
+    BAD_HOST = "bad_host"
+    SPOOFED_HEADER = "spoofed_header"
+    # Upstream
+    UPSTREAM_UNAVAILABLE = "upstream_unavailable"
+    UPSTREAM_TIMEOUT = "upstream_timeout"
+    # Card login
+    CARD_MISSING = "card_missing"
+    CARD_UNTRUSTED = "card_untrusted"
+    CARD_EXPIRED = "card_expired"
+    CARD_NOT_YET_VALID = "card_not_yet_valid"
+    CARD_REVOKED = "card_revoked"
+    CARD_BAD_KEY_USAGE = "card_bad_key_usage"
+    CARD_UNKNOWN_PROFESSION = "card_unknown_profession"
+    CARD_MALFORMED = "card_malformed"
+    CRL_UNAVAILABLE = "crl_unavailable"
+    CHALLENGE_INVALID = "challenge_invalid"
+    SIGNATURE_INVALID = "signature_invalid"
+    # e-CPS login (Pro Santé Connect)
+    IDP_UNAVAILABLE = "idp_unavailable"
+    LOGIN_CANCELLED = "login_cancelled"
+    STATE_MISMATCH = "state_mismatch"
+    TOKEN_INVALID = "token_invalid"
+    ACR_NOT_ACCEPTED = "acr_not_accepted"
+    # Sessions and limits
+    SESSION_STORE_UNAVAILABLE = "session_store_unavailable"
+    CSRF_FAILED = "csrf_failed"
+    RATE_LIMITED = "rate_limited"
+    BANNED = "banned"
+    QUOTA_EXCEEDED = "quota_exceeded"
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    outcome: Outcome
+    reasons: tuple[Reason, ...]
+    #: The rule that matched, None when none did (default deny) or before matching.
+    rule: Rule | None = None
+
+    @property
+    def allowed(self) -> bool:
+        return self.outcome is Outcome.ALLOW
+
+    @property
+    def reason(self) -> Reason:
+        """The main reason (the first)."""
+        return self.reasons[0]
