@@ -1,0 +1,201 @@
+"""The ``gateway`` command: serve, check, policy explain, dev tools, demo."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from gateway.config_source import ConfigErrors, parse_duration
+from gateway.identity import Identity, LoginMethod
+from gateway.policy.engine import decide_rule
+from gateway.policy.paths import BadPath, normalise_target
+from gateway.settings import DEFAULT_SETTINGS_FILE, Settings, load_settings
+from gateway.wsgi import normalise_host
+
+EXIT_OK = 0
+EXIT_CONFIG_ERROR = 2
+EXIT_USAGE = 64
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if not hasattr(args, "run"):
+        parser.print_help()
+        return EXIT_USAGE
+    try:
+        return int(args.run(args) or EXIT_OK)
+    except ConfigErrors as exc:
+        print(f"configuration refused ({len(exc.errors)} error{'s' if len(exc.errors) > 1 else ''}):", file=sys.stderr)
+        for error in exc.errors:
+            print(f"  {error}", file=sys.stderr)
+        return EXIT_CONFIG_ERROR
+    except KeyboardInterrupt:
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gateway", description="CPS / e-CPS strong-authentication gateway")
+    commands = parser.add_subparsers(title="commands", metavar="COMMAND")
+
+    serve = commands.add_parser("serve", help="run the gateway (gunicorn; --debug: Werkzeug dev server)")
+    _config_option(serve)
+    serve.add_argument("--debug", action="store_true", help="Werkzeug development server; never in production")
+    serve.set_defaults(run=_serve)
+
+    check = commands.add_parser("check", help="validate settings and every policy file; list every error")
+    _config_option(check)
+    check.set_defaults(run=_check)
+
+    policy = commands.add_parser("policy", help="policy tools").add_subparsers(metavar="SUBCOMMAND")
+    explain = policy.add_parser("explain", help="which rule matches a request, the decision and why")
+    _config_option(explain)
+    explain.add_argument("method", metavar="METHOD")
+    explain.add_argument("url", metavar="URL", help="https://host/path?query or /path")
+    explain.add_argument("--as", dest="login", choices=[m.value for m in LoginMethod], help="a session of this kind")
+    explain.add_argument("--profession", action="append", default=[], help="TRE_G15 code (repeatable)")
+    explain.add_argument("--auth-age", default="1m", help="how long ago the login happened (default 1m)")
+    explain.add_argument("--auth-mode", default="", help="PSC authMode of an e-CPS login (e.g. CARD)")
+    explain.add_argument("--idnat", default="810001234567", help="idNat of the session (default an RPPS)")
+    explain.set_defaults(run=_explain)
+
+    dev = commands.add_parser("dev", help="development tools (never for production)").add_subparsers(
+        metavar="SUBCOMMAND"
+    )
+    init = dev.add_parser("init", help="create the dev assertion key and files the embedded default needs")
+    _config_option(init)
+    init.set_defaults(run=_dev_init)
+    portal = dev.add_parser("portal", help="run the demo portal (the upstream of the embedded default)")
+    portal.add_argument("--listen", default="127.0.0.1:8081")
+    portal.set_defaults(run=_dev_portal)
+
+    demo = commands.add_parser("demo", help="demo portal + gateway on the embedded default; Ctrl-C stops all")
+    demo.set_defaults(run=_demo)
+    return parser
+
+
+def _config_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--config",
+        type=Path,
+        default=DEFAULT_SETTINGS_FILE,
+        help="settings file (default: the embedded demo default)",
+    )
+
+
+def _load(args: argparse.Namespace) -> Settings:
+    return load_settings(args.config)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from gateway.app import create_app, read_policies
+    from gateway.server import serve
+
+    settings = _load(args)
+    read_policies(settings)  # refuse to start on any policy error, before forking workers
+    serve(settings, lambda: create_app(settings), debug=args.debug)
+    return EXIT_OK
+
+
+def _check(args: argparse.Namespace) -> int:
+    from gateway.app import read_policies
+
+    errors = []
+    settings: Settings | None = None
+    try:
+        settings = _load(args)
+    except ConfigErrors as exc:
+        errors.extend(exc.errors)
+        # Missing key files aside, the settings may still say where the policies are: check them too.
+        with contextlib.suppress(ConfigErrors):
+            settings = load_settings(args.config, require_files=False)
+    loaded = None
+    if settings is not None:
+        try:
+            loaded = read_policies(settings)
+        except ConfigErrors as exc:
+            errors.extend(exc.errors)
+    if errors or loaded is None:
+        raise ConfigErrors(errors)
+    for warning in loaded.warnings:
+        print(f"warning: {warning}")
+    rules = loaded.policy_set.rules
+    print(f"OK: {args.config}: {len(rules)} rules in {len(loaded.policy_set.files)} policy files")
+    return EXIT_OK
+
+
+def _explain(args: argparse.Namespace) -> int:
+    from gateway.app import read_policies
+
+    settings = _load(args)
+    policy_set = read_policies(settings).policy_set
+    parts = urlsplit(args.url)
+    host = normalise_host(parts.netloc or urlsplit(settings.server.public_origin).netloc)
+    raw_target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    method = args.method.upper()
+    try:
+        target = normalise_target(raw_target)
+    except BadPath as exc:
+        print(f"request:  {method} {raw_target}\ndecision: deny (400)\nreasons:  bad_request_path: {exc}")
+        return EXIT_OK
+    now = time.time()
+    identity = None
+    if args.login:
+        identity = Identity(
+            idnat=args.idnat,
+            method=LoginMethod(args.login),
+            auth_time=now - parse_duration(args.auth_age),
+            professions=tuple(args.profession),
+            auth_mode=args.auth_mode or ("CARD" if args.login == "card" else ""),
+        )
+    print(f"request:  {method} {host or '?'} {target.path}" + (f"?{target.query}" if target.query else ""))
+    print(f"identity: {_describe(identity, args.auth_age)}")
+    rule = policy_set.match(method, host or "", target.path)
+    if rule is None:
+        print("rule:     (none matches: default deny)")
+        print("decision: deny\nreasons:  no_matching_rule")
+        return EXIT_OK
+    decision = decide_rule(rule, identity, now)
+    print(f"rule:     {rule.name} ({rule.where}), action {rule.action.value}")
+    print(f"decision: {decision.outcome.value}")
+    print(f"reasons:  {', '.join(r.value for r in decision.reasons)}")
+    return EXIT_OK
+
+
+def _describe(identity: Identity | None, age: str) -> str:
+    if identity is None:
+        return "none (no session)"
+    professions = ",".join(identity.professions) or "none"
+    return f"{identity.method.value} login {age} ago, idNat {identity.idnat}, professions {professions}"
+
+
+def _dev_init(args: argparse.Namespace) -> int:
+    from gateway.proxy.assertion import generate_key_file
+
+    settings = load_settings(args.config, require_files=False)
+    generate_key_file(settings.assertion.key_file)
+    print(f"assertion key: {settings.assertion.key_file}")
+    return EXIT_OK
+
+
+def _dev_portal(args: argparse.Namespace) -> int:
+    from gateway.devtools.demo_portal import run
+
+    host, _, port = args.listen.rpartition(":")
+    run(host, int(port))
+    return EXIT_OK
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from gateway.devtools.demo import run_demo
+
+    return run_demo()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,74 @@
+"""Forward an allowed request to the portal and stream the answer back (Flask view side)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from flask import Request, Response
+
+from gateway.identity import Identity
+from gateway.proxy.headers import filter_response_headers, forwarded_headers
+from gateway.proxy.upstream import StreamedBody, Upstream, request_body
+
+
+class UpstreamResponse(Response):
+    # The portal's headers are passed as they are: no Content-Type is invented when it sent none.
+    default_mimetype = None  # type: ignore[assignment]
+
+
+def identity_headers(identity: Identity, assertion: str) -> list[tuple[str, str]]:
+    return [
+        ("X-Gateway-Subject", identity.idnat),
+        ("X-Gateway-Auth-Method", identity.method.value),
+        ("X-Gateway-Professions", ",".join(identity.professions)),
+        ("X-Gateway-Auth-Time", str(int(identity.auth_time))),
+        ("X-Gateway-Assertion", assertion),
+    ]
+
+
+def forward(
+    upstream: Upstream,
+    request: Request,
+    *,
+    target: str,
+    headers: Sequence[tuple[str, str]],
+    peer: str,
+    host: str,
+    from_trusted_proxy: bool,
+    host_header: str,
+    extra_headers: Sequence[tuple[str, str]],
+    protected_cookies: frozenset[str],
+) -> Response:
+    """Send the request on; UpstreamError propagates for the caller to render (502/504)."""
+    environ = request.environ
+    body, chunked, length = request_body(environ, request.stream)
+    outgoing = list(headers)
+    outgoing.append(("Host", host_header))
+    if length is not None:
+        outgoing.append(("Content-Length", length))
+    incoming = {"x-forwarded-" + k: v for k, v in _forwarded_values(environ).items()}
+    outgoing.extend(
+        forwarded_headers(
+            incoming, peer=peer, scheme=environ.get("wsgi.url_scheme", "http"), host=host,
+            from_trusted_proxy=from_trusted_proxy,
+        )
+    )
+    outgoing.extend(extra_headers)
+    upstream_response = upstream.send(request.method, target, outgoing, body, chunked=chunked)
+    response_headers = filter_response_headers(
+        upstream_response.headers.items(), protected_cookies=protected_cookies
+    )
+    return UpstreamResponse(
+        StreamedBody(upstream_response),
+        status=upstream_response.status,
+        headers=response_headers,
+        direct_passthrough=True,
+    )
+
+
+def _forwarded_values(environ: dict[str, str]) -> dict[str, str]:
+    return {
+        "for": environ.get("HTTP_X_FORWARDED_FOR", ""),
+        "proto": environ.get("HTTP_X_FORWARDED_PROTO", ""),
+        "host": environ.get("HTTP_X_FORWARDED_HOST", ""),
+    }

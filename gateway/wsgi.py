@@ -1,0 +1,81 @@
+"""WSGI-level request facts: the one normalisation of the request target, the host, the header list.
+
+The middleware runs before Flask routes anything, so Flask's routing, the policy engine and the upstream
+all see the same normalised path.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from gateway.policy.paths import BadPath, NormalisedTarget, normalise_target
+
+TARGET_KEY = "gateway.target"
+BAD_TARGET_KEY = "gateway.bad_target"
+
+_HOST = re.compile(r"^(?:[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?(?:\.[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?)*|\[[0-9a-f:.]+\])$")
+
+WsgiApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
+
+
+class NormalisedTargetMiddleware:
+    """Normalise the raw request target once; mark refused targets for the app to answer 400."""
+
+    def __init__(self, app: WsgiApp) -> None:
+        self.app = app
+
+    def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        raw = environ.get("RAW_URI") or environ.get("REQUEST_URI")
+        if raw is None:
+            # Without the raw target an encoded slash is indistinguishable from a real one: refuse.
+            environ[BAD_TARGET_KEY] = "the server did not provide the raw request target"
+            environ["PATH_INFO"] = "/"
+            return self.app(environ, start_response)
+        raw_path = raw.partition("?")[0]
+        try:
+            target = normalise_target(raw_path + _query(environ))
+        except BadPath as exc:
+            environ[BAD_TARGET_KEY] = str(exc)
+            environ["PATH_INFO"] = "/"
+            return self.app(environ, start_response)
+        environ[TARGET_KEY] = target
+        # WSGI carries the decoded path as latin-1 code points of its UTF-8 bytes.
+        environ["PATH_INFO"] = target.decoded_path.encode("utf-8").decode("latin-1")
+        return self.app(environ, start_response)
+
+
+def _query(environ: dict[str, Any]) -> str:
+    query = environ.get("QUERY_STRING", "")
+    return f"?{query}" if query else ""
+
+
+def target_of(environ: dict[str, Any]) -> NormalisedTarget:
+    return environ[TARGET_KEY]  # type: ignore[no-any-return]
+
+
+def normalise_host(value: str) -> str | None:
+    """Lower-case host without port or trailing dot, or None when it is not a valid host."""
+    value = value.strip().lower()
+    if value.startswith("["):
+        host, _, rest = value.partition("]")
+        host += "]"
+        port = rest[1:] if rest.startswith(":") else ("" if not rest else "x")
+    else:
+        host, _, port = value.partition(":")
+    if port and not port.isdigit():
+        return None
+    host = host.rstrip(".")
+    return host if host and _HOST.match(host) else None
+
+
+def request_headers(environ: dict[str, Any]) -> list[tuple[str, str]]:
+    """The request's headers from a WSGI environ, with their HTTP spelling."""
+    headers = []
+    for key, value in environ.items():
+        if key.startswith("HTTP_"):
+            headers.append((key[5:].replace("_", "-").title(), value))
+    if environ.get("CONTENT_TYPE"):
+        headers.append(("Content-Type", environ["CONTENT_TYPE"]))
+    return headers

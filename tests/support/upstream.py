@@ -1,0 +1,87 @@
+"""A real upstream HTTP server for proxy tests and benchmarks (plain WSGI under gunicorn).
+
+Endpoints: ``/hello`` (a small page), ``/echo/**`` (what arrived, as JSON), ``/bytes/<n>`` (n bytes
+streamed), ``/upload`` (counts and hashes the body as it streams in), ``/slow/<seconds>``,
+``/set-cookie`` (tries to set the gateway's session cookie).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+import time
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+CHUNK = 64 * 1024
+_HELLO = b"<!doctype html><title>hello</title><p>hello from the portal</p>" + b"." * 400
+
+
+def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+    path = environ.get("PATH_INFO", "")
+    if path == "/hello" or path == "/" or path.startswith("/patients/") or path.startswith("/static/"):
+        return _answer(start_response, _HELLO, "text/html")
+    if path.startswith("/echo"):
+        headers = {k[5:].replace("_", "-").lower(): v for k, v in environ.items() if k.startswith("HTTP_")}
+        body = environ["wsgi.input"].read()
+        payload = {
+            "method": environ["REQUEST_METHOD"],
+            "raw_uri": environ.get("RAW_URI"),
+            "path": path,
+            "query": environ.get("QUERY_STRING", ""),
+            "headers": headers,
+            "body_length": len(body),
+        }
+        return _answer(start_response, json.dumps(payload).encode(), "application/json")
+    if path.startswith("/bytes/"):
+        size = int(path.rsplit("/", 1)[1])
+        start_response("200 OK", [("Content-Type", "application/octet-stream"), ("Content-Length", str(size))])
+        return _zeros(size)
+    if path == "/upload":
+        digest = hashlib.sha256()
+        received = 0
+        stream = environ["wsgi.input"]
+        while chunk := stream.read(CHUNK):
+            received += len(chunk)
+            digest.update(chunk)
+        payload = {"received": received, "sha256": digest.hexdigest()}
+        return _answer(start_response, json.dumps(payload).encode(), "application/json")
+    if path.startswith("/slow/"):
+        time.sleep(float(path.rsplit("/", 1)[1]))
+        return _answer(start_response, b"slow", "text/plain")
+    if path == "/set-cookie":
+        start_response(
+            "200 OK",
+            [
+                ("Content-Type", "text/plain"),
+                ("Set-Cookie", "__Host-gateway-session=fixated; Path=/; Secure"),
+                ("Set-Cookie", "portal=ok; Path=/"),
+                ("Connection", "X-Portal-Hop"),
+                ("X-Portal-Hop", "must-not-pass"),
+                ("Keep-Alive", "timeout=5"),
+            ],
+        )
+        return [b"cookies"]
+    return _answer(start_response, b"not found", "text/plain", "404 Not Found")
+
+
+def _answer(start_response: Callable[..., Any], body: bytes, kind: str, status: str = "200 OK") -> list[bytes]:
+    start_response(status, [("Content-Type", kind), ("Content-Length", str(len(body)))])
+    return [body]
+
+
+def _zeros(size: int) -> Iterator[bytes]:
+    block = b"\0" * CHUNK
+    while size > 0:
+        piece = block if size >= CHUNK else block[:size]
+        size -= len(piece)
+        yield piece
+
+
+def gunicorn_argv(port: int, workers: int = 1, threads: int = 16) -> list[str]:
+    return [
+        sys.executable, "-m", "gunicorn", "--no-control-socket", "-k", "gthread",
+        "--workers", str(workers), "--threads", str(threads), "--bind", f"127.0.0.1:{port}",
+        "--keep-alive", "75", "tests.support.upstream:app",
+    ]
