@@ -63,9 +63,9 @@ class BanEvent:
 
 
 def _storage(storage_uri: str, socket_timeout: float) -> limits.storage.Storage:
-    options: dict[str, float | str | bool] = {}
+    options: dict[str, Any] = {}
     if not storage_uri.startswith("memory://"):
-        options = {"socket_timeout": socket_timeout, "socket_connect_timeout": socket_timeout}
+        options = _redis_options(socket_timeout)
     try:
         storage = limits.storage.storage_from_string(storage_uri, wrap_exceptions=True, **options)
     except limits.errors.ConfigurationError as exc:
@@ -73,6 +73,16 @@ def _storage(storage_uri: str, socket_timeout: float) -> limits.storage.Storage:
     if not isinstance(storage, limits.storage.Storage):
         raise ValueError("the login throttle needs a synchronous storage (not async+...)")
     return storage
+
+
+def _redis_options(socket_timeout: float) -> dict[str, Any]:
+    return {
+        "socket_timeout": socket_timeout,
+        "socket_connect_timeout": socket_timeout,
+        # One immediate retry reconnects a pooled connection that died with a Redis restart; redis-py's
+        # default (several, with backoff) would only delay the 503 when Redis is really down.
+        "retry": Retry(NoBackoff(), 1),
+    }
 
 
 def _retry_after(now: float, window: float) -> int:
@@ -117,7 +127,8 @@ class LoginThrottle:
         self._prefix = key_prefix
 
     def check(self, ip: str, claimed_identity: str | None, now: float) -> Verdict:
-        """Count one login attempt and say whether it may proceed."""
+        """Count one login attempt and say whether it may proceed. Call record_failure / record_success
+        only for attempts that were allowed and then tried."""
         try:
             for subject, value in self._subjects(ip, claimed_identity):
                 until = self._banned_until(subject, value, now)
@@ -281,12 +292,7 @@ class QuotaGuard:
         if storage_uri.startswith("memory://"):
             self._memory = _MemoryQuotas()
         elif storage_uri.startswith(("redis://", "rediss://", "unix://")):
-            self._redis = redis.Redis.from_url(
-                storage_uri,
-                socket_timeout=socket_timeout,
-                socket_connect_timeout=socket_timeout,
-                retry=Retry(NoBackoff(), 1),
-            )
+            self._redis = redis.Redis.from_url(storage_uri, **_redis_options(socket_timeout))
             self._script = self._redis.register_script(_QUOTA_SCRIPT)
         else:
             raise ValueError(f"unusable quota storage URI scheme: {storage_uri.split(':', 1)[0]}")
@@ -396,7 +402,7 @@ def build_limiter(
     """
     options: dict[str, Any] = {}
     if not storage_uri.startswith("memory://"):
-        options = {"socket_timeout": socket_timeout, "socket_connect_timeout": socket_timeout}
+        options = _redis_options(socket_timeout)
     return Limiter(
         client_ip,
         app=app,

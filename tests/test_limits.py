@@ -7,6 +7,7 @@ import subprocess
 import sys
 import textwrap
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import flask
 import pytest
@@ -277,3 +278,23 @@ def test_flask_limiter_does_not_swallow_storage_errors(prefix: str) -> None:
     client = tiny_app(f"redis://127.0.0.1:{free_port()}/0", prefix).test_client()
     with pytest.raises(Exception):
         client.post("/.gateway/login/card")
+
+
+def test_limits_recover_when_redis_comes_back(tmp_path: Path) -> None:
+    server = RedisServer(tmp_path)
+    server.start()
+    try:
+        t, guard = LoginThrottle(server.url), QuotaGuard(server.url)
+        spec = QuotaSpec(max_requests=10, max_distinct=None, window_seconds=60)
+        assert t.check(IP, ALICE, T0).allowed and guard.check_and_count(ALICE, "r", spec, None, T0).allowed
+        server.stop()
+        with pytest.raises(LimitsUnavailable):
+            t.check(IP, ALICE, T0)
+        with pytest.raises(LimitsUnavailable):
+            guard.check_and_count(ALICE, "r", spec, None, T0)
+        server.start()  # same port, empty
+        assert t.check(IP, ALICE, T0).allowed and guard.check_and_count(ALICE, "r", spec, None, T0).allowed
+        server.restart()  # pooled connections die silently: the next call must still work
+        assert t.check(IP, ALICE, T0).allowed and guard.check_and_count(ALICE, "r", spec, None, T0).allowed
+    finally:
+        server.stop()
