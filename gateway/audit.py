@@ -114,17 +114,37 @@ class AuditLog:
         self._path: Path | None = None
         self._stream: IO[Any] | None = None
         self._fd = -1
+        self._fd_pid = 0
+        self._closed = False
         if isinstance(target, str | os.PathLike):
             self._path = Path(target)
-            self._fd = os.open(self._path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+            self._open()
         else:
             self._stream = target
         self._stream_prev = ZERO_HASH
         self._stream_seq = 0
         self.head = ZERO_HASH
 
+    def _open(self) -> None:
+        assert self._path is not None
+        # Read-write: the tail that ``prev`` hashes is read through the very descriptor we append to, so a
+        # rotated (renamed) file never gets a chain continued from its successor.
+        self._fd = os.open(self._path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o640)
+        # flock excludes open file descriptions, not processes: a descriptor inherited through fork (a WSGI
+        # server preloading the app) would let workers write together. Each process opens its own.
+        self._fd_pid = os.getpid()
+
+    def reopen(self) -> None:
+        """Start writing to the file now at the path (after log rotation renamed the old one)."""
+        with self._lock:
+            if self._path is not None and not self._closed:
+                if self._fd >= 0:
+                    os.close(self._fd)
+                self._open()
+
     def close(self) -> None:
         with self._lock:
+            self._closed = True
             if self._fd >= 0:
                 os.close(self._fd)
                 self._fd = -1
@@ -184,11 +204,13 @@ class AuditLog:
         return record
 
     def _append_to_file(self, body: dict[str, Any]) -> dict[str, Any]:
-        if self._fd < 0:
+        if self._closed:
             raise AuditError("audit log is closed")
+        if self._fd_pid != os.getpid():
+            self._open()  # inherited through fork: get our own open file description
         fcntl.flock(self._fd, fcntl.LOCK_EX)
         try:
-            last, complete = _last_line(self._path)  # type: ignore[arg-type]
+            last, complete = _last_line(self._fd)
             prev, seq = (ZERO_HASH, 0) if last is None else (_sha256(last), _seq_of(last))
             record, line = self._chained(body, prev, seq + 1)
             # A torn last line (crash mid-write) is closed first: it stays visible to verify, never merged.
@@ -201,22 +223,20 @@ class AuditLog:
         return record
 
 
-def _last_line(path: Path) -> tuple[bytes | None, bool]:
+def _last_line(fd: int) -> tuple[bytes | None, bool]:
     """The file's last line (without newline) and whether it ended with a newline; None when empty."""
-    with open(path, "rb") as f:
-        size = f.seek(0, os.SEEK_END)
-        if size == 0:
-            return None, True
-        end, buffer = size, b""
-        while end > 0:
-            start = max(0, end - _TAIL_CHUNK)
-            f.seek(start)
-            buffer = f.read(end - start) + buffer
-            end = start
-            body = buffer[:-1] if buffer.endswith(b"\n") else buffer
-            cut = body.rfind(b"\n")
-            if cut >= 0 or end == 0:
-                return body[cut + 1 :], buffer.endswith(b"\n")
+    end = os.fstat(fd).st_size
+    if end == 0:
+        return None, True
+    buffer = b""
+    while end > 0:
+        start = max(0, end - _TAIL_CHUNK)
+        buffer = os.pread(fd, end - start, start) + buffer
+        end = start
+        body = buffer[:-1] if buffer.endswith(b"\n") else buffer
+        cut = body.rfind(b"\n")
+        if cut >= 0 or end == 0:
+            return body[cut + 1 :], buffer.endswith(b"\n")
     return None, True
 
 

@@ -301,3 +301,41 @@ def test_two_processes_appending_concurrently_keep_a_valid_chain(tmp_path: Path)
     assert result.lines == 600
     ids = [json.loads(line)["request_id"] for line in log_path.read_bytes().splitlines()]
     assert {i.split("-")[0] for i in ids} == {"a", "b"}
+
+
+def _append_many(log: AuditLog, name: str) -> None:
+    for i in range(300):
+        log.record("decision", now=T0 + i, request_id=f"{name}-{i}")
+
+
+def test_processes_forked_with_an_open_log_keep_a_valid_chain(tmp_path: Path) -> None:
+    """Like a WSGI server that preloads the app, then forks workers sharing the log object."""
+    import multiprocessing
+
+    log_path = tmp_path / "audit.jsonl"
+    log = AuditLog(log_path)
+    log.record("config_reload", now=T0)
+    fork = multiprocessing.get_context("fork")
+    workers = [fork.Process(target=_append_many, args=(log, name)) for name in ("a", "b")]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(30)
+    assert [w.exitcode for w in workers] == [0, 0]
+    log.close()
+    result = verify_audit_file(log_path)
+    assert result.ok, result
+    assert result.lines == 601
+
+
+def test_reopen_after_rotation_starts_a_new_chain(tmp_path: Path) -> None:
+    log_path = tmp_path / "audit.jsonl"
+    with AuditLog(log_path) as log:
+        log.record("decision", now=T0)
+        log_path.rename(tmp_path / "audit.jsonl.1")
+        log.record("decision", now=T0 + 1)  # still the old file until reopened
+        log.reopen()
+        first_new = log.record("decision", now=T0 + 2)
+    assert first_new["prev"] == ZERO_HASH and first_new["seq"] == 1
+    assert verify_audit_file(tmp_path / "audit.jsonl.1").lines == 2
+    assert verify_audit_file(tmp_path / "audit.jsonl.1").ok and verify_audit_file(log_path).ok
