@@ -17,6 +17,7 @@ import secrets
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
+from types import MappingProxyType
 from typing import Any, Protocol
 
 import redis
@@ -76,7 +77,7 @@ class Session:
             created_at=float(doc["created_at"]),
             last_seen=float(doc["last_seen"]),
             csrf_token=str(doc["csrf_token"]),
-            data={str(k): str(v) for k, v in dict(doc.get("data", {})).items()},
+            data=MappingProxyType({str(k): str(v) for k, v in dict(doc.get("data", {})).items()}),
         )
 
 
@@ -152,7 +153,8 @@ class _Timeouts:
             created_at=now,
             last_seen=now,
             csrf_token=secrets.token_urlsafe(32),
-            data=dict(data or {}),
+            # Read-only view of a private copy: a frozen Session must not change under the caller's feet.
+            data=MappingProxyType({str(k): str(v) for k, v in (data or {}).items()}),
         )
 
 

@@ -227,3 +227,38 @@ def test_redis_restart_between_calls_is_invisible_to_callers() -> None:
             assert store.get(fresh.id, T0) is not None
         finally:
             server.stop()
+
+
+def test_session_data_is_a_read_only_copy(store: SessionStore) -> None:
+    data = {"sid": "s1"}
+    session = store.create(identity(), T0, data=data)
+    data["sid"] = "changed"
+    assert session.data["sid"] == "s1"
+    with pytest.raises(TypeError):
+        session.data["sid"] = "x"  # type: ignore[index]
+    got = store.get(session.id, T0)
+    assert got is not None and got.data["sid"] == "s1"
+
+
+def test_memory_store_is_thread_safe() -> None:
+    import threading
+
+    store = MemorySessionStore(idle_timeout=IDLE, absolute_timeout=ABSOLUTE, touch_interval=0)
+    ids: list[str] = []
+
+    def work(n: int) -> None:
+        for i in range(200):
+            session = store.create(identity(f"81000000{n:04d}"), T0 + i)
+            ids.append(session.id)
+            assert store.get(session.id, T0 + i + 1) is not None
+            if i % 2:
+                store.rotate(session.id, identity(f"81000000{n:04d}"), T0 + i + 2)
+
+    threads = [threading.Thread(target=work, args=(n,)) for n in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(store) == 800
+    assert sum(store.delete_all_for(f"81000000{n:04d}") for n in range(4)) == 800
+    assert len(store) == 0
