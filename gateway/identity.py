@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 
-class LoginMethod(str, enum.Enum):
+class LoginMethod(enum.StrEnum):
     """How the professional proved who they are to the gateway."""
 
     CARD = "card"  # CPS smart card: TLS client certificate or PKCS#11 challenge

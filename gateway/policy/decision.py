@@ -14,14 +14,14 @@ if TYPE_CHECKING:
     from gateway.policy.model import Rule
 
 
-class Outcome(str, enum.Enum):
+class Outcome(enum.StrEnum):
     ALLOW = "allow"
     #: A (fresh) strong login would let the request through: show the login page / answer 401.
     LOGIN = "login"
     DENY = "deny"
 
 
-class Reason(str, enum.Enum):
+class Reason(enum.StrEnum):
     """Named reasons; the value is the stable code used in audit records, metrics and page lookups."""
 
     # Policy engine
@@ -58,10 +58,11 @@ class Reason(str, enum.Enum):
     IDP_UNAVAILABLE = "idp_unavailable"
     LOGIN_CANCELLED = "login_cancelled"
     STATE_MISMATCH = "state_mismatch"
-    TOKEN_INVALID = "token_invalid"
+    TOKEN_INVALID = "token_invalid"  # noqa: S105 - a reason code, not a secret
     ACR_NOT_ACCEPTED = "acr_not_accepted"
     # Sessions and limits
     SESSION_STORE_UNAVAILABLE = "session_store_unavailable"
+    LIMITS_UNAVAILABLE = "limits_unavailable"
     CSRF_FAILED = "csrf_failed"
     RATE_LIMITED = "rate_limited"
     BANNED = "banned"

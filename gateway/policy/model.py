@@ -10,7 +10,7 @@ from gateway.identity import LoginMethod
 from gateway.policy.paths import PathPattern
 
 
-class Action(str, enum.Enum):
+class Action(enum.StrEnum):
     PUBLIC = "public"
     DENY = "deny"
     AUTHENTICATE = "authenticate"
@@ -40,7 +40,7 @@ class ResourceKey:
     query_parameter: str | None = None
 
 
-class QuotaBreachAction(str, enum.Enum):
+class QuotaBreachAction(enum.StrEnum):
     BLOCK = "block"
     #: Block, destroy the session and require a fresh login.
     REVOKE_SESSION = "revoke_session"

@@ -41,14 +41,15 @@ class Upstream:
     ) -> None:
         self.url = url
         self.timeout = urllib3.Timeout(connect=connect_timeout, read=read_timeout)
+        tls = {"ca_certs": ca_file} if url.startswith("https://") and ca_file else {}
         self.pool = urllib3.connectionpool.connection_from_url(
             url,
             maxsize=pool_size,
             block=False,
             timeout=self.timeout,
             retries=False,
-            ca_certs=ca_file,
             blocksize=CHUNK_SIZE,
+            **tls,
         )
         self.host_header = self.pool.host if self.pool.port in (None, 80, 443) else f"{self.pool.host}:{self.pool.port}"
 

@@ -57,9 +57,6 @@ def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable
                 ("Content-Type", "text/plain"),
                 ("Set-Cookie", "__Host-gateway-session=fixated; Path=/; Secure"),
                 ("Set-Cookie", "portal=ok; Path=/"),
-                ("Connection", "X-Portal-Hop"),
-                ("X-Portal-Hop", "must-not-pass"),
-                ("Keep-Alive", "timeout=5"),
             ],
         )
         return [b"cookies"]
