@@ -13,7 +13,8 @@ from flask.testing import FlaskClient
 from joserfc import jwt
 from joserfc.jwk import KeySet
 
-from gateway.app import create_app, gateway_of
+from gateway.app import create_app
+from gateway.runtime import gateway_of
 from gateway.identity import Identity, LoginMethod
 from gateway.settings import load_settings
 from tests.support.config import write_config

@@ -1,0 +1,143 @@
+"""The gateway's long-lived objects (built once per process) and the request-scoped facts every view needs."""
+
+from __future__ import annotations
+
+import secrets
+import sys
+from dataclasses import dataclass, field
+
+from flask import Flask, Response, current_app, g, request
+
+from gateway.audit import AuditLog
+from gateway.policy.decision import Reason
+from gateway.policy.engine import PolicySet
+from gateway.policy.loader import LoadedPolicies, load_policies
+from gateway.proxy.assertion import AssertionSigner
+from gateway.proxy.headers import client_address, in_networks
+from gateway.proxy.upstream import Upstream
+from gateway.responses import LoginLinks, login_link, refusal
+from gateway.sessions import MemorySessionStore, RedisSessionStore, SessionStore
+from gateway.settings import Settings, policy_files
+from gateway.wsgi import normalise_host
+
+GATEWAY_PREFIX = "/.gateway"
+
+
+@dataclass
+class Gateway:
+    """Everything a request needs, built once at start-up; requests never mutate it."""
+
+    settings: Settings
+    policies: PolicySet
+    upstream: Upstream
+    signer: AssertionSigner
+    sessions: SessionStore
+    audit: AuditLog
+    protected_cookies: frozenset[str] = field(default_factory=frozenset)
+    #: Where the login page's choices lead; None until that login method is configured.
+    card_login_url: str | None = None
+    ecps_login_url: str | None = None
+
+    def login_links(self, next_path: str) -> LoginLinks:
+        card, ecps = self.card_login_url, self.ecps_login_url
+        return LoginLinks(
+            card=login_link(card, next_path) if card else None,
+            ecps=login_link(ecps, next_path) if ecps else None,
+        )
+
+
+def read_policies(settings: Settings) -> LoadedPolicies:
+    sources = {str(path): path.read_text(encoding="utf-8") for path in policy_files(settings)}
+    return load_policies(sources)
+
+
+def build_session_store(settings: Settings) -> SessionStore:
+    config = settings.sessions
+    timeouts = {"idle_timeout": config.idle_timeout, "absolute_timeout": config.absolute_timeout}
+    if config.store.startswith("memory://"):
+        return MemorySessionStore(**timeouts)
+    return RedisSessionStore(config.store, **timeouts)
+
+
+def build_audit_log(settings: Settings) -> AuditLog:
+    if settings.audit.file is None:
+        return AuditLog(sys.stderr)
+    settings.audit.file.parent.mkdir(parents=True, exist_ok=True)
+    return AuditLog(settings.audit.file)
+
+
+def build_gateway(
+    settings: Settings,
+    policies: LoadedPolicies,
+    *,
+    sessions: SessionStore | None = None,
+    audit: AuditLog | None = None,
+) -> Gateway:
+    upstream = settings.upstream
+    return Gateway(
+        settings=settings,
+        policies=policies.policy_set,
+        upstream=Upstream(
+            upstream.url,
+            connect_timeout=upstream.connect_timeout,
+            read_timeout=upstream.read_timeout,
+            pool_size=upstream.pool_size,
+            ca_file=str(upstream.ca_file) if upstream.ca_file else None,
+        ),
+        signer=AssertionSigner(
+            settings.assertion.key_file.read_bytes(),
+            issuer=settings.assertion.issuer,
+            audience=settings.assertion.audience,
+            lifetime=settings.assertion.lifetime,
+        ),
+        sessions=sessions or build_session_store(settings),
+        audit=audit or build_audit_log(settings),
+        protected_cookies=frozenset({settings.sessions.cookie_name}),
+    )
+
+
+def gateway_of(app: Flask | None = None) -> Gateway:
+    return (app or current_app).extensions["gateway"]  # type: ignore[no-any-return]
+
+
+# --- Request-scoped facts -------------------------------------------------------------------------------
+
+
+def request_id() -> str:
+    value = g.get("request_id")
+    if value is None:
+        value = g.request_id = secrets.token_hex(8)
+    return value
+
+
+def peer() -> str:
+    return request.environ.get("REMOTE_ADDR", "")
+
+
+def client_ip(gateway: Gateway) -> str:
+    trusted = gateway.settings.server.trusted_proxies
+    return client_address(peer(), request.headers.get("X-Forwarded-For"), trusted)
+
+
+def request_host(gateway: Gateway) -> str | None:
+    trusted = in_networks(peer(), gateway.settings.server.trusted_proxies)
+    raw = (trusted and request.headers.get("X-Forwarded-Host")) or request.headers.get("Host", "")
+    return normalise_host(raw)
+
+
+def current_next_path() -> str:
+    """Where to send the user back after a login: this request's path and query (same site only)."""
+    query = request.query_string.decode("latin-1")
+    return f"{request.path}?{query}" if query else request.path
+
+
+def refuse(reason: Reason, *, retry_after: int | None = None, next_path: str | None = None) -> Response:
+    gateway = gateway_of()
+    return refusal(
+        reason,
+        request,
+        default_language=gateway.settings.server.language,
+        login=gateway.login_links(next_path or current_next_path()),
+        request_id=request_id(),
+        retry_after=retry_after,
+    )
