@@ -255,7 +255,7 @@ class ProSanteConnect:
         try:
             claims.validate(now=int(now), leeway=self.leeway)
         except JoseError as error:
-            raise EcpsError(Reason.TOKEN_INVALID, f"id_token rejected: {error.error}") from None
+            raise EcpsError(Reason.TOKEN_INVALID, f"id_token rejected: {_describe(error)}") from None
         self._check_auth_time(float(claims["auth_time"]), now, max_age, login_request)
         self._check_acr(claims.get("acr"))
         return dict(claims)
@@ -394,7 +394,7 @@ class ProSanteConnect:
         try:
             jwt.JWTClaimsRegistry(now=int(self._clock()), leeway=self.leeway, **options).validate(claims)
         except JoseError as error:
-            raise EcpsError(Reason.TOKEN_INVALID, f"{what} rejected: {error.error}") from None
+            raise EcpsError(Reason.TOKEN_INVALID, f"{what} rejected: {_describe(error)}") from None
 
     @contextmanager
     def _idp_call(self, what: str) -> Iterator[None]:
@@ -409,6 +409,11 @@ class ProSanteConnect:
             raise EcpsError(reason, f"{what} refused: {str(error.error)[:64]}") from None
         except ValueError as error:  # a 5xx page that is not JSON, a broken discovery document
             raise EcpsError(Reason.IDP_UNAVAILABLE, f"{what} unreadable: {type(error).__name__}") from None
+
+
+def _describe(error: JoseError) -> str:
+    """joserfc's descriptions name the claim ("Invalid claim: 'iss'"), never its value."""
+    return str(error.description or error.error)[:120]
 
 
 # -- claims -> Identity --------------------------------------------------------------------------------
