@@ -175,8 +175,11 @@ class RegisteredClient(ClientMixin):
     def from_dict(cls, data: dict[str, Any]) -> RegisteredClient:
         jwks = data.get("jwks")
         if jwks is None and data.get("public_key_pem"):
-            key = RSAKey.import_key(str(data["public_key_pem"]), {"kid": data.get("key_id") or None})
-            jwks = {"keys": [key.as_dict(private=False)]}
+            key = RSAKey.import_key(str(data["public_key_pem"]))
+            public = dict(key.as_dict(private=False))
+            if data.get("key_id"):
+                public["kid"] = str(data["key_id"])
+            jwks = {"keys": [public]}
         return cls(
             client_id=str(data["client_id"]),
             redirect_uris=tuple(str(u) for u in data.get("redirect_uris", ())),
@@ -309,10 +312,19 @@ class Provider:
         self.clients = {c.client_id: c for c in config.clients}
         self.identities = {i.idnat: i for i in config.identities}
         self.state = ProviderState()
+        #: Published keys, newest last; older ones stay published after a rotation, like a real IdP.
+        self.keys: list[RSAKey] = []
+        self.rotate_keys()
+
+    def rotate_keys(self) -> None:
         kid = secrets.token_hex(8)
-        self.signing_key = RSAKey.generate_key(2048, {"kid": kid, "use": "sig", "alg": "RS256"})
+        self.keys.append(RSAKey.generate_key(2048, {"kid": kid, "use": "sig", "alg": "RS256"}))
         # Same kid, different key: tokens that look right but whose signature does not verify.
         self.rogue_key = RSAKey.generate_key(2048, {"kid": kid, "use": "sig", "alg": "RS256"})
+
+    @property
+    def signing_key(self) -> RSAKey:
+        return self.keys[-1]
 
     def url(self, suffix: str) -> str:
         return self.issuer + suffix
@@ -332,7 +344,7 @@ class Provider:
         return jwt.encode(header, claims, key)
 
     def public_jwks(self) -> dict[str, Any]:
-        return KeySet([self.signing_key]).as_dict(private=False)
+        return dict(KeySet(list(self.keys)).as_dict(private=False))
 
     def registered_claims(self, client_id: str) -> dict[str, Any]:
         """iss/aud/iat/exp, bent by the fault switches."""
@@ -493,7 +505,7 @@ def build_client_assertion(provider: Provider) -> JWTBearerClientAssertion:
             return True
 
         def resolve_client_public_key(self, client: RegisteredClient) -> KeySet:
-            return KeySet.import_key_set(client.jwks or {"keys": []})
+            return KeySet.import_key_set(client.jwks or {"keys": []})  # type: ignore[arg-type]
 
     return PrivateKeyJwtAssertion()
 
@@ -600,6 +612,12 @@ def register_test_endpoints(app: Flask, provider: Provider) -> None:
                 provider.state.faults.pop(name, None)
             return jsonify(faults=provider.state.faults)
 
+    @app.post("/_test/rotate-keys")
+    def rotate_keys() -> Any:
+        with provider.state.lock:
+            provider.rotate_keys()
+        return jsonify(kid=provider.signing_key.kid)
+
     @app.post("/_test/reset")
     def reset() -> Any:
         provider.state.reset()
@@ -665,7 +683,7 @@ def _end_session(provider: Provider) -> Any:
     state = request.args.get("state")
     try:
         # An expired id_token is still a valid hint (OIDC RP-Initiated Logout): check signature and iss only.
-        claims = jwt.decode(hint, KeySet([provider.signing_key])).claims
+        claims = jwt.decode(hint, KeySet(list(provider.keys))).claims
     except (JoseError, ValueError):
         return jsonify(error="invalid_request", error_description="invalid id_token_hint"), 400
     if claims.get("iss") != provider.issuer:

@@ -39,6 +39,10 @@ class PscServer:
     def set_faults(self, **faults: Any) -> None:
         requests.post(self.base_url + "/_test/faults", json=faults, timeout=5).raise_for_status()
 
+    def rotate_keys(self) -> None:
+        """PSC publishes a new signing key (the old one stays in the JWKS)."""
+        requests.post(self.base_url + "/_test/rotate-keys", timeout=5).raise_for_status()
+
     def reset(self) -> None:
         requests.post(self.base_url + "/_test/reset", timeout=5).raise_for_status()
 

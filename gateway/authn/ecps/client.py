@@ -21,10 +21,11 @@ from authlib.integrations.base_client import OAuthError
 from authlib.integrations.flask_client import OAuth
 from authlib.oauth2.rfc7523 import PrivateKeyJWT
 from authlib.oidc.core import CodeIDToken
-from flask import Flask, Response, redirect, request, session
+from flask import Flask, redirect, request, session
 from joserfc import jwt
 from joserfc.errors import InvalidKeyIdError, JoseError
 from joserfc.jwk import KeySet
+from werkzeug.wrappers import Response
 
 from gateway.identity import Identity, LoginMethod
 from gateway.policy.decision import Reason
@@ -94,6 +95,7 @@ class ProSanteConnect:
         timeout: float = 5.0,
         leeway: int = 60,
         login_timeout: int = 600,
+        max_pending_logins: int = 3,
         logout_token_max_age: int = 300,
         name: str = "psc",
         clock: Callable[[], float] = time.time,
@@ -119,6 +121,7 @@ class ProSanteConnect:
         self.timeout = timeout
         self.leeway = leeway
         self.login_timeout = login_timeout
+        self.max_pending_logins = max(1, max_pending_logins)
         self.logout_token_max_age = logout_token_max_age
         self.name = name
         self._clock = clock
@@ -160,6 +163,8 @@ class ProSanteConnect:
             params.update(max_age=str(int(max_age)), prompt="login")
         with self._idp_call("authorization request"):
             authorization = self._remote.create_authorization_url(self.redirect_uri, **params)
+        url = authorization.pop("url")  # not kept: the login cookie must stay small
+        self._forget_older_pending_logins()
         self._remote.save_authorize_data(
             redirect_uri=self.redirect_uri,
             next_path=safe_next_path(next_path),
@@ -167,7 +172,17 @@ class ProSanteConnect:
             requested_at=self._clock(),
             **authorization,
         )
-        return redirect(authorization["url"])
+        return redirect(url)
+
+    def _forget_older_pending_logins(self) -> None:
+        """Keep at most ``max_pending_logins`` - 1 unfinished logins, so the cookie cannot outgrow 4 KB."""
+        prefix = f"_state_{self.name}_"
+        pending = sorted(
+            (key for key in session if key.startswith(prefix)),
+            key=lambda key: float(session[key].get("exp", 0)),
+        )
+        for key in pending[: max(0, len(pending) - self.max_pending_logins + 1)]:
+            session.pop(key, None)
 
     def complete_login(self) -> EcpsLogin:
         """Handle PSC's redirect back to the gateway (the current Flask request)."""

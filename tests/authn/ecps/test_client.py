@@ -7,6 +7,8 @@ from typing import Any
 
 import pytest
 import requests
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
 
 from gateway.authn.ecps import EcpsError
 from gateway.identity import LoginMethod
@@ -263,3 +265,54 @@ def test_rp_initiated_logout_url_is_accepted_by_the_provider(psc: PscServer) -> 
     answer = requests.get(url, allow_redirects=False, timeout=5)
     assert answer.status_code == 302
     assert answer.headers["Location"] == POST_LOGOUT_URI + "?state=bye"
+
+
+def test_a_rotated_provider_key_is_fetched_again(psc: PscServer) -> None:
+    app, _ = make_rp(psc.metadata_url)
+    client = app.test_client()
+    assert follow_callback(client, psc.approve(start_login(client), DOCTOR_APP)).status_code == 200
+    psc.rotate_keys()  # the cached JWKS no longer knows the kid of the next tokens
+    answer = follow_callback(client, psc.approve(start_login(client), DOCTOR_APP))
+    assert answer.status_code == 200, answer.get_data(as_text=True)
+
+
+def test_private_key_jwt_with_an_unregistered_key_is_refused(psc: PscServer) -> None:
+    other = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    other_pem = other.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    ).decode()
+    answer = login(
+        psc,
+        client_id=JWT_CLIENT,
+        client_auth="private_key_jwt",
+        client_secret=None,
+        private_key_pem=other_pem,
+    )
+    assert_refused(answer, Reason.TOKEN_INVALID)
+
+
+def test_logout_token_for_another_audience_is_refused(psc: PscServer, world: PscWorld) -> None:
+    app, ecps = make_rp(psc.metadata_url)
+    client = app.test_client()
+    follow_callback(client, psc.approve(start_login(client), DOCTOR_APP))
+    world.receiver.tokens.clear()
+    psc.set_faults(wrong_audience=True)
+    psc.backchannel_logout(idnat=DOCTOR_APP)
+    [token] = world.receiver.tokens
+    with pytest.raises(EcpsError) as refused:
+        ecps.verify_logout_token(token)
+    assert refused.value.reason is Reason.TOKEN_INVALID
+
+
+def test_abandoned_logins_do_not_grow_the_login_cookie(psc: PscServer) -> None:
+    app, _ = make_rp(psc.metadata_url)
+    client = app.test_client()
+    for _ in range(3):
+        start_login(client)
+    size_after_three = len(client.get_cookie("__Host-gateway-login", domain="localhost").value)
+    abandoned = [start_login(client) for _ in range(20)]
+    cookie = client.get_cookie("__Host-gateway-login", domain="localhost")
+    assert len(cookie.value) <= size_after_three + 64
+    # The most recent login still completes; a long-abandoned one no longer does.
+    assert follow_callback(client, psc.approve(abandoned[-1], DOCTOR_APP)).status_code == 200
+    assert_refused(follow_callback(client, psc.approve(abandoned[0], DOCTOR_APP)), Reason.STATE_MISMATCH)
