@@ -186,6 +186,7 @@ class ProSanteConnect:
 
     def complete_login(self) -> EcpsLogin:
         """Handle PSC's redirect back to the gateway (the current Flask request)."""
+        self._require_app()
         login_request = self._consume_state()
         self._refuse_error_callback()
         code = request.args.get("code")
@@ -197,9 +198,10 @@ class ProSanteConnect:
             raise EcpsError(Reason.TOKEN_INVALID, "token response without id_token")
         id_claims = self._verify_id_token(id_token, token.get("access_token"), login_request)
         userinfo = self._fetch_userinfo(token)
-        if userinfo.get("sub") != id_claims["sub"]:
+        # OIDC Core 5.3.2: a userinfo answer about someone else must not be used.
+        if userinfo is not None and userinfo.get("sub") != id_claims["sub"]:
             raise EcpsError(Reason.TOKEN_INVALID, "userinfo sub differs from id_token sub")
-        identity = identity_from_claims(id_claims, userinfo)
+        identity = identity_from_claims(id_claims, userinfo or {})
         sid = id_claims.get("sid")
         return EcpsLogin(
             identity=identity,
@@ -296,10 +298,10 @@ class ProSanteConnect:
         if acr not in self.accepted_acr:
             raise EcpsError(Reason.ACR_NOT_ACCEPTED, f"acr {str(acr)[:32]!r} not accepted")
 
-    def _fetch_userinfo(self, token: Mapping[str, Any]) -> dict[str, Any]:
+    def _fetch_userinfo(self, token: Mapping[str, Any]) -> dict[str, Any] | None:
         endpoint = self._metadata().get("userinfo_endpoint")
         if not endpoint:
-            return {}
+            return None
         with self._idp_call("userinfo request"):
             answer = self._remote.get(endpoint, token=dict(token))
         if answer.status_code >= 500:
@@ -336,6 +338,7 @@ class ProSanteConnect:
             post_logout_redirect_uri=self.post_logout_redirect_uri,
             id_token_hint=id_token_hint,
             state=state,
+            client_id=self.client_id,
         )
         return str(result["url"])
 
@@ -365,10 +368,13 @@ class ProSanteConnect:
 
     # -- provider metadata, keys and signatures ------------------------------------------------------
 
-    def _metadata(self) -> dict[str, Any]:
-        """Discovery document, fetched once and cached; a failure is IDP_UNAVAILABLE and retried later."""
+    def _require_app(self) -> None:
         if self._remote is None:
             raise RuntimeError("ProSanteConnect.init_app(app) was not called")
+
+    def _metadata(self) -> dict[str, Any]:
+        """Discovery document, fetched once and cached; a failure is IDP_UNAVAILABLE and retried later."""
+        self._require_app()
         with self._idp_call("discovery"):
             metadata = self._remote.load_server_metadata()
         missing = [key for key in REQUIRED_METADATA if not metadata.get(key)]
@@ -440,7 +446,11 @@ def identity_from_claims(id_claims: Mapping[str, Any], userinfo: Mapping[str, An
     idnat = str(claims.get("SubjectNameID") or claims.get("preferred_username") or "").strip()
     if not idnat:
         raise EcpsError(Reason.TOKEN_INVALID, "no SubjectNameID nor preferred_username")
-    extra = {"sub": str(claims["sub"])}
+    sub = str(claims["sub"])
+    sub_idnat = idnat_from_sub(sub)
+    if sub_idnat is not None and sub_idnat != idnat:
+        raise EcpsError(Reason.TOKEN_INVALID, "SubjectNameID does not match sub")
+    extra = {"sub": sub}
     if claims.get("email"):
         extra["email"] = str(claims["email"])
     if id_claims.get("sid"):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import time
 from typing import Any
 
@@ -316,3 +317,15 @@ def test_abandoned_logins_do_not_grow_the_login_cookie(psc: PscServer) -> None:
     # The most recent login still completes; a long-abandoned one no longer does.
     assert follow_callback(client, psc.approve(abandoned[-1], DOCTOR_APP)).status_code == 200
     assert_refused(follow_callback(client, psc.approve(abandoned[0], DOCTOR_APP)), Reason.STATE_MISMATCH)
+
+
+def test_a_provider_that_hangs_is_unavailable_after_the_timeout(psc: PscServer) -> None:
+    with socket.socket() as silent:  # accepts connections (kernel backlog) and never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        port = silent.getsockname()[1]
+        app, _ = make_rp(f"http://127.0.0.1:{port}/.well-known/wallet-openid-configuration", timeout=0.5)
+        started = time.monotonic()
+        answer = app.test_client().get("/.gateway/login/ecps", base_url="https://localhost")
+    assert_refused(answer, Reason.IDP_UNAVAILABLE)
+    assert time.monotonic() - started < 3
