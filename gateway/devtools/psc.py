@@ -8,6 +8,17 @@ userinfo as a signed JWT, RP-initiated and back-channel logout.
 The "approve on your phone" page stands in for the e-CPS mobile app. Everything under ``/_test/`` and the
 ``psc_test_auto_approve`` parameter are STAND-IN FEATURES for tests: no real provider has them.
 Never expose this process beyond the loopback interface.
+
+Run::
+
+    python -m gateway.devtools.psc --port 9080 [--issuer-path /auth/realms/esante-wallet] \
+        [--identities identities.yaml] [--clients clients.yaml] \
+        [--client-id gateway --client-secret S --redirect-uri https://gw.example/.gateway/ecps/callback \
+         --post-logout-redirect-uri URI --backchannel-logout-uri URI \
+         --client-public-key pub.pem --key-id K --userinfo-format jwt|json]
+
+The issuer is ``http://127.0.0.1:<port><issuer-path>``; discovery is at
+``<issuer>/.well-known/wallet-openid-configuration`` (and the standard path).
 """
 
 from __future__ import annotations

@@ -12,9 +12,11 @@ from typing import Any
 
 import pytest
 import requests
+import yaml
 from joserfc import jwt
 from joserfc.jwk import KeySet
 
+from tests.support.processes import PYTHON, free_port, running
 from tests.support.psc import PscServer, query_of, running_psc
 
 CLIENT_ID = "portal"
@@ -186,3 +188,42 @@ def test_faults_bend_tokens_and_outage_answers_503(psc: PscServer) -> None:
 def test_unknown_fault_is_rejected(psc: PscServer) -> None:
     answer = requests.post(psc.base_url + "/_test/faults", json={"typo": True}, timeout=5)
     assert answer.status_code == 400
+
+
+def test_command_line_client_and_identities(tmp_path: Path) -> None:
+    identities = tmp_path / "identities.yaml"
+    identities.write_text(
+        yaml.safe_dump(
+            {
+                "identities": [
+                    {
+                        "idnat": "810007777777",
+                        "family_name": "LEROY",
+                        "given_name": "ANNE",
+                        "profession": "60",
+                        "auth_mode": "MOBILE",
+                    }
+                ]
+            }
+        ),
+        encoding="utf-8",
+    )
+    port = free_port()
+    argv = [PYTHON, "-m", "gateway.devtools.psc", "--port", str(port), "--issuer-path", "/realms/other"]
+    argv += ["--identities", str(identities), "--client-id", "cli", "--client-secret", "x"]
+    argv += ["--redirect-uri", REDIRECT_URI, "--userinfo-format", "json"]
+    with running(argv, port):
+        issuer = f"http://127.0.0.1:{port}/realms/other"
+        document = requests.get(issuer + "/.well-known/wallet-openid-configuration", timeout=5).json()
+        assert document["issuer"] == issuer
+        params = {
+            "response_type": "code",
+            "client_id": "cli",
+            "redirect_uri": REDIRECT_URI,
+            "scope": "openid scope_all",
+            "nonce": "n",
+            "code_challenge": pkce_pair()[1],
+            "code_challenge_method": "S256",
+        }
+        page = requests.get(document["authorization_endpoint"], params=params, timeout=5)
+        assert "810007777777" in page.text and "LEROY" in page.text and DOCTOR not in page.text
