@@ -9,6 +9,7 @@ login cookie) and single-use. Everything PSC sends back is verified here and tur
 from __future__ import annotations
 
 import logging
+import re
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -42,6 +43,7 @@ BACKCHANNEL_LOGOUT_EVENT = "http://schemas.openid.net/event/backchannel-logout"
 ACCEPTED_SIGNING_ALGORITHMS = ("RS256", "PS256", "ES256")
 #: OAuth errors in a callback or a token response that mean "PSC is not working right now".
 IDP_DOWN_ERRORS = frozenset({"server_error", "temporarily_unavailable"})
+ERROR_CODE = re.compile(r"[a-z_]{1,40}")
 REQUIRED_METADATA = ("issuer", "authorization_endpoint", "token_endpoint", "jwks_uri")
 
 
@@ -188,6 +190,7 @@ class ProSanteConnect:
         """Handle PSC's redirect back to the gateway (the current Flask request)."""
         self._require_app()
         login_request = self._consume_state()
+        self._refuse_other_issuer()
         self._refuse_error_callback()
         code = request.args.get("code")
         if not code:
@@ -233,7 +236,13 @@ class ProSanteConnect:
         if error in IDP_DOWN_ERRORS:
             raise EcpsError(Reason.IDP_UNAVAILABLE, f"provider error {error}")
         # login_required, invalid_request...: the provider refused our request.
-        raise EcpsError(Reason.TOKEN_INVALID, f"provider error {error[:64]}")
+        raise EcpsError(Reason.TOKEN_INVALID, f"provider error {_error_code(error)}")
+
+    def _refuse_other_issuer(self) -> None:
+        """RFC 9207 mix-up defence: when the provider names itself in the callback, it must be PSC."""
+        issuer = request.args.get("iss")
+        if issuer is not None and issuer != self._metadata()["issuer"]:
+            raise EcpsError(Reason.TOKEN_INVALID, "callback from another issuer")
 
     def _exchange_code(self, code: str, login_request: Mapping[str, Any]) -> dict[str, Any]:
         with self._idp_call("token request"):
@@ -427,9 +436,14 @@ class ProSanteConnect:
             raise EcpsError(Reason.IDP_UNAVAILABLE, f"{what} failed: {type(error).__name__}") from None
         except OAuthError as error:
             reason = Reason.IDP_UNAVAILABLE if error.error in IDP_DOWN_ERRORS else Reason.TOKEN_INVALID
-            raise EcpsError(reason, f"{what} refused: {str(error.error)[:64]}") from None
+            raise EcpsError(reason, f"{what} refused: {_error_code(str(error.error))}") from None
         except ValueError as error:  # a 5xx page that is not JSON, a broken discovery document
             raise EcpsError(Reason.IDP_UNAVAILABLE, f"{what} unreadable: {type(error).__name__}") from None
+
+
+def _error_code(error: str) -> str:
+    """An OAuth error code, or a placeholder: the value comes from the network and ends up in logs."""
+    return error if ERROR_CODE.fullmatch(error) else "unrecognised_error"
 
 
 def _describe(error: JoseError) -> str:

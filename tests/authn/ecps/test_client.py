@@ -329,3 +329,19 @@ def test_a_provider_that_hangs_is_unavailable_after_the_timeout(psc: PscServer) 
         answer = app.test_client().get("/.gateway/login/ecps", base_url="https://localhost")
     assert_refused(answer, Reason.IDP_UNAVAILABLE)
     assert time.monotonic() - started < 3
+
+
+def test_a_callback_naming_another_issuer_is_refused(psc: PscServer) -> None:
+    app, _ = make_rp(psc.metadata_url)
+    client = app.test_client()
+    callback = psc.approve(start_login(client), DOCTOR_APP) + "&iss=https%3A%2F%2Fevil.example"
+    assert_refused(follow_callback(client, callback), Reason.TOKEN_INVALID)
+
+
+def test_provider_errors_are_reduced_to_a_code(psc: PscServer) -> None:
+    app, _ = make_rp(psc.metadata_url)
+    client = app.test_client()
+    state = query_of(start_login(client))["state"]
+    answer = follow_callback(client, f"/.gateway/ecps/callback?state={state}&error=bad%0Aline%20injected")
+    assert_refused(answer, Reason.TOKEN_INVALID)
+    assert answer.get_json()["detail"] == "provider error unrecognised_error"
