@@ -99,6 +99,7 @@ class ProSanteConnect:
         login_timeout: int = 600,
         max_pending_logins: int = 3,
         logout_token_max_age: int = 300,
+        jwks_refetch_interval: float = 30.0,
         name: str = "psc",
         clock: Callable[[], float] = time.time,
     ) -> None:
@@ -125,6 +126,7 @@ class ProSanteConnect:
         self.login_timeout = login_timeout
         self.max_pending_logins = max(1, max_pending_logins)
         self.logout_token_max_age = logout_token_max_age
+        self.jwks_refetch_interval = jwks_refetch_interval
         self.name = name
         self._clock = clock
         self._credential = client_secret if client_auth == CLIENT_SECRET_BASIC else private_key_pem
@@ -134,6 +136,8 @@ class ProSanteConnect:
         # Defence in depth against a replayed callback with an old copy of a (stateless) session cookie.
         self._consumed_states = _ExpiringSet()
         self._seen_logout_jtis = _ExpiringSet()
+        self._jwks_refetch_lock = threading.Lock()
+        self._last_jwks_refetch = float("-inf")
 
     # -- set-up ------------------------------------------------------------------------------------
 
@@ -367,7 +371,9 @@ class ProSanteConnect:
         if not sub and not sid:
             raise EcpsError(Reason.TOKEN_INVALID, "logout token names neither sub nor sid")
         jti = claims.get("jti")
-        if jti and not self._seen_logout_jtis.add(str(jti), now + self.logout_token_max_age + self.leeway):
+        if not jti:
+            raise EcpsError(Reason.TOKEN_INVALID, "logout token without jti")
+        if not self._seen_logout_jtis.add(str(jti), now + self.logout_token_max_age + self.leeway):
             raise EcpsError(Reason.TOKEN_INVALID, "logout token replayed")
         return LogoutRequest(
             sub=str(sub) if sub else None,
@@ -398,6 +404,14 @@ class ProSanteConnect:
             raise EcpsError(Reason.IDP_UNAVAILABLE, detail)
         return dict(metadata)
 
+    def _may_refetch_jwks(self) -> bool:
+        now = self._clock()
+        with self._jwks_refetch_lock:
+            if now - self._last_jwks_refetch < self.jwks_refetch_interval:
+                return False
+            self._last_jwks_refetch = now
+            return True
+
     def _jwks(self, force: bool) -> KeySet:
         self._metadata()
         with self._idp_call("JWKS"):
@@ -409,7 +423,10 @@ class ProSanteConnect:
             try:
                 return jwt.decode(token, self._jwks(force=False), algorithms=algorithms)
             except InvalidKeyIdError:
-                # PSC rotated its keys: fetch the JWKS again, once.
+                # PSC rotated its keys: fetch the JWKS again, but not for every forged kid (the
+                # back-channel logout route is reachable by anyone).
+                if not self._may_refetch_jwks():
+                    raise
                 return jwt.decode(token, self._jwks(force=True), algorithms=algorithms)
         except (JoseError, ValueError) as error:
             code = getattr(error, "error", type(error).__name__)

@@ -345,3 +345,15 @@ def test_provider_errors_are_reduced_to_a_code(psc: PscServer) -> None:
     answer = follow_callback(client, f"/.gateway/ecps/callback?state={state}&error=bad%0Aline%20injected")
     assert_refused(answer, Reason.TOKEN_INVALID)
     assert answer.get_json()["detail"] == "provider error unrecognised_error"
+
+
+def test_unknown_key_ids_do_not_make_the_gateway_hammer_the_jwks(psc: PscServer) -> None:
+    app, _ = make_rp(psc.metadata_url)
+    client = app.test_client()
+    assert follow_callback(client, psc.approve(start_login(client), DOCTOR_APP)).status_code == 200
+    psc.rotate_keys()
+    assert follow_callback(client, psc.approve(start_login(client), DOCTOR_APP)).status_code == 200
+    psc.rotate_keys()  # a second rotation within jwks_refetch_interval: refused until the interval passes
+    assert_refused(
+        follow_callback(client, psc.approve(start_login(client), DOCTOR_APP)), Reason.TOKEN_INVALID
+    )
