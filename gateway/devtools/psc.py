@@ -600,7 +600,7 @@ def create_app(config: PscConfig) -> Flask:
     def userinfo() -> Response:
         return provider.userinfo(current_token)
 
-    @app.get(base + "/protocol/openid-connect/logout")
+    @app.route(base + "/protocol/openid-connect/logout", methods=["GET", "POST"])
     def end_session() -> Any:
         return _end_session(provider)
 
@@ -689,9 +689,9 @@ def _approval_page(provider: Provider, grant: Any) -> str:
 
 
 def _end_session(provider: Provider) -> Any:
-    hint = request.args.get("id_token_hint", "")
-    redirect_uri = request.args.get("post_logout_redirect_uri", "")
-    state = request.args.get("state")
+    hint = request.values.get("id_token_hint", "")
+    redirect_uri = request.values.get("post_logout_redirect_uri", "")
+    state = request.values.get("state")
     try:
         # An expired id_token is still a valid hint (OIDC RP-Initiated Logout): check signature and iss only.
         claims = jwt.decode(hint, KeySet(list(provider.keys))).claims
