@@ -1,0 +1,5 @@
+"""e-CPS login through Pro Santé Connect (the gateway's single authlib client adapter)."""
+
+from gateway.authn.ecps.client import EcpsError, EcpsLogin, LogoutRequest, ProSanteConnect
+
+__all__ = ["EcpsError", "EcpsLogin", "LogoutRequest", "ProSanteConnect"]
