@@ -39,7 +39,12 @@ def create_app(
     app.register_blueprint(pages.blueprint())
     for rule in ("/", "/<path:path>"):
         app.add_url_rule(
-            rule, "proxy", proxy_view, methods=ALL_METHODS, provide_automatic_options=False, strict_slashes=False
+            rule,
+            "proxy",
+            proxy_view,
+            methods=ALL_METHODS,
+            provide_automatic_options=False,
+            strict_slashes=False,
         )
     app.before_request(_refuse_bad_target)
     app.register_error_handler(Exception, _unexpected_error)

@@ -31,7 +31,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.run(args) or EXIT_OK)
     except ConfigErrors as exc:
-        print(f"configuration refused ({len(exc.errors)} error{'s' if len(exc.errors) > 1 else ''}):", file=sys.stderr)
+        print(
+            f"configuration refused ({len(exc.errors)} error{'s' if len(exc.errors) > 1 else ''}):",
+            file=sys.stderr,
+        )
         for error in exc.errors:
             print(f"  {error}", file=sys.stderr)
         return EXIT_CONFIG_ERROR
@@ -45,7 +48,9 @@ def _parser() -> argparse.ArgumentParser:
 
     serve = commands.add_parser("serve", help="run the gateway (gunicorn; --debug: Werkzeug dev server)")
     _config_option(serve)
-    serve.add_argument("--debug", action="store_true", help="Werkzeug development server; never in production")
+    serve.add_argument(
+        "--debug", action="store_true", help="Werkzeug development server; never in production"
+    )
     serve.set_defaults(run=_serve)
 
     check = commands.add_parser("check", help="validate settings and every policy file; list every error")
@@ -57,7 +62,9 @@ def _parser() -> argparse.ArgumentParser:
     _config_option(explain)
     explain.add_argument("method", metavar="METHOD")
     explain.add_argument("url", metavar="URL", help="https://host/path?query or /path")
-    explain.add_argument("--as", dest="login", choices=[m.value for m in LoginMethod], help="a session of this kind")
+    explain.add_argument(
+        "--as", dest="login", choices=[m.value for m in LoginMethod], help="a session of this kind"
+    )
     explain.add_argument("--profession", action="append", default=[], help="TRE_G15 code (repeatable)")
     explain.add_argument("--auth-age", default="1m", help="how long ago the login happened (default 1m)")
     explain.add_argument("--auth-mode", default="", help="PSC authMode of an e-CPS login (e.g. CARD)")

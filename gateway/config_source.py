@@ -137,7 +137,9 @@ def parse_duration(value: Any) -> float:
 Model = TypeVar("Model", bound=pydantic.BaseModel)
 
 
-def validate(model: type[Model], document: LocatedDocument, *, context: dict[str, Any] | None = None) -> Model:
+def validate(
+    model: type[Model], document: LocatedDocument, *, context: dict[str, Any] | None = None
+) -> Model:
     """Validate a whole document against a pydantic model; raise :class:`ConfigErrors` with every error."""
     try:
         return model.model_validate(document.data, context=context)

@@ -57,4 +57,6 @@ def set_session_cookie(gateway: Gateway, response: Response, session_id: str) ->
 
 
 def clear_session_cookie(gateway: Gateway, response: Response) -> None:
-    response.delete_cookie(gateway.settings.sessions.cookie_name, secure=True, httponly=True, samesite="Lax", path="/")
+    response.delete_cookie(
+        gateway.settings.sessions.cookie_name, secure=True, httponly=True, samesite="Lax", path="/"
+    )

@@ -102,7 +102,10 @@ PAGES: dict[Reason, Page] = {
     Reason.BAD_REQUEST_PATH: Page(
         400,
         Text("Adresse invalide", "Invalid address"),
-        Text("L'adresse demandée est mal formée ou ambiguë.", "The requested address is malformed or ambiguous."),
+        Text(
+            "L'adresse demandée est mal formée ou ambiguë.",
+            "The requested address is malformed or ambiguous.",
+        ),
     ),
     Reason.BAD_HOST: Page(
         400,
@@ -133,7 +136,10 @@ PAGES: dict[Reason, Page] = {
     Reason.CSRF_FAILED: Page(
         403,
         Text("Formulaire expiré", "Form expired"),
-        Text("Le formulaire a expiré ou ne vient pas de ce site. Recommencez.", "The form expired. Start again."),
+        Text(
+            "Le formulaire a expiré ou ne vient pas de ce site. Recommencez.",
+            "The form expired. Start again.",
+        ),
     ),
     Reason.RATE_LIMITED: Page(
         429,
@@ -182,7 +188,10 @@ PAGES: dict[Reason, Page] = {
     Reason.CARD_NOT_YET_VALID: Page(
         403,
         Text("Carte pas encore valide", "Card not yet valid"),
-        Text("Le certificat de votre carte n'est pas encore valide.", "Your card's certificate is not yet valid."),
+        Text(
+            "Le certificat de votre carte n'est pas encore valide.",
+            "Your card's certificate is not yet valid.",
+        ),
     ),
     Reason.CARD_REVOKED: Page(
         403,
@@ -229,7 +238,10 @@ PAGES: dict[Reason, Page] = {
     Reason.SIGNATURE_INVALID: Page(
         401,
         Text("Signature invalide", "Invalid signature"),
-        Text("La signature ne correspond pas au certificat de la carte.", "The signature does not match the card."),
+        Text(
+            "La signature ne correspond pas au certificat de la carte.",
+            "The signature does not match the card.",
+        ),
     ),
     Reason.IDP_UNAVAILABLE: Page(
         503,
@@ -281,7 +293,10 @@ SECURITY_HEADERS = (
     ("X-Content-Type-Options", "nosniff"),
     ("X-Frame-Options", "DENY"),
     ("Referrer-Policy", "no-referrer"),
-    ("Content-Security-Policy", "default-src 'none'; style-src 'self'; form-action 'self' https:; frame-ancestors 'none'"),
+    (
+        "Content-Security-Policy",
+        "default-src 'none'; style-src 'self'; form-action 'self' https:; frame-ancestors 'none'",
+    ),
 )
 
 

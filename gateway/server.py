@@ -53,6 +53,8 @@ class GatewayServer(BaseApplication):  # type: ignore[misc]
 
 def serve(settings: Settings, app_factory: Callable[[], Flask], *, debug: bool = False) -> None:
     if debug:
-        app_factory().run(host=settings.server.host, port=settings.server.port, debug=True, use_reloader=False)
+        app_factory().run(
+            host=settings.server.host, port=settings.server.port, debug=True, use_reloader=False
+        )
         return
     GatewayServer(settings, app_factory).run()

@@ -60,8 +60,12 @@ def _paths_relative_to_settings(*names: str) -> Callable[..., Any]:
 
 class ServerSettings(_Section):
     listen: str = Field("127.0.0.1:8080", description="Address the gateway listens on (host:port).")
-    workers: int = Field(1, ge=1, le=64, description="Worker processes (more than 1 needs a redis:// session store).")
-    threads: int = Field(32, ge=1, le=512, description="Threads per worker (each serves one request at a time).")
+    workers: int = Field(
+        1, ge=1, le=64, description="Worker processes (more than 1 needs a redis:// session store)."
+    )
+    threads: int = Field(
+        32, ge=1, le=512, description="Threads per worker (each serves one request at a time)."
+    )
     public_origin: str = Field(
         "http://127.0.0.1:8080",
         description="The portal's main origin as users see it (scheme://host[:port]): redirects, audience.",
@@ -148,7 +152,9 @@ class AssertionSettings(_Section):
 class SessionSettings(_Section):
     store: str = Field("memory://", description="memory:// (one process only) or redis://host:port/db.")
     idle_timeout: Duration = Field(1800.0, description="A session unused this long ends (PSC: 30 min).")
-    absolute_timeout: Duration = Field(14400.0, description="A session ends this long after login (PSC: 4 h).")
+    absolute_timeout: Duration = Field(
+        14400.0, description="A session ends this long after login (PSC: 4 h)."
+    )
     cookie_name: str = Field("__Host-gateway-session", description="Session cookie; must start with __Host-.")
 
     @field_validator("store")
@@ -220,7 +226,9 @@ def load_settings(
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
-        raise ConfigErrors([ConfigError(file, None, "", f"cannot read the settings file: {exc.strerror}")]) from None
+        raise ConfigErrors(
+            [ConfigError(file, None, "", f"cannot read the settings file: {exc.strerror}")]
+        ) from None
     document = parse_yaml(text, file)
     document = _substitute_environment(document, os.environ if environ is None else environ)
     context = {"base_dir": str(path.parent.resolve()), "require_files": require_files}
@@ -236,6 +244,7 @@ def _substitute_environment(document: LocatedDocument, environ: Any) -> LocatedD
         if isinstance(value, list):
             return [walk(v, (*key_path, i)) for i, v in enumerate(value)]
         if isinstance(value, str) and "${" in value:
+
             def replace(match: re.Match[str]) -> str:
                 name = match.group(1)
                 if name not in environ:
@@ -263,7 +272,9 @@ def policy_files(settings: Settings) -> list[Path]:
     return files
 
 
-def documented_keys(model: type[pydantic.BaseModel] = Settings, prefix: str = "") -> list[tuple[str, str, str]]:
+def documented_keys(
+    model: type[pydantic.BaseModel] = Settings, prefix: str = ""
+) -> list[tuple[str, str, str]]:
     """(key, default, description) for every settings key, for the README and ``gateway check``."""
     rows: list[tuple[str, str, str]] = []
     for name, field in model.model_fields.items():

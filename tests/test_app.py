@@ -14,8 +14,8 @@ from joserfc import jwt
 from joserfc.jwk import KeySet
 
 from gateway.app import create_app
-from gateway.runtime import gateway_of
 from gateway.identity import Identity, LoginMethod
+from gateway.runtime import gateway_of
 from gateway.settings import load_settings
 from tests.support.config import write_config
 
@@ -100,7 +100,9 @@ def test_session_reaches_protected_route_with_identity_and_assertion(app: Flask,
     assert seen["x-gateway-professions"] == "10"
     keys = KeySet.import_key_set(client.get("/.gateway/jwks.json").json)
     claims = jwt.decode(seen["x-gateway-assertion"], keys, algorithms=["ES256"]).claims
-    assert claims["sub"] == "810001234567" and claims["aud"] == "portal" and claims["rule"] == "echo-protected"
+    assert (
+        claims["sub"] == "810001234567" and claims["aud"] == "portal" and claims["rule"] == "echo-protected"
+    )
     assert claims["exp"] - claims["iat"] == 60
 
 
@@ -201,7 +203,9 @@ def test_portal_cannot_set_the_gateway_cookie(client: FlaskClient) -> None:
 def test_upstream_down_gives_502_page(tmp_path: Path, assertion_key: Path) -> None:
     from tests.support.processes import free_port
 
-    config = write_config(tmp_path, upstream_url=f"http://127.0.0.1:{free_port()}", assertion_key=assertion_key)
+    config = write_config(
+        tmp_path, upstream_url=f"http://127.0.0.1:{free_port()}", assertion_key=assertion_key
+    )
     client = create_app(load_settings(config)).test_client()
     response = client.get("/hello", headers={"Accept": "text/html", "Accept-Language": "en"})
     assert response.status_code == 502

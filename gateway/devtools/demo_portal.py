@@ -23,8 +23,10 @@ _PAGE = """<!doctype html>
 {% if who %}<span class="who">{{ who.given_name }} {{ who.family_name }} ({{ who.sub }}, {{ who.amr|join(',') }})</span>{% endif %}
 </header><main><h1>{{ title }}</h1>{{ body|safe }}</main></body></html>"""
 
-_CSS = "body{font-family:system-ui,sans-serif;margin:0}header{background:#000091;color:#fff;padding:1rem;" \
+_CSS = (
+    "body{font-family:system-ui,sans-serif;margin:0}header{background:#000091;color:#fff;padding:1rem;"
     "display:flex;justify-content:space-between}main{padding:1rem 2rem}"
+)
 
 
 def create_portal(gateway_origin: str | None = None, *, audience: str = "portal") -> Flask:
@@ -40,9 +42,9 @@ def create_portal(gateway_origin: str | None = None, *, audience: str = "portal"
                 keys["keyset"] = KeySet.import_key_set(json.load(answer))
         try:
             decoded = jwt.decode(token, keys["keyset"], algorithms=["ES256"])
-            jwt.JWTClaimsRegistry(aud={"essential": True, "value": audience}, exp={"essential": True}).validate(
-                decoded.claims
-            )
+            jwt.JWTClaimsRegistry(
+                aud={"essential": True, "value": audience}, exp={"essential": True}
+            ).validate(decoded.claims)
         except (JoseError, ValueError):
             return None
         return decoded.claims

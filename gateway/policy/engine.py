@@ -28,9 +28,7 @@ class PolicySet:
                 return rule
         return None
 
-    def decide(
-        self, method: str, host: str, path: str, identity: Identity | None, now: float
-    ) -> Decision:
+    def decide(self, method: str, host: str, path: str, identity: Identity | None, now: float) -> Decision:
         rule = self.match(method, host, path)
         if rule is None:
             return _NO_RULE

@@ -8,7 +8,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 import pydantic
 from pydantic import BeforeValidator, ConfigDict, Field, field_validator, model_validator
@@ -125,7 +125,9 @@ class _LoginSpec(_Spec):
         for code in value:
             text = str(code)
             if text not in PROFESSIONS:
-                raise ValueError(f"unknown TRE_G15 profession code {code!r} (known: {', '.join(PROFESSIONS)})")
+                raise ValueError(
+                    f"unknown TRE_G15 profession code {code!r} (known: {', '.join(PROFESSIONS)})"
+                )
             codes.append(text)
         return codes
 
@@ -207,7 +209,9 @@ def load_policies(sources: Mapping[str, str]) -> LoadedPolicies:
     errors: list[ConfigError] = []
     rules: list[Rule] = []
     if not sources:
-        errors.append(ConfigError("policies", None, "", "no policy file found: every request would be denied"))
+        errors.append(
+            ConfigError("policies", None, "", "no policy file found: every request would be denied")
+        )
     for file in sorted(sources):
         try:
             document = parse_yaml(sources[file], file)
@@ -223,7 +227,9 @@ def load_policies(sources: Mapping[str, str]) -> LoadedPolicies:
 
 
 def _compile(spec: _RuleSpec, index: int, document: LocatedDocument) -> Rule:
-    patterns = tuple(parse_pattern(p) for p in ([spec.match.path] if spec.match.path else spec.match.paths or []))
+    patterns = tuple(
+        parse_pattern(p) for p in ([spec.match.path] if spec.match.path else spec.match.paths or [])
+    )
     methods = set(spec.match.methods)
     if "GET" in methods:
         methods.add("HEAD")  # HEAD is GET without the body: it must never escape a GET rule
@@ -276,7 +282,9 @@ def _unreachable_rules(rules: list[Rule]) -> list[PolicyWarning]:
     for position, rule in enumerate(rules):
         for earlier in rules[:position]:
             if _shadows(earlier, rule):
-                message = f"can never match: rule '{earlier.name}' ({earlier.where}) matches all its requests first"
+                message = (
+                    f"can never match: rule '{earlier.name}' ({earlier.where}) matches all its requests first"
+                )
                 warnings.append(PolicyWarning(rule.file, rule.line, rule.name, message))
                 break
     return warnings

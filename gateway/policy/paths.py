@@ -188,7 +188,9 @@ def parse_pattern(text: str) -> PathPattern:
         except BadPath as exc:
             raise ValueError(f"path pattern {text!r}: {exc}") from None
         if normal != "/" + segment:
-            raise ValueError(f"path pattern {text!r}: segment {segment!r} is not in normal form ({normal[1:]!r})")
+            raise ValueError(
+                f"path pattern {text!r}: segment {segment!r} is not in normal form ({normal[1:]!r})"
+            )
     return PathPattern(text=text, segments=segments)
 
 

@@ -49,7 +49,10 @@ def forward(
     incoming = {"x-forwarded-" + k: v for k, v in _forwarded_values(environ).items()}
     outgoing.extend(
         forwarded_headers(
-            incoming, peer=peer, scheme=environ.get("wsgi.url_scheme", "http"), host=host,
+            incoming,
+            peer=peer,
+            scheme=environ.get("wsgi.url_scheme", "http"),
+            host=host,
             from_trusted_proxy=from_trusted_proxy,
         )
     )

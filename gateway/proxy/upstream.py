@@ -51,7 +51,9 @@ class Upstream:
             blocksize=CHUNK_SIZE,
             **tls,
         )
-        self.host_header = self.pool.host if self.pool.port in (None, 80, 443) else f"{self.pool.host}:{self.pool.port}"
+        self.host_header = (
+            self.pool.host if self.pool.port in (None, 80, 443) else f"{self.pool.host}:{self.pool.port}"
+        )
 
     def send(
         self,

@@ -33,19 +33,26 @@ def test_card_headers_survive_only_from_a_tls_terminator() -> None:
     trusted = filter_request_headers(headers, from_tls_terminator=True, drop_cookies=COOKIES)
     untrusted = filter_request_headers(headers, from_tls_terminator=False, drop_cookies=COOKIES)
     assert names(trusted.forwardable) == {"x-ssl-client-cert", "x-ssl-client-verify"}
-    assert untrusted.forwardable == [] and set(untrusted.spoofed) == {"X-SSL-Client-Cert", "X-SSL-Client-Verify"}
+    assert untrusted.forwardable == [] and set(untrusted.spoofed) == {
+        "X-SSL-Client-Cert",
+        "X-SSL-Client-Verify",
+    }
 
 
 def test_gateway_identity_headers_never_come_from_outside() -> None:
     result = filter_request_headers(
-        [("X-Gateway-Subject", "8100"), ("x-gateway-assertion", "jwt")], from_tls_terminator=True, drop_cookies=COOKIES
+        [("X-Gateway-Subject", "8100"), ("x-gateway-assertion", "jwt")],
+        from_tls_terminator=True,
+        drop_cookies=COOKIES,
     )
     assert result.forwardable == [] and len(result.spoofed) == 2
 
 
 def test_only_the_gateway_cookie_is_dropped() -> None:
     result = filter_request_headers(
-        [("Cookie", "a=1; __Host-gateway-session=secret; b=2")], from_tls_terminator=False, drop_cookies=COOKIES
+        [("Cookie", "a=1; __Host-gateway-session=secret; b=2")],
+        from_tls_terminator=False,
+        drop_cookies=COOKIES,
     )
     assert result.forwardable == [("Cookie", "a=1; b=2")]
 
@@ -72,8 +79,24 @@ def test_client_address_behind_trusted_proxies() -> None:
 
 
 def test_forwarded_headers_extend_a_trusted_chain_and_replace_an_untrusted_one() -> None:
-    incoming = {"x-forwarded-for": "203.0.113.7", "x-forwarded-proto": "https", "x-forwarded-host": "portal.fr"}
-    trusted = dict(forwarded_headers(incoming, peer="127.0.0.1", scheme="http", host="gw", from_trusted_proxy=True))
-    untrusted = dict(forwarded_headers(incoming, peer="198.51.100.1", scheme="http", host="gw", from_trusted_proxy=False))
-    assert trusted == {"X-Forwarded-For": "203.0.113.7, 127.0.0.1", "X-Forwarded-Proto": "https", "X-Forwarded-Host": "portal.fr"}
-    assert untrusted == {"X-Forwarded-For": "198.51.100.1", "X-Forwarded-Proto": "http", "X-Forwarded-Host": "gw"}
+    incoming = {
+        "x-forwarded-for": "203.0.113.7",
+        "x-forwarded-proto": "https",
+        "x-forwarded-host": "portal.fr",
+    }
+    trusted = dict(
+        forwarded_headers(incoming, peer="127.0.0.1", scheme="http", host="gw", from_trusted_proxy=True)
+    )
+    untrusted = dict(
+        forwarded_headers(incoming, peer="198.51.100.1", scheme="http", host="gw", from_trusted_proxy=False)
+    )
+    assert trusted == {
+        "X-Forwarded-For": "203.0.113.7, 127.0.0.1",
+        "X-Forwarded-Proto": "https",
+        "X-Forwarded-Host": "portal.fr",
+    }
+    assert untrusted == {
+        "X-Forwarded-For": "198.51.100.1",
+        "X-Forwarded-Proto": "http",
+        "X-Forwarded-Host": "gw",
+    }

@@ -36,7 +36,9 @@ def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable
         return _answer(start_response, json.dumps(payload).encode(), "application/json")
     if path.startswith("/bytes/"):
         size = int(path.rsplit("/", 1)[1])
-        start_response("200 OK", [("Content-Type", "application/octet-stream"), ("Content-Length", str(size))])
+        start_response(
+            "200 OK", [("Content-Type", "application/octet-stream"), ("Content-Length", str(size))]
+        )
         return _zeros(size)
     if path == "/upload":
         digest = hashlib.sha256()
@@ -63,7 +65,9 @@ def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable
     return _answer(start_response, b"not found", "text/plain", "404 Not Found")
 
 
-def _answer(start_response: Callable[..., Any], body: bytes, kind: str, status: str = "200 OK") -> list[bytes]:
+def _answer(
+    start_response: Callable[..., Any], body: bytes, kind: str, status: str = "200 OK"
+) -> list[bytes]:
     start_response(status, [("Content-Type", kind), ("Content-Length", str(len(body)))])
     return [body]
 
@@ -78,7 +82,19 @@ def _zeros(size: int) -> Iterator[bytes]:
 
 def gunicorn_argv(port: int, workers: int = 1, threads: int = 16) -> list[str]:
     return [
-        sys.executable, "-m", "gunicorn", "--no-control-socket", "-k", "gthread",
-        "--workers", str(workers), "--threads", str(threads), "--bind", f"127.0.0.1:{port}",
-        "--keep-alive", "75", "tests.support.upstream:app",
+        sys.executable,
+        "-m",
+        "gunicorn",
+        "--no-control-socket",
+        "-k",
+        "gthread",
+        "--workers",
+        str(workers),
+        "--threads",
+        str(threads),
+        "--bind",
+        f"127.0.0.1:{port}",
+        "--keep-alive",
+        "75",
+        "tests.support.upstream:app",
     ]

@@ -1,0 +1,45 @@
+# Two commands: `make demo` and `make test`. Both install what is missing first (Debian packages,
+# the .venv virtualenv, the Python packages), so they work on a fresh Debian 12 machine.
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+# softhsm2/opensc/libengine-pkcs11-openssl: test cards; nginx: TLS terminator; redis-server: shared state;
+# chromium/libnss3-tools: browser tests; wrk: benchmarks.
+DEBIAN_PACKAGES := softhsm2 opensc libengine-pkcs11-openssl redis-server nginx chromium libnss3-tools wrk curl
+
+.PHONY: demo test lint bench deps debian-packages clean
+
+demo: deps
+	$(VENV)/bin/gateway demo
+
+test: deps
+	$(PY) -m pytest -q -p no:cacheprovider
+	$(VENV)/bin/ruff check gateway tests bench
+
+lint: deps
+	$(VENV)/bin/ruff check gateway tests bench
+	$(VENV)/bin/mypy
+
+bench: deps
+	$(PY) bench/proxy.py
+
+deps: debian-packages $(STAMP)
+
+debian-packages:
+	@missing=$$(for p in $(DEBIAN_PACKAGES); do dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+		echo "installing Debian packages:" $$missing; \
+		$(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$missing >/dev/null; \
+	fi
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e ".[test]"
+	touch $(STAMP)
+
+clean:
+	rm -rf $(VENV) var build *.egg-info

@@ -1,0 +1,120 @@
+"""Settings: typed, every error at once with file, line and key; ${ENV} references; relative paths."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from gateway.config_source import ConfigErrors
+from gateway.settings import DEFAULT_SETTINGS_FILE, documented_keys, load_settings, policy_files
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    (tmp_path / "policies").mkdir(exist_ok=True)
+    (tmp_path / "key.pem").write_text("not read by the settings loader")
+    path = tmp_path / "gateway.yaml"
+    path.write_text(text)
+    return path
+
+
+VALID = """\
+upstream:
+  url: http://127.0.0.1:9000
+policies: [policies]
+assertion:
+  key_file: key.pem
+"""
+
+
+def errors(path: Path, **kwargs: object) -> list[str]:
+    with pytest.raises(ConfigErrors) as caught:
+        load_settings(path, **kwargs)  # type: ignore[arg-type]
+    return [str(e).removeprefix(f"{path}:") for e in caught.value.errors]
+
+
+def test_minimal_settings_and_defaults(tmp_path: Path) -> None:
+    settings = load_settings(write(tmp_path, VALID))
+    assert settings.policies == [tmp_path / "policies"]
+    assert settings.assertion.key_file == tmp_path / "key.pem"
+    assert settings.sessions.cookie_name == "__Host-gateway-session"
+    assert (settings.sessions.idle_timeout, settings.sessions.absolute_timeout) == (1800, 14400)
+    assert settings.upstream.connect_timeout == 2 and settings.upstream.read_timeout == 30
+
+
+def test_every_error_is_reported_with_line_and_key(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        """\
+server:
+  listen: nowhere
+  colour: blue
+upstream:
+  url: ftp://x
+  read_timeout: forever
+policies: [missing-dir]
+assertion:
+  key_file: absent.pem
+sessions:
+  cookie_name: session
+  idle_timeout: 5h
+""",
+    )
+    assert errors(path) == [
+        "2: server.listen: 'nowhere' is not host:port",
+        "3: server.colour: unknown key",
+        "5: upstream.url: 'ftp://x' is not an http(s) origin (scheme://host[:port])",
+        "6: upstream.read_timeout: expected a duration such as 30s, 10m, 4h (got 'forever')",
+        f"7: policies: not found: {tmp_path / 'missing-dir'}",
+        f"9: assertion.key_file: file not found: {tmp_path / 'absent.pem'}",
+        "11: sessions.cookie_name: the session cookie name must start with __Host- (Secure, no Domain, Path=/)",
+    ]
+
+
+def test_idle_timeout_within_absolute_lifetime(tmp_path: Path) -> None:
+    path = write(tmp_path, VALID + "sessions:\n  idle_timeout: 5h\n")
+    assert errors(path) == ["6: sessions: idle_timeout cannot be longer than absolute_timeout"]
+
+
+def test_missing_required_section(tmp_path: Path) -> None:
+    assert errors(write(tmp_path, "policies: [policies]\n")) == [
+        "1: upstream: required key is missing",
+        "1: assertion: required key is missing",
+    ]
+
+
+def test_memory_sessions_refuse_several_workers(tmp_path: Path) -> None:
+    path = write(tmp_path, VALID + "server:\n  workers: 4\n")
+    assert errors(path) == [
+        "1: (top level): sessions.store memory:// lives in one process: set server.workers to 1 or use a redis:// store"
+    ]
+
+
+def test_environment_references(tmp_path: Path) -> None:
+    path = write(tmp_path, VALID + "sessions:\n  store: ${SESSION_URL}\n")
+    settings = load_settings(path, environ={"SESSION_URL": "redis://127.0.0.1:6390/0"})
+    assert settings.sessions.store == "redis://127.0.0.1:6390/0"
+    assert errors(path, environ={}) == ["7: sessions.store: environment variable SESSION_URL is not set"]
+
+
+def test_policy_directories_expand_to_yaml_files_in_name_order(tmp_path: Path) -> None:
+    path = write(tmp_path, VALID)
+    for name in ("b.yaml", "a.yml", "notes.txt"):
+        (tmp_path / "policies" / name).write_text("")
+    assert [p.name for p in policy_files(load_settings(path))] == ["a.yml", "b.yaml"]
+
+
+def test_unreadable_file(tmp_path: Path) -> None:
+    assert "cannot read the settings file" in errors(tmp_path / "nope.yaml")[0]
+
+
+def test_the_embedded_default_is_valid_without_generated_files() -> None:
+    settings = load_settings(DEFAULT_SETTINGS_FILE, require_files=False)
+    assert settings.upstream.url == "http://127.0.0.1:8081"
+
+
+def test_every_key_is_documented() -> None:
+    rows = documented_keys()
+    undocumented = [key for key, _, description in rows if not description]
+    assert undocumented == []
+    assert ("upstream.url", "(required)") in [(key, default) for key, default, _ in rows]
