@@ -1,0 +1,98 @@
+"""Shared benchmark plumbing: wrk runs, medians, nginx and server processes on loopback."""
+
+from __future__ import annotations
+
+import re
+import statistics
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+_UNITS = {"us": 0.001, "ms": 1.0, "s": 1000.0}
+
+
+@dataclass(frozen=True)
+class Load:
+    requests_per_second: float
+    p50_ms: float
+    p99_ms: float
+
+
+def wrk(url: str, *, seconds: int, connections: int, threads: int = 1, headers: dict[str, str] | None = None) -> Load:
+    argv = ["wrk", "--latency", "-t", str(threads), "-c", str(connections), "-d", f"{seconds}s", "--timeout", "5s"]
+    for name, value in (headers or {}).items():
+        argv += ["-H", f"{name}: {value}"]
+    output = subprocess.run(
+        [*argv, url], capture_output=True, text=True, check=True, timeout=seconds + 30
+    ).stdout
+    if "Non-2xx" in output:
+        raise RuntimeError(f"{url} answered errors under load:\n{output}")
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", output).group(1))  # type: ignore[union-attr]
+    return Load(rps, _percentile(output, "50%"), _percentile(output, "99%"))
+
+
+def _percentile(output: str, label: str) -> float:
+    match = re.search(rf"^\s+{label}\s+([\d.]+)(us|ms|s)\s*$", output, re.MULTILINE)
+    if match is None:
+        raise RuntimeError(f"no {label} latency in wrk output:\n{output}")
+    return float(match.group(1)) * _UNITS[match.group(2)]
+
+
+def median_load(loads: list[Load]) -> Load:
+    return Load(
+        statistics.median(load.requests_per_second for load in loads),
+        statistics.median(load.p50_ms for load in loads),
+        statistics.median(load.p99_ms for load in loads),
+    )
+
+
+NGINX_PROXY_CONF = """\
+worker_processes 1;
+error_log {dir}/error.log warn;
+pid {dir}/nginx.pid;
+events {{ worker_connections 1024; }}
+http {{
+    access_log off;
+    client_body_temp_path {dir}/body;
+    proxy_temp_path {dir}/proxy;
+    fastcgi_temp_path {dir}/fastcgi;
+    uwsgi_temp_path {dir}/uwsgi;
+    scgi_temp_path {dir}/scgi;
+    upstream portal {{ server 127.0.0.1:{upstream_port}; keepalive 32; }}
+    server {{
+        listen 127.0.0.1:{port};
+        location / {{
+            proxy_pass http://portal;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_set_header Host $host;
+            proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
+        }}
+    }}
+}}
+"""
+
+
+def nginx_argv(directory: Path, port: int, upstream_port: int) -> list[str]:
+    directory.mkdir(parents=True, exist_ok=True)
+    conf = directory / "nginx.conf"
+    conf.write_text(NGINX_PROXY_CONF.format(dir=directory, port=port, upstream_port=upstream_port))
+    return ["nginx", "-p", str(directory), "-c", str(conf), "-g", "daemon off;"]
+
+
+def print_table(title: str, rows: list[tuple[str, Load]], baselines: dict[str, Load]) -> None:
+    print(f"\n{title}")
+    header = f"{'target':<38}{'req/s':>10}{'p50 ms':>9}{'p99 ms':>9}"
+    for name in baselines:
+        header += f"{'x ' + name:>14}"
+    print(header)
+    for name, load in rows:
+        line = f"{name:<38}{load.requests_per_second:>10.0f}{load.p50_ms:>9.2f}{load.p99_ms:>9.2f}"
+        for baseline in baselines.values():
+            line += f"{load.requests_per_second / baseline.requests_per_second:>14.2f}"
+        print(line)
