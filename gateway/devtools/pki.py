@@ -52,19 +52,20 @@ tests. The private keys are stored in clear on disk; anyone with this directory 
 - `root.pem`: TEST AC RACINE IGC-SANTE ELEMENTAIRE (trust anchor), `intermediate.pem`: TEST AC IGC-SANTE
   ELEMENTAIRE PERSONNES (issues card certificates), `ca-chain.pem` = intermediate + root (nginx
   `ssl_client_certificate`), `*.crl.pem`: one CRL per CA (nextUpdate a week out; re-run to refresh).
-- `server-ca.pem` / `server.pem` / `server.key`: TLS server certificate for localhost and 127.0.0.1, issued by a
-  separate dev server CA (trust `server-ca.pem` in curl `--cacert` or the browser).
+- `server-ca.pem` / `server.pem` / `server.key`: TLS server certificate for localhost and 127.0.0.1,
+  issued by a separate dev server CA (trust `server-ca.pem` in curl `--cacert` or the browser).
 - `wrong-root.pem` / `wrong-intermediate.pem`: an impostor hierarchy with the same names and other keys, used
   for "wrong-ca" test cards that must be refused.
-- `softhsm/`: SoftHSM2 tokens standing in for CPS cards (`gateway dev card`), and `<label>.pem` card certificates.
+- `softhsm/`: SoftHSM2 tokens standing in for CPS cards (`gateway dev card`), and `<label>.pem` card
+  certificates.
 
 ## Real deployment
 Do not use any of these files. Download the IGC-Santé CA certificates and CRL distribution points published by
 ANS (https://igc-sante.esante.gouv.fr/PC/), choose the roots (e.g. AC RACINE IGC-SANTE FORT / STANDARD /
 ELEMENTAIRE) and the "... PERSONNES" intermediates that issue card authentication certificates, and configure
 them as the gateway's card trust anchors, intermediates and CRL URLs (one CRL per CA: the gateway fails closed
-when a CRL is missing or stale). Give nginx the same chain in `ssl_client_certificate`, and a server certificate
-from a public or institutional CA.
+when a CRL is missing or stale). Give nginx the same chain in `ssl_client_certificate`, and a server
+certificate from a public or institutional CA.
 """
 
 
@@ -209,7 +210,7 @@ def sign_crl(
     lifetime: timedelta = CRL_LIFETIME,
     signing_key: PrivateKey | None = None,
 ) -> x509.CertificateRevocationList:
-    """A CRL for ``ca`` listing ``revoked`` (serial -> revocation date). ``signing_key`` forges one (tests)."""
+    """A CRL for ``ca`` listing ``revoked`` (serial -> revocation date); ``signing_key`` forges one."""
     builder = (
         x509.CertificateRevocationListBuilder()
         .issuer_name(ca.certificate.subject)

@@ -7,6 +7,7 @@ CRLs are refreshed by a background thread that swaps immutable snapshots, so req
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 import urllib.request
@@ -258,14 +259,14 @@ class CardVerifier:
 
     def _check_revocation(self, chain: list[x509.Certificate], now: datetime) -> None:
         # Every non-root certificate must be checked against its issuer's CRL (leaf AND intermediates).
-        for subject, issuer in zip(chain, chain[1:], strict=False):
+        for subject, issuer in itertools.pairwise(chain):
             snapshot = self._crls.snapshot_for(issuer)
             if snapshot is None:
                 raise CardError(Reason.CRL_UNAVAILABLE, f"no CRL for {issuer.subject.rfc4514_string()}")
             if now > snapshot.next_update + self._crls.grace:
                 raise CardError(
                     Reason.CRL_UNAVAILABLE,
-                    f"CRL of {issuer.subject.rfc4514_string()} stale since {snapshot.next_update.isoformat()}",
+                    f"stale CRL of {issuer.subject.rfc4514_string()}: {snapshot.next_update:%Y-%m-%d %H:%M}Z",
                 )
             if subject.serial_number in snapshot.revoked_serials:
                 raise CardError(Reason.CARD_REVOKED, f"serial {subject.serial_number:X} revoked")
@@ -295,7 +296,7 @@ class CardVerifier:
 def verify_challenge_signature(
     certificate: x509.Certificate | bytes | str, data: bytes, signature: bytes
 ) -> None:
-    """Check that the card key signed ``data`` (RSA PKCS#1 v1.5 or ECDSA, SHA-256); SIGNATURE_INVALID if not."""
+    """Check that the card key signed ``data`` (RSA PKCS#1 v1.5 / ECDSA, SHA-256), else SIGNATURE_INVALID."""
     public_key = load_certificate(certificate).public_key()
     try:
         if isinstance(public_key, rsa.RSAPublicKey):
