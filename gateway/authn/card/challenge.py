@@ -2,8 +2,8 @@
 
 The gateway hands out a single-use nonce bound to the client IP, valid a short time; the client signs
 ``b"cps-gateway-challenge-v1\\n" + audience + b"\\n" + nonce`` with the card key. The audience is the
-gateway's public origin, so a nonce relayed from another site that asked the card to sign produces a signature that is
-useless here. Nonces live in a :class:`NonceStore` (memory for one process, Redis for several).
+gateway's public origin, so a nonce relayed from another site that asked the card to sign gives a signature
+that is useless here. Nonces live in a :class:`NonceStore` (memory for one process, Redis for several).
 """
 
 from __future__ import annotations
