@@ -3,7 +3,7 @@
 POST ``/.gateway/card/challenge`` -> nonce; sign ``challenge_message(audience, nonce)`` with the card key on
 the token; POST ``/.gateway/card/verify`` with the nonce, the card certificate and the signature; keep the
 session cookies in a Netscape cookie jar usable with ``curl -b``. The client refuses to sign for an audience
-other than the origin it talks to: a malicious server cannot make it sign a challenge meant for another gateway.
+other than the origin it talks to: a malicious server cannot make it sign a challenge for another gateway.
 """
 
 from __future__ import annotations
@@ -49,14 +49,14 @@ def _opener(jar: http.cookiejar.CookieJar, cacert: str | None) -> urllib.request
 
 
 def _post_json(opener: urllib.request.OpenerDirector, url: str, body: dict[str, str]) -> dict[str, object]:
-    request = urllib.request.Request(
+    request = urllib.request.Request(  # noqa: S310 - origin_of() allows http(s) only
         url,
         data=json.dumps(body).encode("utf-8"),
         headers={"Content-Type": "application/json", "Accept": "application/json"},
         method="POST",
     )
     try:
-        with opener.open(request, timeout=30) as response:  # noqa: S310 - origin_of() allows http(s) only
+        with opener.open(request, timeout=30) as response:
             return dict(json.loads(response.read() or b"{}"))
     except urllib.error.HTTPError as error:
         detail = error.read(2000).decode("utf-8", "replace")
