@@ -94,7 +94,8 @@ def _curl(base_dir: Path, port: int, card_label: str | None, extra: list[str], t
             f"[pkcs11]\ndynamic_path = {ENGINE}\nMODULE_PATH = {SOFTHSM_MODULE}\ninit = 0\n"
         )
         env["OPENSSL_CONF"] = str(conf)
-        key_uri = f"pkcs11:token={quote(card_label)};object={quote(card_label + ' authentication key')};type=private"
+        key_object = quote(f"{card_label} authentication key")
+        key_uri = f"pkcs11:token={quote(card_label)};object={key_object};type=private"
         argv += ["--engine", "pkcs11", "--key-type", "ENG", "--key", f"{key_uri}?pin-value={PIN}"]
         argv += ["--cert", str(base_dir / "softhsm" / f"{card_label}.pem")]
     result = subprocess.run(
