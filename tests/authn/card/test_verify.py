@@ -268,3 +268,30 @@ def test_signature_made_on_the_token_verifies(softhsm_cards: CardSet, card: str)
     tampered = bytes([signature[0] ^ 1]) + signature[1:]
     with pytest.raises(CardError):
         verify_challenge_signature(token_card.certificate, data, tampered)
+
+
+def test_fast_serial_scan_matches_cryptography(own_pki: DevPki) -> None:
+    from gateway.authn.card.verify import _revoked_serials, _tbs_bytes, parse_crl
+
+    now = datetime.now(UTC)
+    serials = {1, 127, 128, 255, 256, 2**159 - 1, x509.random_serial_number()}
+    crl = sign_crl(own_pki.intermediate, dict.fromkeys(serials, now), now)
+    der = crl.public_bytes(serialization.Encoding.DER)
+    assert _revoked_serials(_tbs_bytes(der)) == serials == {entry.serial_number for entry in crl}
+    assert _tbs_bytes(der) == crl.tbs_certlist_bytes
+    pem = crl.public_bytes(serialization.Encoding.PEM)
+    assert parse_crl(pem, own_pki.intermediate.certificate).revoked_serials == serials
+    assert parse_crl(der, own_pki.intermediate.certificate).revoked_serials == serials
+    empty = sign_crl(own_pki.intermediate, {}, now).public_bytes(serialization.Encoding.DER)
+    assert parse_crl(empty, own_pki.intermediate.certificate).revoked_serials == frozenset()
+
+
+def test_tampered_crl_bytes_are_rejected(own_pki: DevPki) -> None:
+    from gateway.authn.card.verify import parse_crl
+
+    now = datetime.now(UTC)
+    der = bytearray(sign_crl(own_pki.intermediate, {4242: now}, now).public_bytes(serialization.Encoding.DER))
+    position = bytes(der).index((4242).to_bytes(2, "big"))
+    der[position + 1] ^= 0x01  # un-revoke 4242 by editing its serial
+    with pytest.raises(ValueError, match="signature"):
+        parse_crl(bytes(der), own_pki.intermediate.certificate)
