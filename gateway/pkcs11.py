@@ -13,7 +13,7 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 import pkcs11
 from cryptography.hazmat.primitives import serialization
@@ -22,11 +22,14 @@ from pkcs11 import Attribute, KeyType, Mechanism, ObjectClass, TokenFlag
 from pkcs11.util.ec import encode_ec_public_key, encode_ecdsa_signature, encode_named_curve_parameters
 from pkcs11.util.x509 import decode_x509_certificate
 
+if TYPE_CHECKING:
+    from pkcs11._pkcs11 import lib as Pkcs11Module
+
 SOFTHSM_MODULE = "/usr/lib/softhsm/libsofthsm2.so"
 KeyKind = Literal["rsa", "ec"]
 PublicKey = rsa.RSAPublicKey | ec.EllipticCurvePublicKey
 
-_modules: dict[str, pkcs11.lib] = {}
+_modules: dict[str, Pkcs11Module] = {}
 _modules_lock = threading.Lock()
 
 
@@ -48,7 +51,7 @@ class TokenInfo:
     certificates: tuple[TokenCertificate, ...]
 
 
-def load_module(module_path: str = SOFTHSM_MODULE) -> pkcs11.lib:
+def load_module(module_path: str = SOFTHSM_MODULE) -> Pkcs11Module:
     """The process-wide handle of a PKCS#11 module (loaded on first use)."""
     with _modules_lock:
         if module_path not in _modules:
@@ -159,7 +162,9 @@ def read_public_key(
     token_label: str, key_id: bytes, pin: str | None = None, module_path: str = SOFTHSM_MODULE
 ) -> PublicKey:
     with open_session(token_label, pin, module_path) as session:
-        return _to_cryptography(session.get_key(object_class=ObjectClass.PUBLIC_KEY, id=key_id))
+        return _to_cryptography(
+            cast(pkcs11.PublicKey, session.get_key(object_class=ObjectClass.PUBLIC_KEY, id=key_id))
+        )
 
 
 def store_certificate(
@@ -224,6 +229,8 @@ def sign(
     """
     with open_session(token_label, pin, module_path) as session:
         key = session.get_key(object_class=ObjectClass.PRIVATE_KEY, id=key_id)
+        if not isinstance(key, pkcs11.SignMixin):
+            raise TokenError(f"the key on token {token_label!r} cannot sign")
         if key.key_type == KeyType.RSA:
             return bytes(key.sign(data, mechanism=Mechanism.SHA256_RSA_PKCS))
         if key.key_type == KeyType.EC:

@@ -8,13 +8,18 @@ that is useless here. Nonces live in a :class:`NonceStore` (memory for one proce
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import secrets
 import threading
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Protocol
 
 from gateway.authn.card.certificate import CardError
+from gateway.authn.card.verify import CardVerifier, load_certificate, verify_challenge_signature
+from gateway.identity import Identity
 from gateway.policy.decision import Reason
 
 CHALLENGE_PREFIX = b"cps-gateway-challenge-v1\n"
@@ -68,6 +73,14 @@ class MemoryNonceStore:
         return len(self._entries)
 
 
+class RedisLike(Protocol):
+    """The two commands the nonce store needs (redis.Redis satisfies it)."""
+
+    def set(self, name: str, value: str, *, nx: bool, ex: int) -> object: ...
+
+    def getdel(self, name: str) -> object: ...
+
+
 class RedisNonceStore:
     """Shared by every gateway process: ``SET NX EX`` to create, ``GETDEL`` to consume (atomic, single-use).
 
@@ -75,15 +88,15 @@ class RedisNonceStore:
     ``now``, so both clocks must agree that the nonce is still valid.
     """
 
-    def __init__(self, client: object, prefix: str = "gw:card-nonce:") -> None:
+    def __init__(self, client: RedisLike, prefix: str = "gw:card-nonce:") -> None:
         self._redis = client
         self._prefix = prefix
 
     def add(self, key: str, value: str, ttl_seconds: int, now: float) -> bool:
-        return bool(self._redis.set(self._prefix + key, value, nx=True, ex=ttl_seconds))  # type: ignore[attr-defined]
+        return bool(self._redis.set(self._prefix + key, value, nx=True, ex=ttl_seconds))
 
     def take(self, key: str, now: float) -> str | None:
-        value = self._redis.getdel(self._prefix + key)  # type: ignore[attr-defined]
+        value = self._redis.getdel(self._prefix + key)
         if value is None:
             return None
         return value.decode("utf-8") if isinstance(value, bytes) else str(value)
@@ -131,3 +144,36 @@ class ChallengeIssuer:
         if bound_ip != client_ip:
             raise CardError(Reason.CHALLENGE_INVALID, "nonce issued to another client address")
         return challenge_message(self.audience, nonce)
+
+
+def verify_challenge_login(
+    issuer: ChallengeIssuer,
+    verifier: CardVerifier,
+    body: object,
+    client_ip: str,
+    now: datetime,
+) -> Identity:
+    """The whole ``POST /.gateway/card/verify`` check on the parsed JSON body, in the safe order.
+
+    1. spend the nonce (single use, this client, not expired) -> CHALLENGE_INVALID;
+    2. the signature over the audience-bound message with the certificate's key -> SIGNATURE_INVALID
+       (before judging the certificate: only a holder of the key gets a precise card reason);
+    3. the certificate itself (chain, dates, key usage, CRLs, subject) -> its CardError reason.
+    """
+    if not isinstance(body, dict):
+        raise CardError(Reason.CHALLENGE_INVALID, "body is not a JSON object")
+    nonce, certificate, signature = body.get("nonce"), body.get("certificate"), body.get("signature")
+    if not isinstance(nonce, str):
+        raise CardError(Reason.CHALLENGE_INVALID, "missing nonce")
+    message = issuer.consume(nonce, client_ip, now.timestamp())
+    if not isinstance(certificate, str) or not certificate.strip():
+        raise CardError(Reason.CARD_MISSING, "missing certificate")
+    if not isinstance(signature, str):
+        raise CardError(Reason.SIGNATURE_INVALID, "missing signature")
+    try:
+        raw_signature = base64.b64decode(signature, validate=True)
+    except (binascii.Error, ValueError):
+        raise CardError(Reason.SIGNATURE_INVALID, "signature is not base64") from None
+    card = load_certificate(certificate.encode("ascii", "replace"))
+    verify_challenge_signature(card, message, raw_signature)
+    return verifier.verify(card, now)

@@ -1,8 +1,11 @@
 from __future__ import annotations
 
+import base64
 import contextlib
 import threading
+import time
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -15,9 +18,12 @@ from gateway.authn.card.challenge import (
     NonceStore,
     RedisNonceStore,
     challenge_message,
+    verify_challenge_login,
 )
-from gateway.authn.card.verify import CardError, verify_challenge_signature
+from gateway.authn.card.verify import CardError, CardVerifier, verify_challenge_signature
+from gateway.devtools.pki import DevPki
 from gateway.policy.decision import Reason
+from tests.support.pki import verifier_for
 from tests.support.processes import free_port, running
 from tests.support.softhsm import CardSet
 
@@ -123,3 +129,48 @@ def test_token_signed_challenge_verifies_and_relay_to_other_audience_fails(softh
     with pytest.raises(CardError) as caught:
         verify_challenge_signature(card.pem_path.read_bytes(), message, relayed)
     assert caught.value.reason is Reason.SIGNATURE_INVALID
+
+
+def _login_body(card_set: CardSet, issuer: ChallengeIssuer, signer: str, presented: str) -> dict[str, str]:
+    challenge = issuer.issue("192.0.2.1", time.time())
+    signing_card = card_set[signer]
+    signature = tokens.sign(
+        signing_card.label, challenge_message(issuer.audience, challenge.nonce), signing_card.key_id
+    )
+    return {
+        "nonce": challenge.nonce,
+        "certificate": card_set[presented].pem_path.read_text(),
+        "signature": base64.b64encode(signature).decode(),
+    }
+
+
+def _login_reason(issuer: ChallengeIssuer, verifier: CardVerifier, body: object) -> Reason:
+    with pytest.raises(CardError) as caught:
+        verify_challenge_login(issuer, verifier, body, "192.0.2.1", datetime.now(UTC))
+    return caught.value.reason
+
+
+def test_challenge_login_end_to_end(softhsm_cards: CardSet, dev_pki: DevPki) -> None:
+    issuer = ChallengeIssuer(MemoryNonceStore(), AUDIENCE)
+    verifier, _ = verifier_for(dev_pki)
+    body = _login_body(softhsm_cards, issuer, "doctor", "doctor")
+    identity = verify_challenge_login(issuer, verifier, body, "192.0.2.1", datetime.now(UTC))
+    assert identity.idnat == softhsm_cards["doctor"].idnat
+    assert _login_reason(issuer, verifier, body) is Reason.CHALLENGE_INVALID  # replayed request
+
+
+def test_challenge_login_reasons(softhsm_cards: CardSet, dev_pki: DevPki) -> None:
+    issuer = ChallengeIssuer(MemoryNonceStore(), AUDIENCE)
+    verifier, _ = verifier_for(dev_pki)
+    revoked = _login_body(softhsm_cards, issuer, "revoked", "revoked")
+    assert _login_reason(issuer, verifier, revoked) is Reason.CARD_REVOKED
+    stolen_cert = _login_body(softhsm_cards, issuer, "pharmacist-ec", "doctor")  # someone else's certificate
+    assert _login_reason(issuer, verifier, stolen_cert) is Reason.SIGNATURE_INVALID
+    not_base64 = dict(_login_body(softhsm_cards, issuer, "doctor", "doctor"), signature="%%%")
+    assert _login_reason(issuer, verifier, not_base64) is Reason.SIGNATURE_INVALID
+    garbage = dict(
+        _login_body(softhsm_cards, issuer, "doctor", "doctor"), certificate="-----BEGIN CERTIFICATE-----"
+    )
+    assert _login_reason(issuer, verifier, garbage) is Reason.CARD_MALFORMED
+    assert _login_reason(issuer, verifier, {"certificate": "x"}) is Reason.CHALLENGE_INVALID
+    assert _login_reason(issuer, verifier, ["not", "an", "object"]) is Reason.CHALLENGE_INVALID

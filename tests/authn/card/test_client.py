@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 import http.cookiejar
 import secrets
 import subprocess
@@ -16,9 +15,9 @@ import pytest
 from flask import Flask, jsonify, request
 from werkzeug.serving import make_server
 
-from gateway.authn.card.challenge import ChallengeIssuer, MemoryNonceStore
+from gateway.authn.card.challenge import ChallengeIssuer, MemoryNonceStore, verify_challenge_login
 from gateway.authn.card.client import CardLoginError, card_login
-from gateway.authn.card.verify import CardError, verify_challenge_signature
+from gateway.authn.card.verify import CardError
 from gateway.devtools.pki import DevPki
 from tests.support.pki import verifier_for
 from tests.support.softhsm import CardSet
@@ -41,13 +40,14 @@ def _stand_in_gateway(pki: DevPki, origin_holder: list[str], audience_override: 
 
     @app.post("/.gateway/card/verify")
     def verify():  # type: ignore[no-untyped-def]
-        body = request.get_json()
         try:
-            message = issuer().consume(body["nonce"], request.remote_addr or "", time.time())
-            verify_challenge_signature(
-                body["certificate"].encode(), message, base64.b64decode(body["signature"])
+            identity = verify_challenge_login(
+                issuer(),
+                verifier,
+                request.get_json(silent=True),
+                request.remote_addr or "",
+                datetime.now(UTC),
             )
-            identity = verifier.verify(body["certificate"].encode(), datetime.now(UTC))
         except CardError as error:
             return jsonify({"error": error.reason.value}), 403
         session_id = secrets.token_urlsafe(16)
