@@ -173,6 +173,24 @@ def _signature_valid(
     return True
 
 
+def _check_complete(crl: x509.CertificateRevocationList) -> None:
+    """Only complete CRLs may stand for "not revoked": a delta or partial CRL lacks entries."""
+    for extension in crl.extensions:
+        if isinstance(extension.value, x509.DeltaCRLIndicator):
+            raise ValueError("delta CRL: only complete CRLs are accepted")
+        if isinstance(extension.value, x509.IssuingDistributionPoint):
+            idp = extension.value
+            if (
+                idp.only_some_reasons
+                or idp.indirect_crl
+                or idp.only_contains_ca_certs
+                or idp.only_contains_attribute_certs
+            ):
+                raise ValueError("partial or indirect CRL (IssuingDistributionPoint): not accepted")
+        elif extension.critical and isinstance(extension.value, x509.UnrecognizedExtension):
+            raise ValueError(f"unknown critical CRL extension {extension.oid.dotted_string}")
+
+
 def parse_crl(data: bytes, issuer: x509.Certificate) -> CrlSnapshot:
     """Parse and verify a CRL (PEM or DER) against its issuer; ValueError when it cannot be trusted."""
     der = _crl_der(data)
@@ -190,6 +208,7 @@ def parse_crl(data: bytes, issuer: x509.Certificate) -> CrlSnapshot:
         raise ValueError("CRL signature does not verify with the issuer key")
     if crl.next_update_utc is None:
         raise ValueError("CRL without nextUpdate")
+    _check_complete(crl)
     try:
         serials = _revoked_serials(tbs)
     except (ValueError, IndexError):

@@ -295,3 +295,36 @@ def test_tampered_crl_bytes_are_rejected(own_pki: DevPki) -> None:
     der[position + 1] ^= 0x01  # un-revoke 4242 by editing its serial
     with pytest.raises(ValueError, match="signature"):
         parse_crl(bytes(der), own_pki.intermediate.certificate)
+
+
+def test_delta_and_partial_crls_are_not_accepted(own_pki: DevPki) -> None:
+    from cryptography.hazmat.primitives import hashes
+
+    from gateway.authn.card.verify import parse_crl
+
+    now = datetime.now(UTC)
+    ca = own_pki.intermediate
+
+    def crl_with(extension: x509.ExtensionType) -> bytes:
+        builder = (
+            x509.CertificateRevocationListBuilder()
+            .issuer_name(ca.certificate.subject)
+            .last_update(now)
+            .next_update(now + timedelta(days=1))
+            .add_extension(extension, critical=True)
+        )
+        return builder.sign(ca.key, hashes.SHA256()).public_bytes(serialization.Encoding.DER)
+
+    with pytest.raises(ValueError, match="delta"):
+        parse_crl(crl_with(x509.DeltaCRLIndicator(1)), ca.certificate)
+    only_some = x509.IssuingDistributionPoint(
+        full_name=None,
+        relative_name=None,
+        only_contains_user_certs=False,
+        only_contains_ca_certs=False,
+        only_some_reasons=frozenset({x509.ReasonFlags.key_compromise}),
+        indirect_crl=False,
+        only_contains_attribute_certs=False,
+    )
+    with pytest.raises(ValueError, match="partial"):
+        parse_crl(crl_with(only_some), ca.certificate)
