@@ -109,12 +109,12 @@ def init_softhsm_token(label: str, so_pin: str, pin: str, env: dict[str, str]) -
         raise TokenError(f"softhsm2-util could not initialise token {label!r}: {result.stderr.strip()}")
 
 
-def _private_key_template() -> dict[Attribute, Any]:
-    # Sensitive and non-extractable like a real card; PRIVATE=False so browsers need no PIN dialog
-    # (recipes.md): the key is usable without login, but can never leave the token.
+def _private_key_template(private: bool) -> dict[Attribute, Any]:
+    # Sensitive and non-extractable like a real card. private=False lets headless browsers use the key
+    # without a PIN dialog (recipes.md): usable without login, but it can never leave the token.
     return {
         Attribute.TOKEN: True,
-        Attribute.PRIVATE: False,
+        Attribute.PRIVATE: private,
         Attribute.SENSITIVE: True,
         Attribute.EXTRACTABLE: False,
         Attribute.SIGN: True,
@@ -138,14 +138,19 @@ def generate_key_pair(
     key_id: bytes,
     kind: KeyKind = "rsa",
     module_path: str = SOFTHSM_MODULE,
+    *,
+    private: bool = False,
 ) -> PublicKey:
-    """Generate a key pair ON the token (RSA-2048 or EC P-256) and return its public key."""
+    """Generate a key pair ON the token (RSA-2048 or EC P-256) and return its public key.
+
+    ``private=True`` makes the key usable only after login with the PIN, like a real CPS card.
+    """
     with open_session(token_label, pin, module_path, rw=True) as session:
         options: dict[str, Any] = {
             "id": key_id,
             "label": key_label,
             "store": True,
-            "private_template": _private_key_template(),
+            "private_template": _private_key_template(private),
             "public_template": {Attribute.TOKEN: True, Attribute.VERIFY: True},
         }
         if kind == "rsa":
@@ -228,13 +233,21 @@ def sign(
     ``pin`` may be None when the key is not private (SoftHSM test cards); real cards need it.
     """
     with open_session(token_label, pin, module_path) as session:
-        key = session.get_key(object_class=ObjectClass.PRIVATE_KEY, id=key_id)
-        if not isinstance(key, pkcs11.SignMixin):
-            raise TokenError(f"the key on token {token_label!r} cannot sign")
-        if key.key_type == KeyType.RSA:
-            return bytes(key.sign(data, mechanism=Mechanism.SHA256_RSA_PKCS))
-        if key.key_type == KeyType.EC:
-            # SoftHSM 2.6 has no CKM_ECDSA_SHA256: hash here, sign the digest raw, DER-encode (r, s).
-            raw = key.sign(hashlib.sha256(data).digest(), mechanism=Mechanism.ECDSA)
-            return bytes(encode_ecdsa_signature(raw))
-        raise TokenError(f"unsupported key type {key.key_type!r} on token {token_label!r}")
+        try:
+            return _sign_with(session, token_label, data, key_id)
+        except pkcs11.PKCS11Error as error:
+            # NoSuchKey also when the key is private and no PIN was given: the token hides it.
+            raise TokenError(f"cannot sign with token {token_label!r}: {type(error).__name__}") from None
+
+
+def _sign_with(session: pkcs11.Session, token_label: str, data: bytes, key_id: bytes) -> bytes:
+    key = session.get_key(object_class=ObjectClass.PRIVATE_KEY, id=key_id)
+    if not isinstance(key, pkcs11.SignMixin):
+        raise TokenError(f"the key on token {token_label!r} cannot sign")
+    if key.key_type == KeyType.RSA:
+        return bytes(key.sign(data, mechanism=Mechanism.SHA256_RSA_PKCS))
+    if key.key_type == KeyType.EC:
+        # SoftHSM 2.6 has no CKM_ECDSA_SHA256: hash here, sign the digest raw, DER-encode (r, s).
+        raw = key.sign(hashlib.sha256(data).digest(), mechanism=Mechanism.ECDSA)
+        return bytes(encode_ecdsa_signature(raw))
+    raise TokenError(f"unsupported key type {key.key_type!r} on token {token_label!r}")

@@ -59,3 +59,16 @@ def test_unknown_token_and_wrong_pin(cards: CardSet) -> None:
     with pytest.raises(tokens.TokenError) as caught:
         tokens.sign(cards["doctor"].label, b"data", cards["doctor"].key_id, pin="9999")
     assert "9999" not in str(caught.value)  # PINs never end up in messages
+
+
+def test_private_key_needs_the_pin(cards: CardSet) -> None:
+    from gateway.devtools.cards import softhsm_env
+
+    label = "test-private-key"
+    tokens.init_softhsm_token(label, "12345678", "4321", softhsm_env(cards.base_dir))
+    public_key = tokens.generate_key_pair(label, "4321", "k", b"\x42", "ec", private=True)
+    with pytest.raises(tokens.TokenError):
+        tokens.sign(label, b"data", b"\x42")  # not logged in: the private key is invisible
+    signature = tokens.sign(label, b"data", b"\x42", pin="4321")
+    assert isinstance(public_key, ec.EllipticCurvePublicKey)
+    public_key.verify(signature, b"data", ec.ECDSA(hashes.SHA256()))
