@@ -317,7 +317,7 @@ def _check_key_usage(certificate: x509.Certificate) -> None:
         key_usage = certificate.extensions.get_extension_for_class(x509.KeyUsage).value
     except x509.ExtensionNotFound:
         raise CardError(Reason.CARD_BAD_KEY_USAGE, "no KeyUsage extension") from None
-    except ValueError as error:
+    except (ValueError, x509.DuplicateExtension) as error:
         raise CardError(Reason.CARD_MALFORMED, f"unreadable extensions: {error}") from error
     if not key_usage.digital_signature:
         raise CardError(Reason.CARD_BAD_KEY_USAGE, "KeyUsage lacks digitalSignature")
