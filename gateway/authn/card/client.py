@@ -1,0 +1,113 @@
+"""Client side of challenge-response card login: ``gateway card login``.
+
+POST ``/.gateway/card/challenge`` -> nonce; sign ``challenge_message(audience, nonce)`` with the card key on
+the token; POST ``/.gateway/card/verify`` with the nonce, the card certificate and the signature; keep the
+session cookies in a Netscape cookie jar usable with ``curl -b``. The client refuses to sign for an audience
+other than the origin it talks to: a malicious server cannot make it sign a challenge for another gateway.
+"""
+
+from __future__ import annotations
+
+import base64
+import http.cookiejar
+import json
+import ssl
+import urllib.error
+import urllib.request
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from gateway import pkcs11 as tokens
+from gateway.authn.card.challenge import challenge_message
+
+CHALLENGE_PATH = "/.gateway/card/challenge"
+VERIFY_PATH = "/.gateway/card/verify"
+
+
+class CardLoginError(Exception):
+    """The login failed; the message says at which step (and the gateway's reason when it gave one)."""
+
+
+def origin_of(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.scheme not in ("https", "http") or not parts.hostname:
+        raise CardLoginError(f"not an http(s) URL: {url!r}")
+    default_port = 443 if parts.scheme == "https" else 80
+    port = "" if parts.port in (None, default_port) else f":{parts.port}"
+    host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
+    return f"{parts.scheme}://{host}{port}"
+
+
+def _opener(jar: http.cookiejar.CookieJar, cacert: str | None) -> urllib.request.OpenerDirector:
+    context = ssl.create_default_context(cafile=cacert)
+    return urllib.request.build_opener(
+        urllib.request.HTTPSHandler(context=context), urllib.request.HTTPCookieProcessor(jar)
+    )
+
+
+def _post_json(opener: urllib.request.OpenerDirector, url: str, body: dict[str, str]) -> dict[str, object]:
+    request = urllib.request.Request(  # noqa: S310 - origin_of() allows http(s) only
+        url,
+        data=json.dumps(body).encode("utf-8"),
+        headers={"Content-Type": "application/json", "Accept": "application/json"},
+        method="POST",
+    )
+    try:
+        with opener.open(request, timeout=30) as response:
+            return dict(json.loads(response.read() or b"{}"))
+    except urllib.error.HTTPError as error:
+        detail = error.read(2000).decode("utf-8", "replace")
+        raise CardLoginError(f"{url} answered {error.code}: {detail}") from None
+    except (urllib.error.URLError, OSError, ValueError) as error:
+        raise CardLoginError(f"{url}: {error}") from None
+
+
+def card_login(
+    url: str,
+    token_label: str,
+    module_path: str = tokens.SOFTHSM_MODULE,
+    pin: str | None = None,
+    cookie_jar_path: str | Path = "cookies.txt",
+    cacert: str | None = None,
+) -> str:
+    """Log in to the gateway at ``url`` with the card ``token_label``; return the subject (idNat)."""
+    origin = origin_of(url)
+    jar = http.cookiejar.MozillaCookieJar(str(cookie_jar_path))
+    opener = _opener(jar, cacert)
+
+    challenge = _post_json(opener, origin + CHALLENGE_PATH, {})
+    nonce, audience = str(challenge.get("nonce", "")), str(challenge.get("audience", ""))
+    if not nonce or audience != origin:
+        raise CardLoginError(
+            f"refusing to sign a challenge for audience {audience!r} (talking to {origin!r})"
+        )
+
+    try:
+        card_certificate = tokens.token_certificate(token_label, module_path)
+        signature = tokens.sign(
+            token_label, challenge_message(audience, nonce), card_certificate.key_id, pin, module_path
+        )
+    except tokens.TokenError as error:
+        raise CardLoginError(str(error)) from None
+    pem = x509.load_der_x509_certificate(card_certificate.der).public_bytes(serialization.Encoding.PEM)
+
+    result = _post_json(
+        opener,
+        origin + VERIFY_PATH,
+        {
+            "nonce": nonce,
+            "certificate": pem.decode("ascii"),
+            "signature": base64.b64encode(signature).decode("ascii"),
+        },
+    )
+    for cookie in jar:
+        if cookie.expires is None:
+            # curl reads expiry 0 as "session cookie"; the empty field Python writes would shift
+            # curl's tab-separated columns and lose the cookie.
+            cookie.expires = 0
+    # ignore_discard: session cookies would otherwise not be written at all.
+    jar.save(ignore_discard=True, ignore_expires=True)
+    return str(result.get("subject") or result.get("idnat") or "")

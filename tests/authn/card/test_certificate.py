@@ -1,0 +1,106 @@
+from __future__ import annotations
+
+import pytest
+from cryptography import x509
+from cryptography.x509.oid import NameOID
+
+from gateway.authn.card.certificate import (
+    PROFESSION_LABELS,
+    CardError,
+    parse_card_certificate,
+    profession_code,
+)
+from gateway.devtools.pki import DevPki, card_subject
+from gateway.policy.decision import Reason
+from tests.support.pki import custom_card, software_card
+
+
+def _name(*rdns: list[tuple[x509.ObjectIdentifier, str]]) -> x509.Name:
+    return x509.Name(
+        [x509.RelativeDistinguishedName([x509.NameAttribute(o, v) for o, v in rdn]) for rdn in rdns]
+    )
+
+
+def test_current_card_with_multi_valued_rdn(dev_pki: DevPki) -> None:
+    cert = software_card(dev_pki, idnat="810002813839", surname="DUPONT", given_name="JEAN", title="Médecin")
+    holder = parse_card_certificate(cert)
+    assert (holder.idnat, holder.surname, holder.given_name) == ("810002813839", "DUPONT", "JEAN")
+    assert holder.professions == ("10",)
+    assert holder.serial_hex == format(cert.serial_number, "X")
+    assert "TEST AC IGC-SANTE ELEMENTAIRE PERSONNES" in holder.issuer
+    assert holder.not_after == cert.not_valid_after_utc
+    assert not holder.is_staff_or_organisation
+
+
+@pytest.mark.parametrize(
+    ("title", "code"),
+    [
+        ("Médecin", "10"),
+        ("MEDECIN", "10"),
+        ("médecin", "10"),
+        ("Sage-Femme", "50"),
+        ("sage femme", "50"),
+        ("Masseur-Kinesitherapeute", "70"),
+        ("Infirmier psychiatrique", "69"),
+        ("Manipulateur ERM", "98"),
+        ("21", "21"),
+    ],
+)
+def test_title_label_or_code_maps_to_tre_g15(title: str, code: str) -> None:
+    assert profession_code(title) == code
+
+
+def test_every_label_round_trips() -> None:
+    assert all(profession_code(label) == code for code, label in PROFESSION_LABELS.items())
+    assert len(PROFESSION_LABELS) == 17
+
+
+def test_unknown_title_is_reported_not_guessed(dev_pki: DevPki) -> None:
+    cert = software_card(dev_pki, title="Sorcier")
+    with pytest.raises(CardError) as caught:
+        parse_card_certificate(cert)
+    assert caught.value.reason is Reason.CARD_UNKNOWN_PROFESSION
+    with pytest.raises(CardError):
+        profession_code("11")  # a number that is not a TRE_G15 code
+
+
+def test_legacy_adeli_card_profession_in_ou(dev_pki: DevPki) -> None:
+    subject = _name(
+        [(NameOID.COUNTRY_NAME, "FR")],
+        [(NameOID.ORGANIZATIONAL_UNIT_NAME, "Pharmacien")],
+        [(NameOID.COMMON_NAME, "0751234567")],
+    )
+    holder = parse_card_certificate(custom_card(dev_pki, subject))
+    assert holder.idnat == "0751234567"
+    assert holder.professions == ("21",)
+
+
+def test_legacy_card_with_unknown_ou(dev_pki: DevPki) -> None:
+    subject = _name(
+        [(NameOID.ORGANIZATIONAL_UNIT_NAME, "Quelque chose")], [(NameOID.COMMON_NAME, "0751234567")]
+    )
+    with pytest.raises(CardError) as caught:
+        parse_card_certificate(custom_card(dev_pki, subject))
+    assert caught.value.reason is Reason.CARD_UNKNOWN_PROFESSION
+
+
+def test_staff_card_has_no_profession(dev_pki: DevPki) -> None:
+    cert = software_card(dev_pki, variant="staff", idnat="3750000001/00042", title=None)
+    holder = parse_card_certificate(cert)
+    assert holder.idnat == "3750000001/00042"
+    assert holder.professions == ()
+    assert holder.is_staff_or_organisation
+
+
+@pytest.mark.parametrize(
+    "subject",
+    [
+        _name([(NameOID.SURNAME, "DUPONT")], [(NameOID.COUNTRY_NAME, "FR")]),  # no CN
+        _name([(NameOID.COMMON_NAME, "810002813839")], [(NameOID.COMMON_NAME, "810002813840")]),  # two CNs
+        card_subject("DUPONT JEAN", "DUPONT", "JEAN", "Médecin"),  # CN is not an idNat
+    ],
+)
+def test_malformed_subjects(dev_pki: DevPki, subject: x509.Name) -> None:
+    with pytest.raises(CardError) as caught:
+        parse_card_certificate(custom_card(dev_pki, subject))
+    assert caught.value.reason is Reason.CARD_MALFORMED

@@ -1,0 +1,70 @@
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from gateway.devtools.cards import create_card, list_cards, softhsm_env
+from gateway.pkcs11 import SOFTHSM_MODULE
+from tests.support.softhsm import CARD_SPECS, CardSet
+
+
+def test_project_local_softhsm_config(softhsm_cards: CardSet) -> None:
+    env = softhsm_env(softhsm_cards.base_dir)
+    config = Path(env["SOFTHSM2_CONF"])
+    assert config.is_relative_to(softhsm_cards.base_dir.resolve())
+    text = config.read_text()
+    assert f"directories.tokendir = {(softhsm_cards.base_dir / 'softhsm' / 'tokens').resolve()}" in text
+    assert "objectstore.backend = file" in text and "log.level = ERROR" in text
+
+
+def test_cards_listed_with_their_certificates(softhsm_cards: CardSet) -> None:
+    listed = {info.label: info for info in list_cards(softhsm_cards.base_dir)}
+    assert {f"test-{name}" for name in CARD_SPECS} <= set(listed)
+    for card in softhsm_cards.cards.values():
+        assert listed[card.label].certificates[0].key_id == card.key_id
+        assert x509.load_pem_x509_certificate(card.pem_path.read_bytes()) == card.certificate
+        assert card.pem_path.parent == softhsm_cards.base_dir / "softhsm"
+
+
+def test_key_is_generated_on_token_sensitive_and_not_extractable(softhsm_cards: CardSet) -> None:
+    # Ask the token through another PKCS#11 client (OpenSC's pkcs11-tool), with the card's environment.
+    card = softhsm_cards["doctor"]
+    out = subprocess.run(
+        ["pkcs11-tool", "--module", SOFTHSM_MODULE, "--token-label", card.label, "--list-objects"],
+        env=softhsm_env(softhsm_cards.base_dir),
+        capture_output=True,
+        text=True,
+        check=True,
+        stdin=subprocess.DEVNULL,
+    ).stdout
+    private = out.split("Private Key Object")[1].split("Object;")[0]
+    assert "sensitive" in private and "never extractable" in private
+    assert card.key_id.hex() in out.replace(" ", "")
+    assert "Certificate Object" in out
+
+
+def test_staff_card_subject(softhsm_cards: CardSet) -> None:
+    card = softhsm_cards["staff"]
+    assert card.idnat.startswith("3") and "/" in card.idnat
+    assert card.certificate.subject.get_attributes_for_oid(x509.NameOID.TITLE) == []
+
+
+def test_refuses_duplicate_label_and_unknown_profession(softhsm_cards: CardSet) -> None:
+    with pytest.raises(ValueError):
+        create_card(softhsm_cards.base_dir, "test-doctor", "810000000001", "X", "Y", "10")
+    with pytest.raises(ValueError):
+        create_card(softhsm_cards.base_dir, "test-new", "810000000001", "X", "Y", "99")
+
+
+def test_certificate_public_key_is_the_token_key(softhsm_cards: CardSet) -> None:
+    from gateway.pkcs11 import read_public_key
+
+    card = softhsm_cards["doctor"]
+    fmt = (serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    assert read_public_key(card.label, card.key_id).public_bytes(
+        *fmt
+    ) == card.certificate.public_key().public_bytes(*fmt)
