@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
+from urllib.parse import parse_qs
 
 from flask import request
 
+from gateway.limits import LimitsUnavailable, QuotaSpec
 from gateway.policy.decision import Decision, Outcome, Reason
 from gateway.policy.engine import decide_rule
-from gateway.policy.model import Action, Rule
+from gateway.policy.model import Action, Quota, QuotaBreachAction, ResourceKey, Rule
 from gateway.policy.paths import NormalisedTarget
 from gateway.runtime import Gateway, client_ip, request_id
 from gateway.sessions import Session, SessionStoreUnavailable
@@ -23,6 +26,7 @@ class Access:
     rule: Rule | None
     session: Session | None
     now: float
+    retry_after: int | None = None
 
 
 def check_access(gateway: Gateway, method: str, host: str, target: NormalisedTarget) -> Access:
@@ -42,6 +46,8 @@ def check_access(gateway: Gateway, method: str, host: str, target: NormalisedTar
         else:
             decision = decide_rule(rule, session.identity if session else None, now)
             access = Access(decision, rule, session, now)
+            if decision.allowed and rule.quota is not None and session is not None:
+                access = _within_quota(gateway, access, rule, rule.quota, session, target)
     if rule is None or rule.action is not Action.PUBLIC:
         audit_decision(gateway, access, method, target.path)
     return access
@@ -70,3 +76,63 @@ def audit_decision(gateway: Gateway, access: Access, method: str, path: str) -> 
         decision=access.decision.outcome.value,
         reasons=[r.value for r in access.decision.reasons],
     )
+
+
+def _within_quota(
+    gateway: Gateway, access: Access, rule: Rule, quota: Quota, session: Session, target: NormalisedTarget
+) -> Access:
+    """The bulk-access guard: count this read and refuse once the identity's quota is spent."""
+    spec = QuotaSpec(quota.max_requests, quota.max_distinct, max(1, math.ceil(quota.window)))
+    resource = resource_key(quota.resource, target) if quota.resource else None
+    try:
+        verdict = gateway.quotas.check_and_count(session.identity.idnat, rule.name, spec, resource, access.now)
+    except LimitsUnavailable:
+        return Access(Decision(Outcome.DENY, (Reason.LIMITS_UNAVAILABLE,), rule), rule, session, access.now)
+    if verdict.allowed:
+        return access
+    if verdict.breach_started:
+        _on_breach(gateway, rule, quota, session, verdict.requests, verdict.distinct, access.now)
+    decision = Decision(Outcome.DENY, (Reason.QUOTA_EXCEEDED,), rule)
+    return Access(decision, rule, session, access.now, retry_after=verdict.retry_after)
+
+
+def _on_breach(
+    gateway: Gateway, rule: Rule, quota: Quota, session: Session, requests: int, distinct: int, now: float
+) -> None:
+    identity = session.identity
+    revoke = quota.on_exceed is QuotaBreachAction.REVOKE_SESSION
+    gateway.audit.record(
+        "quota_breach",
+        now=now,
+        request_id=request_id(),
+        client_ip=client_ip(gateway),
+        idnat=identity.idnat,
+        method=identity.method.value,
+        auth_mode=identity.auth_mode,
+        rule=rule.name,
+        decision="deny",
+        reasons=[Reason.QUOTA_EXCEEDED.value],
+        requests=requests,
+        distinct_resources=distinct,
+        max_requests=quota.max_requests,
+        max_distinct=quota.max_distinct,
+        session_revoked=revoke,
+    )
+    if revoke:
+        # A stolen session draining records dies here; the owner must log in again with the card or e-CPS.
+        try:
+            gateway.sessions.delete(session.id)
+        except SessionStoreUnavailable:
+            pass  # the quota still refuses every further read of this identity until the window ends
+
+
+def resource_key(key: ResourceKey, target: NormalisedTarget) -> str | None:
+    """The resource a request reads (e.g. the patient's NIR): a path segment or a query parameter."""
+    if key.path_segment is not None:
+        segments = [s for s in target.path.split("/") if s]
+        index = key.path_segment - 1
+        return segments[index] if index < len(segments) else None
+    if key.query_parameter is not None:
+        values = parse_qs(target.query, keep_blank_values=True).get(key.query_parameter)
+        return values[0] if values else None
+    return None

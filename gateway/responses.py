@@ -133,6 +133,14 @@ PAGES: dict[Reason, Page] = {
             "Your session cannot be checked right now. Please try again in a few moments.",
         ),
     ),
+    Reason.LIMITS_UNAVAILABLE: Page(
+        503,
+        Text("Service momentanément indisponible", "Service temporarily unavailable"),
+        Text(
+            "Les contrôles de volume ne peuvent pas être effectués pour le moment. Réessayez dans quelques instants.",
+            "Access-volume checks cannot be made right now. Please try again in a few moments.",
+        ),
+    ),
     Reason.CSRF_FAILED: Page(
         403,
         Text("Formulaire expiré", "Form expired"),

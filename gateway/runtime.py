@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from flask import Flask, Response, current_app, g, request
 
 from gateway.audit import AuditLog
+from gateway.limits import LoginThrottle, QuotaGuard
 from gateway.policy.decision import Reason
 from gateway.policy.engine import PolicySet
 from gateway.policy.loader import LoadedPolicies, load_policies
@@ -33,6 +34,8 @@ class Gateway:
     signer: AssertionSigner
     sessions: SessionStore
     audit: AuditLog
+    quotas: QuotaGuard
+    login_throttle: LoginThrottle
     protected_cookies: frozenset[str] = field(default_factory=frozenset)
     #: Where the login page's choices lead; None until that login method is configured.
     card_login_url: str | None = None
@@ -92,6 +95,15 @@ def build_gateway(
         ),
         sessions=sessions or build_session_store(settings),
         audit=audit or build_audit_log(settings),
+        quotas=QuotaGuard(settings.limits_storage),
+        login_throttle=LoginThrottle(
+            settings.limits_storage,
+            attempts_per_ip=settings.limits.login_attempts_per_ip,
+            attempts_per_identity=settings.limits.login_attempts_per_identity,
+            ban_after=settings.limits.ban_after,
+            ban_window=settings.limits.ban_window,
+            ban_duration=settings.limits.ban_duration,
+        ),
         protected_cookies=frozenset({settings.sessions.cookie_name}),
     )
 

@@ -178,6 +178,32 @@ class SessionSettings(_Section):
         return self
 
 
+class LimitsSettings(_Section):
+    storage: str | None = Field(
+        None, description="memory:// or redis://... for counters and bans (default: the sessions.store URL)."
+    )
+    login_attempts_per_ip: str = Field("20/minute", description="Login attempts allowed per client IP.")
+    login_attempts_per_identity: str = Field(
+        "10/minute", description="Login attempts allowed per claimed identity (card serial or idNat)."
+    )
+    ban_after: int = Field(5, ge=1, description="Failed logins within ban_window that ban the IP / identity.")
+    ban_window: Duration = Field(600.0, description="Window in which failed logins are counted.")
+    ban_duration: Duration = Field(900.0, description="How long a ban lasts (at least ban_window).")
+
+    @field_validator("login_attempts_per_ip", "login_attempts_per_identity")
+    @classmethod
+    def _rate(cls, value: str) -> str:
+        if not re.match(r"^\d+\s*(/|per)\s*(\d+\s*)?(second|minute|hour|day)s?$", value.strip()):
+            raise ValueError(f"{value!r} is not a rate such as 20/minute")
+        return value
+
+    @model_validator(mode="after")
+    def _ban_covers_window(self) -> LimitsSettings:
+        if self.ban_duration < self.ban_window:
+            raise ValueError("ban_duration must be at least ban_window")
+        return self
+
+
 class AuditSettings(_Section):
     file: Path | None = Field(None, description="Append-only JSON-lines audit file (hash-chained).")
 
@@ -192,7 +218,12 @@ class Settings(_Section):
     policies: list[Path] = Field(description="Policy files or directories of *.yaml files, in order.")
     assertion: AssertionSettings
     sessions: SessionSettings = Field(default_factory=SessionSettings)  # type: ignore[arg-type]
+    limits: LimitsSettings = Field(default_factory=LimitsSettings)  # type: ignore[arg-type]
     audit: AuditSettings = Field(default_factory=AuditSettings)  # type: ignore[arg-type]
+
+    @property
+    def limits_storage(self) -> str:
+        return self.limits.storage or self.sessions.store
 
     _resolve_paths = _paths_relative_to_settings("policies")
 

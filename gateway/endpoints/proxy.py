@@ -35,6 +35,7 @@ def proxy_view(path: str = "") -> Response:
             default_language=gateway.settings.server.language,
             login=gateway.login_links(next_path),
             request_id=request_id(),
+            retry_after=access.retry_after,
         )
     return _forward(gateway, next_path, access)
 

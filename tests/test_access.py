@@ -1,0 +1,98 @@
+"""The bulk-access guard (policy quotas) on the real request path, in-process, with a real upstream."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+from flask import Flask
+from flask.testing import FlaskClient
+
+from gateway.access import resource_key
+from gateway.app import create_app
+from gateway.identity import Identity, LoginMethod
+from gateway.policy.model import ResourceKey
+from gateway.policy.paths import normalise_target
+from gateway.runtime import gateway_of
+from gateway.settings import load_settings
+from tests.support.config import write_config
+
+POLICIES = """\
+rules:
+  - name: records
+    match: { path: /patients/* }
+    action: authenticate
+    quota: { window: 1h, max_distinct: 3, resource: { path_segment: 2 }, on_exceed: revoke_session }
+  - name: search
+    match: { path: /echo/search }
+    action: authenticate
+    quota: { window: 1h, max_requests: 2, max_distinct: 10, resource: { query_parameter: nir } }
+"""
+
+
+@pytest.fixture
+def app(tmp_path: Path, upstream_url: str, assertion_key: Path) -> Flask:
+    config = write_config(tmp_path, upstream_url=upstream_url, assertion_key=assertion_key, policies=POLICIES)
+    return create_app(load_settings(config))
+
+
+def logged_in(app: Flask, idnat: str = "810001234567") -> FlaskClient:
+    client = app.test_client()
+    identity = Identity(idnat, LoginMethod.CARD, time.time(), professions=("10",), auth_mode="CARD")
+    session = gateway_of(app).sessions.create(identity, time.time())
+    client.set_cookie("__Host-gateway-session", session.id, domain="localhost")
+    return client
+
+
+def audit(tmp_path: Path, event: str) -> list[dict]:
+    lines = (tmp_path / "audit.log").read_text().splitlines()
+    return [record for record in map(json.loads, lines) if record["event"] == event]
+
+
+def test_distinct_records_stop_at_the_quota_and_the_session_is_revoked(app: Flask, tmp_path: Path) -> None:
+    client = logged_in(app)
+    for nir in ("1", "2", "3", "1", "2"):
+        assert client.get(f"/patients/{nir}").status_code == 200
+    refused = client.get("/patients/4", headers={"Accept": "text/html"})
+    assert refused.status_code == 429
+    assert refused.headers["X-Gateway-Reason"] == "quota_exceeded"
+    assert 0 < int(refused.headers["Retry-After"]) <= 3600
+    assert "nombre inhabituel de dossiers" in refused.get_data(as_text=True)
+    (breach,) = audit(tmp_path, "quota_breach")
+    assert breach["idnat"] == "810001234567" and breach["rule"] == "records" and breach["session_revoked"] is True
+    # The stolen session is dead: a fresh strong login is required.
+    assert client.get("/patients/1").status_code == 401
+
+
+def test_quota_is_per_identity(app: Flask) -> None:
+    first, second = logged_in(app, "810000000001"), logged_in(app, "810000000002")
+    for nir in ("1", "2", "3"):
+        assert first.get(f"/patients/{nir}").status_code == 200
+    assert first.get("/patients/4").status_code == 429
+    assert second.get("/patients/4").status_code == 200
+
+
+def test_request_quota_and_query_parameter_resource(app: Flask, tmp_path: Path) -> None:
+    client = logged_in(app)
+    assert client.get("/echo/search?nir=1").status_code == 200
+    assert client.get("/echo/search?nir=2").status_code == 200
+    blocked = client.get("/echo/search?nir=1")
+    assert blocked.status_code == 429
+    # on_exceed defaults to block: the session lives on for other routes.
+    assert client.get("/patients/9").status_code == 200
+    assert len(audit(tmp_path, "quota_breach")) == 1
+
+
+@pytest.mark.parametrize(
+    ("key", "raw", "expected"),
+    [
+        (ResourceKey(path_segment=2), "/patients/180017512345678", "180017512345678"),
+        (ResourceKey(path_segment=3), "/patients/1", None),
+        (ResourceKey(query_parameter="nir"), "/search?x=1&nir=2&nir=3", "2"),
+        (ResourceKey(query_parameter="nir"), "/search?x=1", None),
+    ],
+)
+def test_resource_key(key: ResourceKey, raw: str, expected: str | None) -> None:
+    assert resource_key(key, normalise_target(raw)) == expected
