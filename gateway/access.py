@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass
@@ -120,10 +121,9 @@ def _on_breach(
     )
     if revoke:
         # A stolen session draining records dies here; the owner must log in again with the card or e-CPS.
-        try:
+        # If the store is down, the quota still refuses this identity's reads until the window ends.
+        with contextlib.suppress(SessionStoreUnavailable):
             gateway.sessions.delete(session.id)
-        except SessionStoreUnavailable:
-            pass  # the quota still refuses every further read of this identity until the window ends
 
 
 def resource_key(key: ResourceKey, target: NormalisedTarget) -> str | None:

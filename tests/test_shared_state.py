@@ -1,0 +1,151 @@
+"""Two gateway processes sharing one real Redis: sessions, quotas, Redis failure and recovery, breach replay."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import ExitStack
+from pathlib import Path
+
+import pytest
+import requests
+
+from gateway.identity import Identity, LoginMethod
+from gateway.sessions import RedisSessionStore
+from tests.support.config import write_config
+from tests.support.processes import REPO_ROOT, free_port, running
+from tests.support.redis import RedisServer
+
+COOKIE = "__Host-gateway-session"
+BREACH_IDENTITIES = 19
+RECORDS_TRIED = 30_000
+GIVE_UP_AFTER = 100  # consecutive refusals before the replayed attacker moves on
+
+
+@pytest.fixture(scope="module")
+def redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def directory(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("gateways")
+
+
+@pytest.fixture(scope="module")
+def gateways(directory: Path, redis: RedisServer, upstream_url: str, assertion_key: Path) -> Iterator[list[str]]:
+    """Two gateway processes (two workers each) with the example portal policies and one Redis."""
+    urls = []
+    with ExitStack() as stack:
+        for index in range(2):
+            port = free_port()
+            config = write_config(
+                directory / f"gw{index}",
+                upstream_url=upstream_url,
+                assertion_key=assertion_key,
+                listen=f"127.0.0.1:{port}",
+                extra={
+                    "server": {"workers": 2, "threads": 8},
+                    "sessions": {"store": redis.url},
+                    "policies": [str(REPO_ROOT / "policies")],
+                    "audit": {"file": str(directory / "audit.log")},
+                },
+            )
+            argv = [sys.executable, "-m", "gateway.cli", "serve", "--config", str(config)]
+            stack.enter_context(running(argv, port, log=directory / f"gw{index}.log"))
+            urls.append(f"http://127.0.0.1:{port}")
+        yield urls
+
+
+def stolen_session(redis: RedisServer, idnat: str) -> str:
+    identity = Identity(idnat, LoginMethod.ECPS, time.time(), professions=("10",), auth_mode="MOBILE")
+    return RedisSessionStore(redis.url).create(identity, time.time()).id
+
+
+def get(url: str, session_id: str | None = None, **headers: str) -> requests.Response:
+    if session_id:
+        headers["Cookie"] = f"{COOKIE}={session_id}"
+    return requests.get(url, headers=headers, timeout=5, allow_redirects=False)
+
+
+def test_a_session_is_valid_on_every_instance_and_logout_everywhere_ends_it(
+    gateways: list[str], redis: RedisServer
+) -> None:
+    session_id = stolen_session(redis, "810000000100")
+    for url in gateways:
+        answer = get(f"{url}/patients/180017512345678", session_id)
+        assert answer.status_code == 200, answer.text
+    assert RedisSessionStore(redis.url).delete_all_for("810000000100") == 1
+    for url in gateways:
+        assert get(f"{url}/patients/180017512345678", session_id).status_code == 401
+
+
+def test_quota_is_one_budget_across_instances(gateways: list[str], redis: RedisServer) -> None:
+    session_id = stolen_session(redis, "810000000200")
+    statuses = [
+        get(f"{gateways[n % 2]}/patients/{180017500000000 + n}", session_id).status_code for n in range(31)
+    ]
+    assert statuses == [200] * 30 + [429]
+
+
+def test_redis_down_fails_closed_then_recovers(gateways: list[str], redis: RedisServer) -> None:
+    session_id = stolen_session(redis, "810000000300")
+    redis.stop()
+    try:
+        refused = get(f"{gateways[0]}/patients/180017512345678", session_id, Accept="text/html")
+        assert refused.status_code == 503
+        assert refused.headers["X-Gateway-Reason"] == "session_store_unavailable"
+        assert "Votre session ne peut pas être vérifiée" in refused.text
+        assert get(f"{gateways[1]}/").status_code == 200  # public routes keep working
+    finally:
+        redis.start()
+    # No persistence: the old session is gone, but the gateway works again without a restart.
+    assert get(f"{gateways[0]}/patients/180017512345678", session_id).status_code == 401
+    fresh = stolen_session(redis, "810000000301")
+    assert get(f"{gateways[1]}/patients/180017512345678", fresh).status_code == 200
+
+
+def attack(base_urls: list[str], session_id: str | None, identity_index: int) -> tuple[int, int]:
+    """Try RECORDS_TRIED distinct NIRs; stop after GIVE_UP_AFTER refusals in a row. -> (records read, tries)."""
+    read = refused_in_a_row = tries = 0
+    with requests.Session() as http:
+        for n in range(RECORDS_TRIED):
+            nir = 100_000_000_000_00 + identity_index * RECORDS_TRIED + n
+            headers = {"Cookie": f"{COOKIE}={session_id}"} if session_id else {}
+            answer = http.get(f"{base_urls[n % 2]}/patients/{nir}", headers=headers, timeout=5)
+            tries += 1
+            if answer.status_code == 200:
+                read += 1
+                refused_in_a_row = 0
+            else:
+                refused_in_a_row += 1
+                if refused_in_a_row >= GIVE_UP_AFTER:
+                    break
+    return read, tries
+
+
+def test_breach_replay(gateways: list[str], redis: RedisServer, directory: Path) -> None:
+    """The 2024 breach: 19 accounts read 510,000 records. Replayed against the example policies."""
+    without_session = [attack(gateways, None, i) for i in range(BREACH_IDENTITIES)]
+    stolen = [stolen_session(redis, f"8100000{i:05d}") for i in range(BREACH_IDENTITIES)]
+    with_stolen_sessions = [attack(gateways, stolen[i], i) for i in range(BREACH_IDENTITIES)]
+    read_without = sum(read for read, _ in without_session)
+    read_with = sum(read for read, _ in with_stolen_sessions)
+    print(
+        f"\nbreach replay: {BREACH_IDENTITIES} identities x {RECORDS_TRIED} records tried"
+        f"\n  without a card/e-CPS session: {read_without} records read"
+        f"\n  with stolen sessions:          {read_with} records read "
+        f"({read_with // BREACH_IDENTITIES} each; sessions revoked at the quota)"
+    )
+    assert read_without == 0
+    assert [read for read, _ in with_stolen_sessions] == [30] * BREACH_IDENTITIES
+    audit_log = directory / "audit.log"
+    breaches = [
+        json.loads(line) for line in audit_log.read_text().splitlines() if '"quota_breach"' in line
+    ]
+    assert {b["idnat"] for b in breaches} >= {f"8100000{i:05d}" for i in range(BREACH_IDENTITIES)}
