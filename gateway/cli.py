@@ -81,6 +81,22 @@ def _parser() -> argparse.ArgumentParser:
     portal.add_argument("--listen", default="127.0.0.1:8081")
     portal.set_defaults(run=_dev_portal)
 
+    session = commands.add_parser("session", help="session tools").add_subparsers(metavar="SUBCOMMAND")
+    revoke = session.add_parser(
+        "revoke", help="log a professional out everywhere (every session of an idNat)"
+    )
+    _config_option(revoke)
+    revoke.add_argument("--idnat", required=True, help="the professional's idNat (e.g. 810001234567)")
+    revoke.set_defaults(run=_session_revoke)
+
+    audit = commands.add_parser("audit", help="audit trail tools").add_subparsers(metavar="SUBCOMMAND")
+    verify = audit.add_parser(
+        "verify", help="check the hash chain of an audit file; name the first broken line"
+    )
+    verify.add_argument("file", type=Path)
+    verify.add_argument("--head", help="the last line's hash recorded elsewhere: detects a removed tail")
+    verify.set_defaults(run=_audit_verify)
+
     demo = commands.add_parser("demo", help="demo portal + gateway on the embedded default; Ctrl-C stops all")
     demo.set_defaults(run=_demo)
     return parser
@@ -179,6 +195,43 @@ def _describe(identity: Identity | None, age: str) -> str:
         return "none (no session)"
     professions = ",".join(identity.professions) or "none"
     return f"{identity.method.value} login {age} ago, idNat {identity.idnat}, professions {professions}"
+
+
+def _session_revoke(args: argparse.Namespace) -> int:
+    from gateway.runtime import build_audit_log, build_session_store
+    from gateway.sessions import SessionStoreUnavailable
+
+    settings = _load(args)
+    if settings.sessions.store.startswith("memory://"):
+        print(
+            "sessions.store is memory://: sessions live inside the gateway process; restart it instead.",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
+    try:
+        count = build_session_store(settings).delete_all_for(args.idnat)
+    except SessionStoreUnavailable:
+        print("the session store is unavailable: nothing was revoked", file=sys.stderr)
+        return 1
+    build_audit_log(settings).record(
+        "logout", idnat=args.idnat, decision="deny", reasons=["revoked_by_operator"], sessions=count
+    )
+    print(f"{count} session(s) of {args.idnat} revoked")
+    return EXIT_OK
+
+
+def _audit_verify(args: argparse.Namespace) -> int:
+    from gateway.audit import verify_audit_file
+
+    result = verify_audit_file(args.file)
+    if not result.ok:
+        print(f"{args.file}:{result.first_broken_line}: {result.problem}: {result.detail}")
+        return 1
+    if args.head and args.head != result.head:
+        print(f"{args.file}: the last line's hash is not {args.head}: lines were removed at the end")
+        return 1
+    print(f"OK: {result.lines} lines, chain intact; head {result.head}")
+    return EXIT_OK
 
 
 def _dev_init(args: argparse.Namespace) -> int:

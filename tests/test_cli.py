@@ -125,3 +125,43 @@ def test_explain_normalises_like_the_proxy(config: Path) -> None:
 def test_explain_unmatched(config: Path) -> None:
     result = gateway("policy", "explain", "--config", str(config), "POST", "/nothing")
     assert "default deny" in result.stdout and "reasons:  no_matching_rule" in result.stdout
+
+
+def test_audit_verify_names_the_edited_line(tmp_path: Path) -> None:
+    from gateway.audit import AuditLog
+
+    path = tmp_path / "audit.log"
+    with AuditLog(path) as audit:
+        for n in range(3):
+            audit.record("decision", idnat=f"81000000000{n}", decision="allow", reasons=["authenticated"])
+    assert gateway("audit", "verify", str(path)).returncode == 0
+    lines = path.read_text().splitlines()
+    lines[1] = lines[1].replace("810000000001", "810000000009")
+    path.write_text("\n".join(lines) + "\n")
+    result = gateway("audit", "verify", str(path))
+    assert result.returncode == 1
+    assert result.stdout.startswith(f"{path}:2: edited")
+
+
+def test_session_revoke_everywhere(tmp_path: Path, assertion_key: Path) -> None:
+    import time
+
+    from gateway.identity import Identity, LoginMethod
+    from gateway.sessions import RedisSessionStore
+    from tests.support.redis import redis_server
+
+    with redis_server() as redis:
+        config = write_config(
+            tmp_path,
+            upstream_url="http://127.0.0.1:9",
+            assertion_key=assertion_key,
+            extra={"sessions": {"store": redis.url}},
+        )
+        store = RedisSessionStore(redis.url)
+        identity = Identity("810001234567", LoginMethod.CARD, time.time())
+        sessions = [store.create(identity, time.time()) for _ in range(2)]
+        result = gateway("session", "revoke", "--config", str(config), "--idnat", "810001234567")
+        assert result.returncode == 0, result.stderr
+        assert "2 session(s) of 810001234567 revoked" in result.stdout
+        assert all(store.get(s.id, time.time()) is None for s in sessions)
+    assert '"revoked_by_operator"' in (tmp_path / "audit.log").read_text()
