@@ -23,8 +23,21 @@ class Load:
     p99_ms: float
 
 
-def wrk(url: str, *, seconds: int, connections: int, threads: int = 1, headers: dict[str, str] | None = None) -> Load:
-    argv = ["wrk", "--latency", "-t", str(threads), "-c", str(connections), "-d", f"{seconds}s", "--timeout", "5s"]
+def wrk(
+    url: str, *, seconds: int, connections: int, threads: int = 1, headers: dict[str, str] | None = None
+) -> Load:
+    argv = [
+        "wrk",
+        "--latency",
+        "-t",
+        str(threads),
+        "-c",
+        str(connections),
+        "-d",
+        f"{seconds}s",
+        "--timeout",
+        "5s",
+    ]
     for name, value in (headers or {}).items():
         argv += ["-H", f"{name}: {value}"]
     output = subprocess.run(

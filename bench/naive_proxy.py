@@ -19,4 +19,8 @@ def proxy(path: str) -> Response:
         request.method, f"{UPSTREAM}/{path}", headers=headers, data=request.get_data(), timeout=10
     )
     excluded = {"content-encoding", "content-length", "transfer-encoding", "connection"}
-    return Response(answer.content, answer.status_code, [(k, v) for k, v in answer.headers.items() if k.lower() not in excluded])
+    return Response(
+        answer.content,
+        answer.status_code,
+        [(k, v) for k, v in answer.headers.items() if k.lower() not in excluded],
+    )

@@ -53,7 +53,9 @@ def main() -> int:
         for run in range(args.runs):
             for name, url in targets.items():
                 extra = headers if "authenticated" in name else None
-                throughput[name].append(wrk(url, seconds=args.seconds, connections=args.connections, headers=extra))
+                throughput[name].append(
+                    wrk(url, seconds=args.seconds, connections=args.connections, headers=extra)
+                )
                 latency[name].append(wrk(url, seconds=args.seconds, connections=1, headers=extra))
             print(f"run {run + 1}/{args.runs} done", file=sys.stderr)
         report("throughput", throughput, args.connections)
@@ -61,7 +63,9 @@ def main() -> int:
         one = {name: median_load(loads) for name, loads in latency.items()}
         added = one["gateway, public route"].p50_ms - one["direct (upstream)"].p50_ms
         added_auth = one["gateway, authenticated route"].p50_ms - one["direct (upstream)"].p50_ms
-        print(f"\np50 added over direct at 1 connection: public {added:.2f} ms, authenticated {added_auth:.2f} ms")
+        print(
+            f"\np50 added over direct at 1 connection: public {added:.2f} ms, authenticated {added_auth:.2f} ms"
+        )
     return 0
 
 
@@ -72,13 +76,18 @@ def report(title: str, loads: dict[str, list[Load]], connections: int) -> None:
         "nginx": medians["nginx proxy"],
         "naive": medians["naive Flask+requests proxy"],
     }
-    print_table(f"{title}: {connections} connection(s), median of {len(next(iter(loads.values())))} runs",
-                list(medians.items()), baselines)
+    print_table(
+        f"{title}: {connections} connection(s), median of {len(next(iter(loads.values())))} runs",
+        list(medians.items()),
+        baselines,
+    )
 
 
 def start_everything(stack: contextlib.ExitStack, directory: Path) -> tuple[dict[str, str], str]:
     upstream_port, nginx_port, gateway_port, naive_port = (free_port() for _ in range(4))
-    stack.enter_context(running(gunicorn_argv(upstream_port, workers=WORKERS, threads=THREADS), upstream_port))
+    stack.enter_context(
+        running(gunicorn_argv(upstream_port, workers=WORKERS, threads=THREADS), upstream_port)
+    )
     upstream = f"http://127.0.0.1:{upstream_port}"
     stack.enter_context(running(nginx_argv(directory / "nginx", nginx_port, upstream_port), nginx_port))
     redis = stack.enter_context(redis_server())
@@ -93,12 +102,27 @@ def start_everything(stack: contextlib.ExitStack, directory: Path) -> tuple[dict
         extra={"server": {"workers": WORKERS, "threads": THREADS}, "sessions": {"store": redis.url}},
     )
     stack.enter_context(
-        running([sys.executable, "-m", "gateway.cli", "serve", "--config", str(config)], gateway_port,
-                log=directory / "gateway.log")
+        running(
+            [sys.executable, "-m", "gateway.cli", "serve", "--config", str(config)],
+            gateway_port,
+            log=directory / "gateway.log",
+        )
     )
     naive = [
-        sys.executable, "-m", "gunicorn", "--no-control-socket", "-k", "gthread", "--workers", str(WORKERS),
-        "--threads", str(THREADS), "--bind", f"127.0.0.1:{naive_port}", "--chdir", str(Path(__file__).parent),
+        sys.executable,
+        "-m",
+        "gunicorn",
+        "--no-control-socket",
+        "-k",
+        "gthread",
+        "--workers",
+        str(WORKERS),
+        "--threads",
+        str(THREADS),
+        "--bind",
+        f"127.0.0.1:{naive_port}",
+        "--chdir",
+        str(Path(__file__).parent),
         "naive_proxy:app",
     ]
     stack.enter_context(running(naive, naive_port, env={"NAIVE_UPSTREAM": upstream, "PATH": "/usr/bin:/bin"}))

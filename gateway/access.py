@@ -86,7 +86,9 @@ def _within_quota(
     spec = QuotaSpec(quota.max_requests, quota.max_distinct, max(1, math.ceil(quota.window)))
     resource = resource_key(quota.resource, target) if quota.resource else None
     try:
-        verdict = gateway.quotas.check_and_count(session.identity.idnat, rule.name, spec, resource, access.now)
+        verdict = gateway.quotas.check_and_count(
+            session.identity.idnat, rule.name, spec, resource, access.now
+        )
     except LimitsUnavailable:
         return Access(Decision(Outcome.DENY, (Reason.LIMITS_UNAVAILABLE,), rule), rule, session, access.now)
     if verdict.allowed:

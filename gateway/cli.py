@@ -81,6 +81,14 @@ def _parser() -> argparse.ArgumentParser:
     portal.add_argument("--listen", default="127.0.0.1:8081")
     portal.set_defaults(run=_dev_portal)
 
+    settings_tools = commands.add_parser("settings", help="settings tools").add_subparsers(
+        metavar="SUBCOMMAND"
+    )
+    keys = settings_tools.add_parser(
+        "keys", help="every settings key with its default and meaning (Markdown)"
+    )
+    keys.set_defaults(run=_settings_keys)
+
     session = commands.add_parser("session", help="session tools").add_subparsers(metavar="SUBCOMMAND")
     revoke = session.add_parser(
         "revoke", help="log a professional out everywhere (every session of an idNat)"
@@ -195,6 +203,15 @@ def _describe(identity: Identity | None, age: str) -> str:
         return "none (no session)"
     professions = ",".join(identity.professions) or "none"
     return f"{identity.method.value} login {age} ago, idNat {identity.idnat}, professions {professions}"
+
+
+def _settings_keys(args: argparse.Namespace) -> int:
+    from gateway.settings import documented_keys
+
+    print("| key | default | meaning |\n|---|---|---|")
+    for key, default, description in documented_keys():
+        print(f"| `{key}` | `{default}` | {description.replace('|', '/')} |")
+    return EXIT_OK
 
 
 def _session_revoke(args: argparse.Namespace) -> int:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
+import typing
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -310,9 +311,9 @@ def documented_keys(
     rows: list[tuple[str, str, str]] = []
     for name, field in model.model_fields.items():
         key = f"{prefix}{name}"
-        annotation = field.annotation
-        if isinstance(annotation, type) and issubclass(annotation, _Section):
-            rows.extend(documented_keys(annotation, f"{key}."))
+        section = _section_type(field.annotation)
+        if section is not None:
+            rows.extend(documented_keys(section, f"{key}."))
             continue
         if field.is_required():
             default = "(required)"
@@ -322,3 +323,12 @@ def documented_keys(
             default = repr(field.default)
         rows.append((key, default, field.description or ""))
     return rows
+
+
+def _section_type(annotation: Any) -> type[_Section] | None:
+    """The settings section behind ``Section`` or ``Section | None``, else None."""
+    candidates = typing.get_args(annotation) or (annotation,)
+    for candidate in candidates:
+        if isinstance(candidate, type) and issubclass(candidate, _Section):
+            return candidate
+    return None

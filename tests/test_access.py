@@ -61,7 +61,11 @@ def test_distinct_records_stop_at_the_quota_and_the_session_is_revoked(app: Flas
     assert 0 < int(refused.headers["Retry-After"]) <= 3600
     assert "nombre inhabituel de dossiers" in refused.get_data(as_text=True)
     (breach,) = audit(tmp_path, "quota_breach")
-    assert breach["idnat"] == "810001234567" and breach["rule"] == "records" and breach["session_revoked"] is True
+    assert (
+        breach["idnat"] == "810001234567"
+        and breach["rule"] == "records"
+        and breach["session_revoked"] is True
+    )
     # The stolen session is dead: a fresh strong login is required.
     assert client.get("/patients/1").status_code == 401
 

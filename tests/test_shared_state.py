@@ -38,7 +38,9 @@ def directory(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def gateways(directory: Path, redis: RedisServer, upstream_url: str, assertion_key: Path) -> Iterator[list[str]]:
+def gateways(
+    directory: Path, redis: RedisServer, upstream_url: str, assertion_key: Path
+) -> Iterator[list[str]]:
     """Two gateway processes (two workers each) with the example portal policies and one Redis."""
     urls = []
     with ExitStack() as stack:
@@ -145,7 +147,5 @@ def test_breach_replay(gateways: list[str], redis: RedisServer, directory: Path)
     assert read_without == 0
     assert [read for read, _ in with_stolen_sessions] == [30] * BREACH_IDENTITIES
     audit_log = directory / "audit.log"
-    breaches = [
-        json.loads(line) for line in audit_log.read_text().splitlines() if '"quota_breach"' in line
-    ]
+    breaches = [json.loads(line) for line in audit_log.read_text().splitlines() if '"quota_breach"' in line]
     assert {b["idnat"] for b in breaches} >= {f"8100000{i:05d}" for i in range(BREACH_IDENTITIES)}

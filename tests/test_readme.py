@@ -1,0 +1,39 @@
+"""The README stays true: every settings key and every CLI command is documented there."""
+
+from __future__ import annotations
+
+import argparse
+import re
+from pathlib import Path
+
+from gateway.cli import _parser
+from gateway.settings import documented_keys
+
+README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+
+
+def test_every_settings_key_is_in_the_readme() -> None:
+    missing = [key for key, _, _ in documented_keys() if f"`{key}`" not in README]
+    assert missing == [], "run: gateway settings keys, and update README.md"
+
+
+def commands(parser: argparse.ArgumentParser, prefix: str = "gateway") -> list[str]:
+    found = []
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                nested = commands(sub, f"{prefix} {name}")
+                found.extend(nested or [f"{prefix} {name}"])
+    return found
+
+
+def test_every_cli_command_is_in_the_readme() -> None:
+    missing = [command for command in commands(_parser()) if f"`{command}" not in README]
+    assert missing == []
+
+
+def test_the_keys_table_is_the_generated_one() -> None:
+    block = re.search(r"<!-- settings-keys:start.*?-->\n(.*?)<!-- settings-keys:end -->", README, re.S)
+    assert block is not None
+    rows = [line for line in block.group(1).splitlines() if line.startswith("| `")]
+    assert len(rows) == len(documented_keys())
