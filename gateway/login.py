@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Mapping
 
 from flask import Response, redirect, request
 
 from gateway.identity import Identity
+from gateway.limits import LimitsUnavailable
+from gateway.policy.decision import Reason
 from gateway.runtime import Gateway, client_ip, request_id
 from gateway.sessions import Session
 
@@ -60,3 +63,66 @@ def clear_session_cookie(gateway: Gateway, response: Response) -> None:
     response.delete_cookie(
         gateway.settings.sessions.cookie_name, secure=True, httponly=True, samesite="Lax", path="/"
     )
+
+
+class LoginRefused(Exception):
+    """A login attempt that must not even be tried: rate-limited, banned, or the limits store is down."""
+
+    def __init__(self, reason: Reason, retry_after: int | None = None) -> None:
+        super().__init__(reason.value)
+        self.reason = reason
+        self.retry_after = retry_after
+
+
+def admit_login_attempt(gateway: Gateway, claimed_identity: str | None) -> None:
+    """Count one login attempt (per client IP and per claimed identity); raise LoginRefused when over."""
+    try:
+        verdict = gateway.login_throttle.check(client_ip(gateway), claimed_identity, time.time())
+    except LimitsUnavailable:
+        raise LoginRefused(Reason.LIMITS_UNAVAILABLE) from None
+    if not verdict.allowed:
+        assert verdict.reason is not None
+        gateway.audit.record(
+            "login",
+            request_id=request_id(),
+            client_ip=client_ip(gateway),
+            decision="deny",
+            reasons=[verdict.reason.value],
+            claimed_identity=claimed_identity,
+        )
+        raise LoginRefused(verdict.reason, verdict.retry_after)
+
+
+def login_failed(gateway: Gateway, claimed_identity: str | None, reason: Reason, **fields: object) -> None:
+    """Audit a failed login and count it towards a ban (audited when one starts)."""
+    ip = client_ip(gateway)
+    gateway.audit.record(
+        "login",
+        request_id=request_id(),
+        client_ip=ip,
+        decision="deny",
+        reasons=[reason.value],
+        claimed_identity=claimed_identity,
+        **fields,
+    )
+    try:
+        ban = gateway.login_throttle.record_failure(ip, claimed_identity, time.time())
+    except LimitsUnavailable:
+        return  # the next attempt is refused by admit_login_attempt: fail closed there
+    if ban is not None:
+        gateway.audit.record(
+            "ban",
+            request_id=request_id(),
+            client_ip=ip,
+            decision="deny",
+            reasons=[Reason.BANNED.value],
+            banned_ip=ban.banned_ip,
+            banned_identity=ban.banned_identity,
+            until=ban.until,
+            failures=ban.failures,
+        )
+
+
+def login_succeeded(gateway: Gateway, claimed_identity: str | None) -> None:
+    with contextlib.suppress(LimitsUnavailable):
+        gateway.login_throttle.record_success(client_ip(gateway), claimed_identity, time.time())
