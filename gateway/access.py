@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from flask import request
 
+from gateway import metrics
 from gateway.policy.decision import Decision, Outcome, Reason
 from gateway.policy.engine import decide_rule
 from gateway.policy.model import Action, Rule
@@ -44,6 +45,7 @@ def check_access(gateway: Gateway, method: str, host: str, target: NormalisedTar
             access = Access(decision, rule, session, now)
     if rule is None or rule.action is not Action.PUBLIC:
         audit_decision(gateway, access, method, target.path)
+    metrics.request_decided(access.decision)
     return access
 
 
