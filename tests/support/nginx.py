@@ -15,7 +15,6 @@ from tests.support.processes import REPO_ROOT, free_port, running
 
 NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
 FORWARD_AUTH_TEMPLATE = REPO_ROOT / "deploy" / "nginx" / "forward-auth.conf"
-PLAIN_PROXY_TEMPLATE = REPO_ROOT / "deploy" / "nginx" / "plain-proxy.conf"
 
 
 @dataclass(frozen=True)
