@@ -43,7 +43,7 @@ class LoadedConfig:
 ConfigLoader = Callable[[], LoadedConfig]
 
 
-class GatewayArbiter(Arbiter):  # type: ignore[misc]
+class GatewayArbiter(Arbiter):
     """gunicorn's master, except that a reload (SIGHUP) first validates the new configuration: when it is
     refused, the running workers are left alone instead of being replaced by workers that cannot start."""
 

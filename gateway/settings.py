@@ -216,7 +216,7 @@ class Settings(_Section):
     sessions: SessionSettings = Field(default_factory=SessionSettings)  # type: ignore[arg-type]
     audit: AuditSettings = Field(default_factory=AuditSettings)  # type: ignore[arg-type]
     metrics: MetricsSettings | None = Field(None, description="Prometheus metrics; absent: none are served.")
-    forward_auth: ForwardAuthSettings = Field(default_factory=ForwardAuthSettings)  # type: ignore[arg-type]
+    forward_auth: ForwardAuthSettings = Field(default_factory=ForwardAuthSettings)
 
     _resolve_paths = _paths_relative_to_settings("policies")
 
@@ -298,7 +298,7 @@ def documented_keys(model: type[pydantic.BaseModel] = Settings, prefix: str = ""
     rows: list[tuple[str, str, str]] = []
     for name, field in model.model_fields.items():
         key = f"{prefix}{name}"
-        annotation = field.annotation
+        annotation = _section_of(field.annotation)
         if isinstance(annotation, type) and issubclass(annotation, _Section):
             rows.extend(documented_keys(annotation, f"{key}."))
             continue
@@ -310,3 +310,11 @@ def documented_keys(model: type[pydantic.BaseModel] = Settings, prefix: str = ""
             default = repr(field.default)
         rows.append((key, default, field.description or ""))
     return rows
+
+
+def _section_of(annotation: Any) -> Any:
+    """``Section | None`` (an optional section such as ``metrics``) documents its keys like ``Section``."""
+    arguments = [a for a in getattr(annotation, "__args__", ()) if a is not type(None)]
+    if len(arguments) == 1 and isinstance(arguments[0], type) and issubclass(arguments[0], _Section):
+        return arguments[0]
+    return annotation

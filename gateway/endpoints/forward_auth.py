@@ -10,6 +10,8 @@ precise reason travelling in X-Gateway-Reason.
 
 from __future__ import annotations
 
+from typing import Any
+
 from flask import Blueprint, Response, request
 
 from gateway.access import Access, check_access
@@ -97,7 +99,7 @@ def _answer(status: int, reason: Reason) -> Response:
     return response
 
 
-def _audit_refusal(gateway: Gateway, event: str, reason: Reason, **fields: object) -> None:
+def _audit_refusal(gateway: Gateway, event: str, reason: Reason, **fields: Any) -> None:
     gateway.audit.record(
         event,
         request_id=request_id(),
