@@ -10,6 +10,7 @@ from urllib.parse import parse_qs
 
 from flask import request
 
+from gateway import metrics
 from gateway.limits import LimitsUnavailable, QuotaSpec
 from gateway.policy.decision import Decision, Outcome, Reason
 from gateway.policy.engine import decide_rule
@@ -51,6 +52,7 @@ def check_access(gateway: Gateway, method: str, host: str, target: NormalisedTar
                 access = _within_quota(gateway, access, rule, rule.quota, session, target)
     if rule is None or rule.action is not Action.PUBLIC:
         audit_decision(gateway, access, method, target.path)
+    metrics.request_decided(access.decision)
     return access
 
 
@@ -121,6 +123,7 @@ def _on_breach(
         max_distinct=quota.max_distinct,
         session_revoked=revoke,
     )
+    metrics.quota_breach(rule.name, quota.on_exceed.value)
     if revoke:
         # A stolen session draining records dies here; the owner must log in again with the card or e-CPS.
         # If the store is down, the quota still refuses this identity's reads until the window ends.

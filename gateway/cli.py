@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
+import signal
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 from gateway.config_source import ConfigErrors, parse_duration
@@ -16,6 +19,9 @@ from gateway.policy.engine import decide_rule
 from gateway.policy.paths import BadPath, normalise_target
 from gateway.settings import DEFAULT_SETTINGS_FILE, Settings, load_settings
 from gateway.wsgi import normalise_host
+
+if TYPE_CHECKING:
+    from gateway.server import LoadedConfig
 
 EXIT_OK = 0
 EXIT_CONFIG_ERROR = 2
@@ -52,6 +58,10 @@ def _parser() -> argparse.ArgumentParser:
         "--debug", action="store_true", help="Werkzeug development server; never in production"
     )
     serve.set_defaults(run=_serve)
+
+    reload = commands.add_parser("reload", help="validate the configuration, then have the server adopt it")
+    _config_option(reload)
+    reload.set_defaults(run=_reload)
 
     check = commands.add_parser("check", help="validate settings and every policy file; list every error")
     _config_option(check)
@@ -124,12 +134,54 @@ def _load(args: argparse.Namespace) -> Settings:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from gateway.app import create_app, read_policies
-    from gateway.server import serve
-
     settings = _load(args)
-    read_policies(settings)  # refuse to start on any policy error, before forking workers
-    serve(settings, lambda: create_app(settings), debug=args.debug)
+    metrics_dir, master_pid = None, os.getpid()
+    if settings.metrics is not None and not args.debug:
+        from gateway.server import prepare_metrics_dir
+
+        metrics_dir = prepare_metrics_dir()  # before anything imports prometheus_client
+    from gateway.server import remove_metrics_dir, serve
+
+    try:
+        config = _validated_config(args.config)  # refuse to start on any error, before forking workers
+        serve(
+            config.settings,
+            config.app_factory,
+            debug=args.debug,
+            reload_config=lambda: _validated_config(args.config),
+        )
+    finally:
+        # Workers are forked inside serve() and leave through here too: only the master cleans up.
+        if metrics_dir is not None and os.getpid() == master_pid:
+            remove_metrics_dir(metrics_dir)
+    return EXIT_OK
+
+
+def _validated_config(config_file: Path) -> LoadedConfig:
+    """Settings and policies read and validated now; workers get exactly these (no second read)."""
+    from gateway.app import create_app, read_policies
+    from gateway.server import LoadedConfig
+
+    settings = load_settings(config_file)
+    policies = read_policies(settings)
+    return LoadedConfig(settings, lambda: create_app(settings, policies=policies))
+
+
+def _reload(args: argparse.Namespace) -> int:
+    """Validate here first (the operator sees every error at once), then SIGHUP the master, which validates
+    again: the files may change in between, and only the master's verdict counts."""
+    config = _validated_config(args.config)
+    pid_file = config.settings.server.pid_file
+    if pid_file is None:
+        print("server.pid_file is not set: cannot find the running server", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        pid = int(pid_file.read_text().strip())
+        os.kill(pid, signal.SIGHUP)
+    except (OSError, ValueError) as exc:
+        print(f"cannot signal the server from {pid_file}: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    print(f"reload requested: SIGHUP sent to {pid} (see the server log and audit for the outcome)")
     return EXIT_OK
 
 

@@ -16,6 +16,7 @@ from gateway.policy.loader import LoadedPolicies, load_policies
 from gateway.proxy.assertion import AssertionSigner
 from gateway.proxy.headers import client_address, in_networks
 from gateway.proxy.upstream import Upstream
+from gateway.readiness import ReadinessRegistry, UpstreamProbe
 from gateway.responses import LoginLinks, login_link, refusal
 from gateway.sessions import MemorySessionStore, RedisSessionStore, SessionStore
 from gateway.settings import Settings, policy_files
@@ -40,6 +41,8 @@ class Gateway:
     #: Where the login page's choices lead; None until that login method is configured.
     card_login_url: str | None = None
     ecps_login_url: str | None = None
+    #: Checks behind /.gateway/readyz; login methods register theirs (CRL freshness, IdP metadata).
+    readiness: ReadinessRegistry = field(default_factory=ReadinessRegistry)
 
     def login_links(self, next_path: str) -> LoginLinks:
         card, ecps = self.card_login_url, self.ecps_login_url
@@ -77,7 +80,7 @@ def build_gateway(
     audit: AuditLog | None = None,
 ) -> Gateway:
     upstream = settings.upstream
-    return Gateway(
+    gateway = Gateway(
         settings=settings,
         policies=policies.policy_set,
         upstream=Upstream(
@@ -106,6 +109,10 @@ def build_gateway(
         ),
         protected_cookies=frozenset({settings.sessions.cookie_name}),
     )
+    gateway.readiness.register("sessions", gateway.sessions.ping)
+    probe_timeout = min(upstream.connect_timeout, 1.0)
+    gateway.readiness.register("upstream", UpstreamProbe(upstream.url, timeout=probe_timeout, ttl=1.0))
+    return gateway
 
 
 def gateway_of(app: Flask | None = None) -> Gateway:

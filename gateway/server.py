@@ -8,22 +8,88 @@ RAW_URI. Measured figures: README.md, "Performance".
 
 from __future__ import annotations
 
+import logging
+import os
+import shutil
+import sys
+import tempfile
 from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from flask import Flask
 from gunicorn.app.base import BaseApplication
+from gunicorn.arbiter import Arbiter
 
+from gateway.config_source import ConfigErrors
 from gateway.settings import Settings
+
+log = logging.getLogger("gateway.server")
+
+#: prometheus_client's multiprocess directory variable (read by gateway.metrics at import time).
+METRICS_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+
+@dataclass(frozen=True)
+class LoadedConfig:
+    """Settings and policies validated in the master, and the factory workers build their app with."""
+
+    settings: Settings
+    app_factory: Callable[[], Flask]
+
+
+#: Re-reads and validates the configuration; raises ConfigErrors with every error.
+ConfigLoader = Callable[[], LoadedConfig]
+
+
+class GatewayArbiter(Arbiter):
+    """gunicorn's master, except that a reload (SIGHUP) first validates the new configuration: when it is
+    refused, the running workers are left alone instead of being replaced by workers that cannot start."""
+
+    def reload(self) -> None:
+        if self.app.accept_new_config():
+            super().reload()
 
 
 class GatewayServer(BaseApplication):  # type: ignore[misc]
     """gunicorn with threaded workers; each worker builds its own app (connection pools are per process)."""
 
-    def __init__(self, settings: Settings, app_factory: Callable[[], Flask]) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        app_factory: Callable[[], Flask],
+        *,
+        reload_config: ConfigLoader | None = None,
+    ) -> None:
         self._settings = settings
         self._app_factory = app_factory
+        self._reload_config = reload_config
         super().__init__()
+
+    def accept_new_config(self) -> bool:
+        """Validate the configuration files again (master, on SIGHUP); adopt them only if all is well."""
+        if self._reload_config is None:
+            return True
+        try:
+            config = self._reload_config()
+        except ConfigErrors as exc:
+            _reload_refused(self._settings, exc)
+            return False
+        except Exception as exc:  # an unexpected error must not kill the master and its healthy workers
+            log.exception("configuration reload failed")
+            _reload_refused(self._settings, exc)
+            return False
+        self._settings, self._app_factory = config.settings, config.app_factory
+        _reload_accepted(config.settings)
+        return True
+
+    def run(self) -> None:
+        try:
+            GatewayArbiter(self).run()
+        except RuntimeError as exc:
+            print(f"\nError: {exc}\n", file=sys.stderr)
+            sys.exit(1)
 
     def load_config(self) -> None:
         server = self._settings.server
@@ -43,6 +109,9 @@ class GatewayServer(BaseApplication):  # type: ignore[misc]
             "errorlog": "-",
             "loglevel": "info",
             "proc_name": "cps-gateway",
+            "pidfile": str(server.pid_file) if server.pid_file else None,
+            "when_ready": _start_metrics_listener(self._settings),
+            "child_exit": _forget_worker_metrics,
         }
         for key, value in options.items():
             self.cfg.set(key, value)
@@ -51,10 +120,87 @@ class GatewayServer(BaseApplication):  # type: ignore[misc]
         return self._app_factory()
 
 
-def serve(settings: Settings, app_factory: Callable[[], Flask], *, debug: bool = False) -> None:
+def serve(
+    settings: Settings,
+    app_factory: Callable[[], Flask],
+    *,
+    debug: bool = False,
+    reload_config: ConfigLoader | None = None,
+) -> None:
     if debug:
         app_factory().run(
             host=settings.server.host, port=settings.server.port, debug=True, use_reloader=False
         )
         return
-    GatewayServer(settings, app_factory).run()
+    GatewayServer(settings, app_factory, reload_config=reload_config).run()
+
+
+# --- Metrics in the master -------------------------------------------------------------------------------
+
+
+def prepare_metrics_dir() -> Path:
+    """A fresh private directory for the workers' metric files; MUST run before gateway.metrics is imported.
+
+    A directory shared with an earlier run would add a dead server's counters to this one's.
+    """
+    directory = Path(tempfile.mkdtemp(prefix="gateway-metrics-"))
+    os.environ[METRICS_DIR_ENV] = str(directory)
+    return directory
+
+
+def remove_metrics_dir(directory: Path) -> None:
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+def _start_metrics_listener(settings: Settings) -> Callable[[Any], None]:
+    def when_ready(_arbiter: Any) -> None:
+        # Once, in the master: a reload replaces workers, never this listener.
+        if settings.metrics is not None:
+            from gateway import metrics
+
+            metrics.serve_metrics(settings.metrics.listen)
+            log.info("metrics on http://%s/metrics", settings.metrics.listen)
+
+    return when_ready
+
+
+def _forget_worker_metrics(_arbiter: Any, worker: Any) -> None:
+    if os.environ.get(METRICS_DIR_ENV):
+        from gateway import metrics
+
+        metrics.worker_exited(worker.pid)
+
+
+# --- Reload outcome: logged, audited, counted -------------------------------------------------------------
+
+
+def _reload_refused(settings: Settings, error: Exception) -> None:
+    errors = [str(e) for e in error.errors] if isinstance(error, ConfigErrors) else [type(error).__name__]
+    for message in errors:
+        log.error("configuration reload refused, the running configuration stays: %s", message)
+    _audit_reload(settings, "deny", errors)
+    _count_reload("refused")
+
+
+def _reload_accepted(settings: Settings) -> None:
+    log.info("configuration reloaded: replacing workers gracefully")
+    _audit_reload(settings, "allow", [])
+    _count_reload("accepted")
+
+
+def _audit_reload(settings: Settings, decision: str, errors: list[str]) -> None:
+    from gateway.runtime import build_audit_log
+
+    audit = build_audit_log(settings)
+    try:
+        audit.record("config_reload", decision=decision, errors=errors)
+    finally:
+        if settings.audit.file is not None:
+            audit.close()
+
+
+def _count_reload(outcome: str) -> None:
+    if os.environ.get(METRICS_DIR_ENV):
+        from gateway import metrics
+
+        metrics.config_reload(outcome)

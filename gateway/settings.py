@@ -80,6 +80,11 @@ class ServerSettings(_Section):
         description="Networks (e.g. the nginx in front) whose X-SSL-Client-* card headers are believed.",
     )
     language: Literal["fr", "en"] = Field("fr", description="Page language when the browser states none.")
+    pid_file: Path | None = Field(
+        None, description="File where the master writes its PID (`gateway reload` signals that process)."
+    )
+
+    _resolve_paths = _paths_relative_to_settings("pid_file")
 
     @field_validator("listen")
     @classmethod
@@ -211,6 +216,29 @@ class AuditSettings(_Section):
     _resolve_paths = _paths_relative_to_settings("file")
 
 
+def _check_listen(value: str) -> str:
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"{value!r} is not host:port")
+    return value
+
+
+class MetricsSettings(_Section):
+    listen: str = Field(
+        "127.0.0.1:9108",
+        description="Prometheus /metrics address (host:port), separate from the gateway's own listener.",
+    )
+
+    _listen = field_validator("listen")(_check_listen)
+
+
+class ForwardAuthSettings(_Section):
+    trusted_nginx: list[Network] = Field(
+        default_factory=list,
+        description="Networks (nginx) whose X-Original-Method/-URI are believed on /.gateway/auth.",
+    )
+
+
 class Settings(_Section):
     """The whole configuration of one gateway deployment."""
 
@@ -221,6 +249,8 @@ class Settings(_Section):
     sessions: SessionSettings = Field(default_factory=SessionSettings)  # type: ignore[arg-type]
     limits: LimitsSettings = Field(default_factory=LimitsSettings)  # type: ignore[arg-type]
     audit: AuditSettings = Field(default_factory=AuditSettings)  # type: ignore[arg-type]
+    metrics: MetricsSettings | None = Field(None, description="Prometheus metrics; absent: none are served.")
+    forward_auth: ForwardAuthSettings = Field(default_factory=ForwardAuthSettings)
 
     @property
     def limits_storage(self) -> str:

@@ -6,6 +6,7 @@ import logging
 
 from flask import Response, request
 
+from gateway import metrics
 from gateway.access import Access, check_access
 from gateway.policy.decision import Reason
 from gateway.proxy.forward import forward, identity_headers
@@ -63,18 +64,19 @@ def _forward(gateway: Gateway, target: str, access: Access) -> Response:
     client_host = request.headers.get("Host", "")
     preserve = gateway.settings.upstream.host_header == "preserve"
     try:
-        return forward(
-            gateway.upstream,
-            request,
-            target=target,
-            headers=incoming.forwardable,
-            peer=peer(),
-            host=client_host,
-            from_trusted_proxy=in_networks(peer(), server.trusted_proxies),
-            host_header=client_host if preserve else gateway.upstream.host_header,
-            extra_headers=extra,
-            protected_cookies=gateway.protected_cookies,
-        )
+        with metrics.upstream_timer():
+                return forward(
+                gateway.upstream,
+                request,
+                target=target,
+                headers=incoming.forwardable,
+                peer=peer(),
+                host=client_host,
+                from_trusted_proxy=in_networks(peer(), server.trusted_proxies),
+                host_header=client_host if preserve else gateway.upstream.host_header,
+                extra_headers=extra,
+                protected_cookies=gateway.protected_cookies,
+            )
     except UpstreamError as exc:
         log.warning("upstream error (request %s): %s", request_id(), exc.detail)
         gateway.audit.record(

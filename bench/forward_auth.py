@@ -1,0 +1,167 @@
+"""Benchmark: nginx forward-auth with the gateway vs nginx as a plain reverse proxy, same portal, same wrk.
+
+Run on demand (bounded: about 2 x 3 x --seconds of load plus start-up):
+    /work/main/.venv/bin/python bench/forward_auth.py [--seconds 5] [--connections 32]
+
+Both setups are measured 3 times, interleaved, and the medians printed with the ratio to the plain proxy.
+The route is authenticated, without quota (``/patients/<id>``, GET): after the first request of a
+session nginx answers from its few-second decision cache, which is what the target (>= 50% of plain
+nginx throughput) relies on. A second line measures the same route with the cache disabled (every request
+asks the gateway) to show what the cache buys.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from gateway.identity import Identity, LoginMethod  # noqa: E402
+from gateway.proxy.assertion import generate_key_file  # noqa: E402
+from gateway.sessions import RedisSessionStore  # noqa: E402
+from tests.support.config import write_config  # noqa: E402
+from tests.support.nginx import FORWARD_AUTH_TEMPLATE, running_nginx  # noqa: E402
+from tests.support.processes import PYTHON, free_port, running  # noqa: E402
+from tests.support.redis import redis_server  # noqa: E402
+from tests.support.upstream import gunicorn_argv  # noqa: E402
+
+ROUTE = "/patients/180017512345678"
+COOKIE = "__Host-gateway-session"
+PLAIN_PROXY = """\
+upstream cps_portal { server __PORTAL__; keepalive 32; }
+server {
+    listen __LISTEN__;
+    location / {
+        proxy_pass http://cps_portal;
+        proxy_http_version 1.1;
+        proxy_set_header Connection "";
+        proxy_set_header Host $host;
+        proxy_set_header X-Forwarded-For $remote_addr;
+    }
+}
+"""
+_UNITS = {"us": 0.001, "ms": 1.0, "s": 1000.0}
+
+
+@dataclass(frozen=True)
+class Load:
+    requests_per_second: float
+    p50_ms: float
+    p99_ms: float
+
+
+def wrk(url: str, *, seconds: int, connections: int, headers: dict[str, str]) -> Load:
+    argv = ["wrk", "--latency", "-t", "2", "-c", str(connections), "-d", f"{seconds}s", "--timeout", "5s"]
+    for name, value in headers.items():
+        argv += ["-H", f"{name}: {value}"]
+    output = subprocess.run(
+        [*argv, url], capture_output=True, text=True, check=True, timeout=seconds + 30
+    ).stdout
+    if "Non-2xx" in output or "Socket errors" in output:
+        raise RuntimeError(f"{url} answered errors under load:\n{output}")
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", output).group(1))  # type: ignore[union-attr]
+    return Load(rps, _percentile(output, "50%"), _percentile(output, "99%"))
+
+
+def _percentile(output: str, label: str) -> float:
+    match = re.search(rf"^\s+{label}\s+([\d.]+)(us|ms|s)\s*$", output, re.MULTILINE)
+    if match is None:
+        raise RuntimeError(f"no {label} latency in wrk output:\n{output}")
+    return float(match.group(1)) * _UNITS[match.group(2)]
+
+
+def median(loads: list[Load]) -> Load:
+    return Load(
+        statistics.median(load.requests_per_second for load in loads),
+        statistics.median(load.p50_ms for load in loads),
+        statistics.median(load.p99_ms for load in loads),
+    )
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=int, default=5, help="length of one wrk run (default 5)")
+    parser.add_argument("--connections", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--gateway-workers", type=int, default=2)
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory(prefix="bench-forward-auth-") as tmp, ExitStack() as stack:
+        directory = Path(tmp)
+        upstream_port, gateway_port = free_port(), free_port()
+        stack.enter_context(running(gunicorn_argv(upstream_port, workers=2), upstream_port))
+        portal = f"127.0.0.1:{upstream_port}"
+        redis = stack.enter_context(redis_server())
+        key = directory / "assertion-key.pem"
+        generate_key_file(key)
+        config = write_config(
+            directory / "gateway",
+            upstream_url=f"http://{portal}",
+            assertion_key=key,
+            listen=f"127.0.0.1:{gateway_port}",
+            extra={
+                "server": {"workers": args.gateway_workers, "threads": 16},
+                "sessions": {"store": redis.url},
+                "forward_auth": {"trusted_nginx": ["127.0.0.1/32"]},
+                "audit": {"file": str(directory / "audit.log")},
+            },
+        )
+        serve = [PYTHON, "-m", "gateway.cli", "serve", "--config", str(config)]
+        stack.enter_context(running(serve, gateway_port, log=directory / "gateway.log"))
+
+        plain_template = directory / "plain-proxy.conf"
+        plain_template.write_text(PLAIN_PROXY)
+        uncached_template = directory / "forward-auth-uncached.conf"
+        uncached_template.write_text(
+            FORWARD_AUTH_TEMPLATE.read_text().replace("proxy_cache cps_gateway_auth;", "proxy_cache off;")
+        )
+        values = {"PORTAL": portal, "GATEWAY": f"127.0.0.1:{gateway_port}"}
+        plain = stack.enter_context(running_nginx(directory / "plain", plain_template, values))
+        cached = stack.enter_context(running_nginx(directory / "fa", FORWARD_AUTH_TEMPLATE, values))
+        uncached = stack.enter_context(running_nginx(directory / "fa-nocache", uncached_template, values))
+
+        identity = Identity(
+            "810001234567", LoginMethod.CARD, time.time(), professions=("10",), auth_mode="CARD"
+        )
+        session = RedisSessionStore(redis.url, absolute_timeout=3600).create(identity, time.time())
+        headers = {"Cookie": f"{COOKIE}={session.id}"}
+        targets = {
+            "nginx plain proxy": plain.base_url + ROUTE,
+            "nginx forward-auth (decision cache)": cached.base_url + ROUTE,
+            "nginx forward-auth (no cache)": uncached.base_url + ROUTE,
+        }
+        runs: dict[str, list[Load]] = {name: [] for name in targets}
+        for url in targets.values():  # warm-up: connections, workers, caches
+            wrk(url, seconds=1, connections=args.connections, headers=headers)
+        for _ in range(args.rounds):
+            for name, url in targets.items():
+                runs[name].append(
+                    wrk(url, seconds=args.seconds, connections=args.connections, headers=headers)
+                )
+
+    results = {name: median(loads) for name, loads in runs.items()}
+    baseline = results["nginx plain proxy"]
+    print(f"\nGET {ROUTE} (authenticated, no quota), wrk -t2 -c{args.connections} -d{args.seconds}s,")
+    print(f"median of {args.rounds} interleaved runs; gateway: {args.gateway_workers} gunicorn workers")
+    print(f"{'setup':<40}{'req/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'x plain':>9}")
+    for name, load in results.items():
+        ratio = load.requests_per_second / baseline.requests_per_second
+        print(
+            f"{name:<40}{load.requests_per_second:>10.0f}{load.p50_ms:>9.2f}{load.p99_ms:>9.2f}{ratio:>9.2f}"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

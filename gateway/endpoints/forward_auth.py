@@ -1,0 +1,110 @@
+"""``GET /.gateway/auth``: the decision for nginx ``auth_request`` sub-requests (forward-auth mode).
+
+nginx asks "may this request through?" and forwards it to the portal itself. The original method and URI
+arrive in X-Original-Method / X-Original-URI, believed only from ``forward_auth.trusted_nginx``: from anyone
+else they would let a client have a different request judged than the one nginx forwards.
+
+nginx's auth_request understands 2xx (allow), 401 and 403 only; every refusal is mapped onto those, the
+precise reason travelling in X-Gateway-Reason.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flask import Blueprint, Response, request
+
+from gateway.access import Access, check_access
+from gateway.endpoints.proxy import ALL_METHODS
+from gateway.policy.decision import Outcome, Reason
+from gateway.policy.paths import BadPath, normalise_target
+from gateway.proxy.forward import identity_headers
+from gateway.proxy.headers import in_networks
+from gateway.responses import login_link
+from gateway.runtime import GATEWAY_PREFIX, Gateway, client_ip, gateway_of, peer, request_id
+from gateway.wsgi import normalise_host
+
+ORIGINAL_METHOD = "X-Original-Method"
+ORIGINAL_URI = "X-Original-URI"
+#: "1" when nginx may cache this answer for a few seconds: allowed, and the rule counts no quota (a cached
+#: answer would skip the count).
+CACHEABLE = "X-Gateway-Cacheable"
+
+
+def blueprint() -> Blueprint:
+    forward_auth = Blueprint("gateway_forward_auth", __name__, url_prefix=GATEWAY_PREFIX)
+    # Any method: nginx sends the sub-request with the original one unless told `proxy_method GET`.
+    forward_auth.add_url_rule(
+        "/auth", "auth", auth_view, methods=ALL_METHODS, provide_automatic_options=False
+    )
+    return forward_auth
+
+
+def auth_view() -> Response:
+    gateway = gateway_of()
+    if not in_networks(peer(), gateway.settings.forward_auth.trusted_nginx):
+        return _untrusted_peer(gateway)
+    method = (request.headers.get(ORIGINAL_METHOD) or "GET").upper()
+    raw_uri = request.headers.get(ORIGINAL_URI, "")
+    try:
+        target = normalise_target(raw_uri)
+    except BadPath as exc:
+        _audit_refusal(gateway, "bad_request", Reason.BAD_REQUEST_PATH, detail=str(exc))
+        return _answer(400, Reason.BAD_REQUEST_PATH)
+    host = normalise_host(request.headers.get("X-Forwarded-Host") or request.headers.get("Host", ""))
+    if host is None:
+        return _answer(400, Reason.BAD_HOST)
+    access = check_access(gateway, method, host, target)
+    if access.decision.allowed:
+        return _allowed(gateway, access)
+    if access.decision.outcome is Outcome.LOGIN:
+        next_path = f"{target.path}?{target.query}" if target.query else target.path
+        response = _answer(401, access.decision.reason)
+        response.headers["X-Gateway-Login"] = login_link(f"{GATEWAY_PREFIX}/login", next_path)
+        return response
+    return _answer(403, access.decision.reason)
+
+
+def _allowed(gateway: Gateway, access: Access) -> Response:
+    response = Response(status=200)
+    rule, session = access.rule, access.session
+    if rule is not None:
+        response.headers["X-Gateway-Rule"] = rule.name
+        cacheable = rule.quota is None
+        response.headers[CACHEABLE] = "1" if cacheable else "0"
+        if not cacheable:
+            response.headers["X-Accel-Expires"] = "0"
+    if session is not None and rule is not None:
+        assertion = gateway.signer.assertion(session.identity, session.id, rule.name, access.now)
+        response.headers.extend(identity_headers(session.identity, assertion))
+    return response
+
+
+def _untrusted_peer(gateway: Gateway) -> Response:
+    _audit_refusal(
+        gateway,
+        "spoofed_header",
+        Reason.SPOOFED_HEADER,
+        headers=sorted(h for h in (ORIGINAL_METHOD, ORIGINAL_URI) if h in request.headers),
+    )
+    return _answer(403, Reason.SPOOFED_HEADER)
+
+
+def _answer(status: int, reason: Reason) -> Response:
+    response = Response(status=status)
+    response.headers["X-Gateway-Reason"] = reason.value
+    response.headers[CACHEABLE] = "0"
+    response.headers["Cache-Control"] = "no-store"
+    response.headers["X-Accel-Expires"] = "0"  # nginx's own "never cache this", in case its config forgets
+    return response
+
+
+def _audit_refusal(gateway: Gateway, event: str, reason: Reason, **fields: Any) -> None:
+    gateway.audit.record(
+        event,
+        request_id=request_id(),
+        client_ip=client_ip(gateway),
+        decision="deny",
+        reasons=[reason.value],
+        **fields,
+    )

@@ -1,0 +1,118 @@
+"""Prometheus metrics: the only module that imports prometheus_client.
+
+gunicorn runs several worker processes, so the metrics use prometheus_client's multiprocess mode: each
+process writes its values to files in ``PROMETHEUS_MULTIPROC_DIR`` and the master serves the aggregate on
+its own listener (``metrics.listen``), never on the portal's port. ``gateway serve`` sets that variable
+to a fresh directory BEFORE this module is first imported (prometheus_client picks its value storage at
+import time); in-process use (tests, ``--debug``) keeps the default in-memory registry.
+
+Other modules call the small functions below (``login_attempt``, ``ban``, ``quota_breach``, ``crl_age``...)
+rather than touching metric objects, so label names stay consistent.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from prometheus_client import (
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    multiprocess,
+    start_http_server,
+)
+
+from gateway.policy.decision import Decision
+
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+REQUESTS = Counter(
+    "gateway_requests_total",
+    "Access decisions on portal requests (proxy and forward-auth), by outcome and main reason.",
+    ["decision", "reason"],
+)
+UPSTREAM_LATENCY = Histogram(
+    "gateway_upstream_latency_seconds",
+    "Time from sending a request to the portal until its response headers arrived.",
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+)
+LOGIN_ATTEMPTS = Counter(
+    "gateway_login_attempts_total",
+    "Login attempts by method (card, ecps) and outcome (success or a reason code).",
+    ["method", "outcome"],
+)
+BANS = Counter("gateway_bans_total", "Bans imposed after repeated failures, by scope (ip, idnat).", ["scope"])
+QUOTA_BREACHES = Counter(
+    "gateway_quota_breaches_total",
+    "Per-identity quota breaches, by rule and action taken.",
+    ["rule", "action"],
+)
+CRL_AGE = Gauge(
+    "gateway_crl_age_seconds",
+    "Age of the CRL in use, by issuer (seconds since its thisUpdate).",
+    ["issuer"],
+    multiprocess_mode="max",  # the stalest copy among workers is the one that matters
+)
+CONFIG_RELOADS = Counter("gateway_config_reloads_total", "Configuration reloads by outcome.", ["outcome"])
+
+
+# --- Functions the rest of the gateway calls ----------------------------------------------------------
+
+
+def request_decided(decision: Decision) -> None:
+    REQUESTS.labels(decision=decision.outcome.value, reason=decision.reason.value).inc()
+
+
+@contextmanager
+def upstream_timer() -> Iterator[None]:
+    started = time.perf_counter()
+    try:
+        yield
+    finally:
+        UPSTREAM_LATENCY.observe(time.perf_counter() - started)
+
+
+def login_attempt(method: str, outcome: str) -> None:
+    """``outcome``: "success" or the Reason code of the failure (e.g. "card_revoked")."""
+    LOGIN_ATTEMPTS.labels(method=method, outcome=outcome).inc()
+
+
+def ban(scope: str) -> None:
+    BANS.labels(scope=scope).inc()
+
+
+def quota_breach(rule: str, action: str) -> None:
+    QUOTA_BREACHES.labels(rule=rule, action=action).inc()
+
+
+def crl_age(issuer: str, seconds: float) -> None:
+    CRL_AGE.labels(issuer=issuer).set(seconds)
+
+
+def config_reload(outcome: str) -> None:
+    CONFIG_RELOADS.labels(outcome=outcome).inc()
+
+
+# --- Multiprocess plumbing (gunicorn master) -----------------------------------------------------------
+
+
+def serve_metrics(listen: str) -> None:
+    """Serve /metrics on ``listen`` from a thread of this (master) process, aggregating every worker."""
+    host, _, port = listen.rpartition(":")
+    if os.environ.get(MULTIPROC_ENV):
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+    else:
+        registry = REGISTRY
+    start_http_server(int(port), addr=host.strip("[]"), registry=registry)
+
+
+def worker_exited(pid: int) -> None:
+    """gunicorn ``child_exit``: drop the live-gauge files of a dead worker."""
+    if os.environ.get(MULTIPROC_ENV):
+        multiprocess.mark_process_dead(pid)

@@ -1,0 +1,204 @@
+"""Forward-auth (/.gateway/auth): in-process decisions, then a real nginx with auth_request in front."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import requests
+from flask import Flask
+from flask.testing import FlaskClient
+
+from gateway.app import create_app
+from gateway.identity import Identity, LoginMethod
+from gateway.runtime import gateway_of
+from gateway.sessions import RedisSessionStore
+from gateway.settings import load_settings
+from tests.support.config import TEST_POLICIES, write_config
+from tests.support.nginx import FORWARD_AUTH_TEMPLATE, running_nginx
+from tests.support.processes import PYTHON, free_port, running
+from tests.support.redis import redis_server
+
+COOKIE = "__Host-gateway-session"
+NGINX = "127.0.0.5"
+POLICIES = TEST_POLICIES + (
+    "  - name: counted\n    match: { path: /echo/counted/** }\n    action: authenticate\n"
+    "    quota: { window: 1h, max_requests: 1000 }\n"
+)
+
+
+def identity(**fields: object) -> Identity:
+    values: dict = {
+        "idnat": "810001234567",
+        "method": LoginMethod.CARD,
+        "auth_time": time.time(),
+        "professions": ("10",),
+        "auth_mode": "CARD",
+    }
+    values.update(fields)
+    return Identity(**values)
+
+
+@pytest.fixture
+def app(tmp_path: Path, upstream_url: str, assertion_key: Path) -> Iterator[Flask]:
+    config = write_config(
+        tmp_path,
+        upstream_url=upstream_url,
+        assertion_key=assertion_key,
+        policies=POLICIES,
+        extra={"forward_auth": {"trusted_nginx": ["127.0.0.0/29"]}},
+    )
+    application = create_app(load_settings(config))
+    yield application
+    gateway_of(application).upstream.close()
+
+
+def ask(client: FlaskClient, uri: str, *, method: str = "GET", peer: str = NGINX, **headers: str):
+    return client.get(
+        "/.gateway/auth",
+        headers={
+            "X-Original-Method": method,
+            "X-Original-URI": uri,
+            "X-Forwarded-Host": "portal.test",
+            **headers,
+        },
+        environ_base={"REMOTE_ADDR": peer},
+    )
+
+
+def audit_events(tmp_path: Path) -> list[dict]:
+    return [json.loads(line) for line in (tmp_path / "audit.log").read_text().splitlines()]
+
+
+def test_public_route_is_allowed_and_cacheable(app: Flask) -> None:
+    response = ask(app.test_client(), "/hello")
+    assert response.status_code == 200
+    assert response.headers["X-Gateway-Rule"] == "public-hello"
+    assert response.headers["X-Gateway-Cacheable"] == "1"
+    assert "X-Gateway-Subject" not in response.headers
+
+
+def test_protected_route_without_session_answers_401_with_the_login_location(app: Flask) -> None:
+    response = ask(app.test_client(), "/echo/protected/a%20b?x=1")
+    assert response.status_code == 401
+    assert response.headers["X-Gateway-Reason"] == "unauthenticated"
+    assert response.headers["X-Gateway-Login"] == "/.gateway/login?next=/echo/protected/a%2520b%3Fx%3D1"
+
+
+def test_session_gets_identity_headers(app: Flask) -> None:
+    session = gateway_of(app).sessions.create(identity(), time.time())
+    client = app.test_client()
+    client.set_cookie(COOKIE, session.id, domain="localhost")
+    response = ask(client, "/echo/protected/x")
+    assert response.status_code == 200
+    assert response.headers["X-Gateway-Subject"] == "810001234567"
+    assert response.headers["X-Gateway-Auth-Method"] == "card"
+    assert response.headers["X-Gateway-Professions"] == "10"
+    assert response.headers["X-Gateway-Assertion"].count(".") == 2
+    assert response.headers["X-Gateway-Cacheable"] == "1"
+    counted = ask(client, "/echo/counted/x")
+    assert counted.status_code == 200
+    assert counted.headers["X-Gateway-Cacheable"] == "0" and counted.headers["X-Accel-Expires"] == "0"
+
+
+def test_deny_is_403_with_the_reason_and_judges_the_original_method(app: Flask) -> None:
+    assert ask(app.test_client(), "/echo/forbidden/x").headers["X-Gateway-Reason"] == "denied_by_rule"
+    session = gateway_of(app).sessions.create(identity(), time.time())
+    client = app.test_client()
+    client.set_cookie(COOKIE, session.id, domain="localhost")
+    assert ask(client, "/patients/1", method="GET").status_code == 200
+    refused = ask(client, "/patients/1", method="DELETE")  # the rule names GET only
+    assert refused.status_code == 403 and refused.headers["X-Gateway-Reason"] == "no_matching_rule"
+
+
+def test_bad_original_uri_is_400(app: Flask) -> None:
+    response = ask(app.test_client(), "/echo/public/..%2F..%2Fetc")
+    assert response.status_code == 400
+    assert response.headers["X-Gateway-Reason"] == "bad_request_path"
+    assert ask(app.test_client(), "").status_code == 400
+
+
+def test_original_headers_from_an_untrusted_peer_are_refused_and_audited(app: Flask, tmp_path: Path) -> None:
+    response = ask(app.test_client(), "/hello", peer="198.51.100.7")
+    assert response.status_code == 403
+    assert response.headers["X-Gateway-Reason"] == "spoofed_header"
+    event = audit_events(tmp_path)[-1]
+    assert event["event"] == "spoofed_header" and event["client_ip"] == "198.51.100.7"
+    assert event["headers"] == ["X-Original-Method", "X-Original-URI"]
+
+
+# --- A real nginx with auth_request in front of the portal ------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory, upstream_url: str, assertion_key: Path) -> Iterator[dict]:
+    directory = tmp_path_factory.mktemp("forward-auth")
+    gateway_port = free_port()
+    with redis_server() as redis:
+        config = write_config(
+            directory,
+            upstream_url=upstream_url,
+            assertion_key=assertion_key,
+            policies=POLICIES,
+            listen=f"127.0.0.1:{gateway_port}",
+            extra={"sessions": {"store": redis.url}, "forward_auth": {"trusted_nginx": ["127.0.0.1/32"]}},
+        )
+        argv = [PYTHON, "-m", "gateway.cli", "serve", "--config", str(config)]
+        with running(argv, gateway_port, log=directory / "gateway.log"):
+            values = {"GATEWAY": f"127.0.0.1:{gateway_port}", "PORTAL": upstream_url.removeprefix("http://")}
+            with running_nginx(directory / "nginx", FORWARD_AUTH_TEMPLATE, values) as nginx:
+                store = RedisSessionStore(redis.url)
+                yield {"nginx": nginx, "store": store, "directory": directory}
+
+
+def test_nginx_public_route_passes(stack: dict) -> None:
+    response = requests.get(stack["nginx"].base_url + "/hello", timeout=5)
+    assert response.status_code == 200 and b"hello from the portal" in response.content
+
+
+def test_nginx_protected_route_without_session_redirects_to_login(stack: dict) -> None:
+    response = requests.get(
+        stack["nginx"].base_url + "/echo/protected/x?y=1", timeout=5, allow_redirects=False
+    )
+    assert response.status_code == 302
+    assert response.headers["Location"].endswith("/.gateway/login?next=/echo/protected/x%3Fy%3D1")
+    login_page = requests.get(response.headers["Location"], timeout=5, headers={"Accept": "text/html"})
+    assert login_page.status_code == 200 and "Identification" in login_page.text
+
+
+def test_nginx_session_reaches_the_portal_with_identity_headers(stack: dict) -> None:
+    session = stack["store"].create(identity(), time.time())
+    cookies = f"portal=kept; {COOKIE}={session.id}"
+    forged = {"X-Gateway-Subject": "800000000000", "Cookie": cookies}
+    response = requests.get(stack["nginx"].base_url + "/echo/protected/x", headers=forged, timeout=5)
+    assert response.status_code == 200
+    seen = response.json()["headers"]
+    assert seen["x-gateway-subject"] == "810001234567"
+    assert seen["x-gateway-auth-method"] == "card" and seen["x-gateway-professions"] == "10"
+    assert seen["x-gateway-assertion"].count(".") == 2
+    assert COOKIE not in seen["cookie"] and "portal=kept" in seen["cookie"]
+
+
+def test_nginx_denied_route_is_403_and_the_decision_endpoint_is_not_exposed(stack: dict) -> None:
+    base = stack["nginx"].base_url
+    denied = requests.get(base + "/echo/forbidden/x", timeout=5)
+    assert denied.status_code == 403 and denied.headers["X-Gateway-Reason"] == "denied_by_rule"
+    direct = requests.get(base + "/.gateway/auth", headers={"X-Original-URI": "/echo/protected/x"}, timeout=5)
+    assert direct.status_code == 404
+
+
+def test_nginx_caches_allowed_decisions_briefly_except_on_quota_routes(stack: dict) -> None:
+    store = stack["store"]
+    session = store.create(identity(), time.time())
+    headers = {"Cookie": f"{COOKIE}={session.id}"}
+    base = stack["nginx"].base_url
+    for path in ("/echo/protected/cached", "/echo/counted/x"):
+        assert requests.get(base + path, headers=headers, timeout=5).status_code == 200
+    store.delete(session.id)  # logout: the gateway now says 401
+    cached = requests.get(base + "/echo/protected/cached", headers=headers, timeout=5, allow_redirects=False)
+    counted = requests.get(base + "/echo/counted/x", headers=headers, timeout=5, allow_redirects=False)
+    assert cached.status_code == 200  # served from the few-second decision cache
+    assert counted.status_code == 302  # quota routes always ask the gateway
