@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from flask import Flask, Response, current_app, g, request
 
 from gateway.audit import AuditLog
+from gateway.authn.ecps import ProSanteConnect
 from gateway.policy.decision import Reason
 from gateway.policy.engine import PolicySet
 from gateway.policy.loader import LoadedPolicies, load_policies
@@ -17,10 +18,13 @@ from gateway.proxy.headers import client_address, in_networks
 from gateway.proxy.upstream import Upstream
 from gateway.responses import LoginLinks, login_link, refusal
 from gateway.sessions import MemorySessionStore, RedisSessionStore, SessionStore
-from gateway.settings import Settings, policy_files
+from gateway.settings import EcpsSettings, Settings, policy_files
 from gateway.wsgi import normalise_host
 
 GATEWAY_PREFIX = "/.gateway"
+ECPS_LOGIN_PATH = GATEWAY_PREFIX + "/login/ecps"
+#: Flask's (signed, short-lived) session cookie: only the e-CPS login's state, nonce and PKCE verifier.
+LOGIN_COOKIE_NAME = "__Host-gateway-login"
 
 
 @dataclass
@@ -37,6 +41,8 @@ class Gateway:
     #: Where the login page's choices lead; None until that login method is configured.
     card_login_url: str | None = None
     ecps_login_url: str | None = None
+    #: The Pro Santé Connect relying party; None when ``ecps`` is not configured.
+    ecps: ProSanteConnect | None = None
 
     def login_links(self, next_path: str) -> LoginLinks:
         card, ecps = self.card_login_url, self.ecps_login_url
@@ -66,6 +72,26 @@ def build_audit_log(settings: Settings) -> AuditLog:
     return AuditLog(settings.audit.file)
 
 
+def build_ecps(config: EcpsSettings) -> ProSanteConnect:
+    private_key = config.private_key_file.read_text(encoding="utf-8") if config.private_key_file else None
+    return ProSanteConnect(
+        metadata_url=config.metadata_url,
+        expected_issuer=config.issuer,
+        client_id=config.client_id,
+        client_auth=config.client_auth,
+        client_secret=config.client_secret,
+        private_key_pem=private_key,
+        key_id=config.key_id,
+        redirect_uri=config.redirect_uri,
+        post_logout_redirect_uri=config.post_logout_redirect_uri,
+        scopes=config.scopes,
+        acr_values=config.acr_values,
+        accepted_acr=frozenset(config.accepted_acr),
+        accept_missing_acr=config.accept_missing_acr,
+        timeout=config.timeout,
+    )
+
+
 def build_gateway(
     settings: Settings,
     policies: LoadedPolicies,
@@ -92,7 +118,10 @@ def build_gateway(
         ),
         sessions=sessions or build_session_store(settings),
         audit=audit or build_audit_log(settings),
-        protected_cookies=frozenset({settings.sessions.cookie_name}),
+        # The login cookie is the gateway's too: never forwarded to the portal.
+        protected_cookies=frozenset({settings.sessions.cookie_name, LOGIN_COOKIE_NAME}),
+        ecps=build_ecps(settings.ecps) if settings.ecps else None,
+        ecps_login_url=ECPS_LOGIN_PATH if settings.ecps else None,
     )
 
 
