@@ -271,7 +271,7 @@ class Settings(_Section):
     assertion: AssertionSettings
     sessions: SessionSettings = Field(default_factory=SessionSettings)  # type: ignore[arg-type]
     audit: AuditSettings = Field(default_factory=AuditSettings)  # type: ignore[arg-type]
-    ecps: EcpsSettings | None = Field(None, description="e-CPS login via Pro Santé Connect (off when absent).")
+    ecps: EcpsSettings | None = Field(None, description="e-CPS login via Pro Santé Connect (None: off).")
 
     _resolve_paths = _paths_relative_to_settings("policies")
 
