@@ -144,6 +144,15 @@ def test_provider_down_during_the_token_exchange(world: EcpsWorld) -> None:
     assert world.last_audit("login")["reasons"] == ["idp_unavailable"]
 
 
+def test_provider_refusing_the_request(world: EcpsWorld) -> None:
+    browser = Browser()
+    state = query_of(start_login(world, browser, "/echo/protected/x"))["state"]
+    callback = f"{world.gateway_url}/.gateway/ecps/callback?state={state}&error=invalid_scope"
+    assert_refused(browser.get(callback), 502, "idp_error", "Pro Santé Connect a refusé la demande")
+    audit = world.last_audit("login")
+    assert (audit["reasons"], audit["detail"]) == (["idp_error"], "provider error invalid_scope")
+
+
 def test_profession_outside_the_rule(world: EcpsWorld) -> None:
     browser = Browser()
     assert log_in(world, browser, "/patients/180017512345678", PHARMACIST).status_code == 200
