@@ -277,7 +277,8 @@ PAGES: dict[Reason, Page] = {
         502,
         Text("Pro Santé Connect a refusé la demande", "Pro Santé Connect refused the request"),
         Text(
-            "Pro Santé Connect n'a pas accepté la demande d'identification. Réessayez ou utilisez votre carte.",
+            "Pro Santé Connect n'a pas accepté la demande d'identification. "
+            "Réessayez ou utilisez votre carte CPS.",
             "Pro Santé Connect did not accept the login request. Try again or use your CPS card.",
         ),
         offer_login=True,
