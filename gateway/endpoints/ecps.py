@@ -8,8 +8,10 @@ authorization codes are never logged nor audited (EcpsError.detail is safe by co
 from __future__ import annotations
 
 import math
+from typing import Any
 
 from flask import Blueprint, Response, request, session
+from werkzeug.wrappers import Response as WerkzeugResponse
 
 from gateway.authn.ecps import EcpsError, ProSanteConnect
 from gateway.endpoints.pages import safe_next_path
@@ -39,7 +41,7 @@ def _client(gateway: Gateway) -> ProSanteConnect:
     return gateway.ecps
 
 
-def begin_login() -> Response:
+def begin_login() -> WerkzeugResponse:
     gateway = gateway_of()
     next_path = safe_next_path(request.args.get("next"))
     try:
@@ -119,7 +121,7 @@ def _audit_refused_login(gateway: Gateway, exc: EcpsError) -> None:
     )
 
 
-def _audit_logout(gateway: Gateway, idnat: str | None, decision: str, reason: str, **fields: object) -> None:
+def _audit_logout(gateway: Gateway, idnat: str | None, decision: str, reason: str, **fields: Any) -> None:
     gateway.audit.record(
         "logout",
         request_id=request_id(),

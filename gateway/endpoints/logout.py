@@ -9,7 +9,7 @@ from __future__ import annotations
 import hmac
 import time
 
-from flask import Blueprint, Response, redirect, render_template, request
+from flask import Blueprint, Response, render_template, request
 
 from gateway.identity import LoginMethod
 from gateway.login import clear_session_cookie
@@ -75,7 +75,7 @@ def log_out() -> Response:
         return refuse(Reason.SESSION_STORE_UNAVAILABLE, next_path="/")
     if session is None:
         # Nothing to end (expired, or already logged out): just make sure the browser forgets the cookie.
-        response = redirect("/", code=303)
+        response = _see_other("/")
         clear_session_cookie(gateway, response)
         return response
     if not hmac.compare_digest(request.form.get("csrf_token", ""), session.csrf_token):
@@ -86,10 +86,14 @@ def log_out() -> Response:
     except SessionStoreUnavailable:
         return refuse(Reason.SESSION_STORE_UNAVAILABLE, next_path="/")
     _audit(gateway, session, "allow", "logout")
-    response = redirect(_after_logout_url(gateway, session), code=303)
+    response = _see_other(_after_logout_url(gateway, session))
     clear_session_cookie(gateway, response)
     response.headers["Cache-Control"] = "no-store"
     return response
+
+
+def _see_other(location: str) -> Response:
+    return Response(status=303, headers={"Location": location})
 
 
 def _after_logout_url(gateway: Gateway, session: Session) -> str:
