@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hmac
 import time
+from urllib.parse import urlsplit
 
 from flask import Blueprint, Response, render_template, request
 
@@ -64,7 +65,24 @@ def confirm_logout() -> Response:
     )
     response = Response(body, 200, content_type="text/html; charset=utf-8")
     response.headers.extend(SECURITY_HEADERS)
+    if session is not None:
+        response.headers["Content-Security-Policy"] = _page_policy(_end_session_origin(gateway, session))
     return response
+
+
+def _page_policy(extra_form_target: str | None) -> str:
+    """The pages' policy, plus PSC's logout origin: CSP form-action also governs the redirects that follow
+    the POST, and the e-CPS logout ends at PSC (an http:// stand-in in development would be blocked)."""
+    form_targets = " ".join(filter(None, ("'self' https:", extra_form_target)))
+    return f"default-src 'none'; style-src 'self'; form-action {form_targets}; frame-ancestors 'none'"
+
+
+def _end_session_origin(gateway: Gateway, session: Session) -> str | None:
+    url = _end_session_url(gateway, session)
+    if url is None:
+        return None
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc}"
 
 
 def log_out() -> Response:
@@ -98,10 +116,14 @@ def _see_other(location: str) -> Response:
 
 def _after_logout_url(gateway: Gateway, session: Session) -> str:
     """e-CPS sessions also end the PSC session (RP-initiated logout) when PSC can be reached."""
+    return _end_session_url(gateway, session) or "/"
+
+
+def _end_session_url(gateway: Gateway, session: Session) -> str | None:
     id_token = session.data.get("id_token")
     if session.identity.method is LoginMethod.ECPS and gateway.ecps is not None and id_token:
-        return gateway.ecps.end_session_url(id_token) or "/"
-    return "/"
+        return gateway.ecps.end_session_url(id_token)
+    return None
 
 
 def _audit(gateway: Gateway, session: Session, decision: str, reason: str) -> None:

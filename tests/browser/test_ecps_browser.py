@@ -58,5 +58,11 @@ def test_ecps_login_in_a_real_browser(world: EcpsWorld, tmp_path: Path) -> None:
             assert (
                 cookies["__Host-gateway-session"]["secure"] and cookies["__Host-gateway-session"]["httpOnly"]
             )
+
+            # Logout (CSRF-protected form) ends the PSC session too and comes back to the portal.
+            page.goto(world.gateway_url + "/.gateway/logout")
+            page.click("#logout")
+            page.wait_for_url(world.gateway_url + "/?state=*")
+            assert "__Host-gateway-session" not in {c["name"] for c in context.cookies(world.gateway_url)}
         finally:
             browser.close()

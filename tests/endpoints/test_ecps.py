@@ -207,6 +207,9 @@ def test_logout_needs_the_csrf_token(world: EcpsWorld) -> None:
     confirmation = browser.get(logout_url)
     assert confirmation.status_code == 200 and "Se déconnecter" in confirmation.text
     token = confirmation.text.split('name="csrf_token" value="', 1)[1].split('"', 1)[0]
+    # The form's redirects end at PSC's logout endpoint: CSP form-action must allow that origin.
+    policy = confirmation.headers["Content-Security-Policy"]
+    assert f"form-action 'self' https: {world.psc.base_url};" in policy
 
     assert_refused(
         browser.post(logout_url, data={"csrf_token": "forged"}), 403, "csrf_failed", "Formulaire expiré"
