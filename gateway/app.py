@@ -8,11 +8,11 @@ from flask import Flask, Response, request
 from werkzeug.exceptions import HTTPException
 
 from gateway.audit import AuditLog
-from gateway.endpoints import forward_auth, operations, pages
+from gateway.endpoints import ecps, forward_auth, logout, operations, pages
 from gateway.endpoints.proxy import ALL_METHODS, proxy_view
 from gateway.policy.decision import Reason
 from gateway.policy.loader import LoadedPolicies
-from gateway.runtime import build_gateway, gateway_of, read_policies, refuse, request_id
+from gateway.runtime import LOGIN_COOKIE_NAME, build_gateway, gateway_of, read_policies, refuse, request_id
 from gateway.sessions import SessionStore
 from gateway.settings import Settings
 from gateway.wsgi import BAD_TARGET_KEY, NormalisedTargetMiddleware
@@ -34,11 +34,16 @@ def create_app(
     loaded = policies or read_policies(settings)
     for warning in loaded.warnings:
         log.warning("policy: %s", warning)
-    app.extensions["gateway"] = build_gateway(settings, loaded, sessions=sessions, audit=audit)
+    gateway = app.extensions["gateway"] = build_gateway(settings, loaded, sessions=sessions, audit=audit)
 
     app.register_blueprint(pages.blueprint())
     app.register_blueprint(operations.blueprint())
     app.register_blueprint(forward_auth.blueprint())
+    app.register_blueprint(logout.blueprint())
+    if settings.ecps is not None and gateway.ecps is not None:
+        _wire_ecps(app, settings.ecps.login_cookie_secret)
+        gateway.ecps.init_app(app)
+        app.register_blueprint(ecps.blueprint())
     for rule in ("/", "/<path:path>"):
         app.add_url_rule(
             rule,
@@ -52,6 +57,19 @@ def create_app(
     app.register_error_handler(Exception, _unexpected_error)
     app.wsgi_app = NormalisedTargetMiddleware(app.wsgi_app)  # type: ignore[method-assign]
     return app
+
+
+def _wire_ecps(app: Flask, login_cookie_secret: str) -> None:
+    """Flask's session is only the e-CPS login cookie: state, nonce and PKCE bound to this browser."""
+    app.config.update(
+        SECRET_KEY=login_cookie_secret,
+        SESSION_COOKIE_NAME=LOGIN_COOKIE_NAME,
+        SESSION_COOKIE_SECURE=True,
+        SESSION_COOKIE_HTTPONLY=True,
+        # Lax: PSC's redirect back is a top-level GET navigation from another site; it must carry the cookie.
+        SESSION_COOKIE_SAMESITE="Lax",
+        SESSION_COOKIE_PATH="/",
+    )
 
 
 def _refuse_bad_target() -> Response | None:

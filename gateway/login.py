@@ -8,6 +8,7 @@ from collections.abc import Mapping
 
 from flask import Response, redirect, request
 
+from gateway import metrics
 from gateway.identity import Identity
 from gateway.limits import LimitsUnavailable
 from gateway.policy.decision import Reason
@@ -110,6 +111,9 @@ def login_failed(gateway: Gateway, claimed_identity: str | None, reason: Reason,
     except LimitsUnavailable:
         return  # the next attempt is refused by admit_login_attempt: fail closed there
     if ban is not None:
+        for scope, banned in (("ip", ban.banned_ip), ("identity", ban.banned_identity)):
+            if banned:
+                metrics.ban(scope)
         gateway.audit.record(
             "ban",
             request_id=request_id(),

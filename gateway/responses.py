@@ -293,6 +293,16 @@ PAGES: dict[Reason, Page] = {
         ),
         offer_login=True,
     ),
+    Reason.IDP_ERROR: Page(
+        502,
+        Text("Pro Santé Connect a refusé la demande", "Pro Santé Connect refused the request"),
+        Text(
+            "Pro Santé Connect n'a pas accepté la demande d'identification. "
+            "Réessayez ou utilisez votre carte CPS.",
+            "Pro Santé Connect did not accept the login request. Try again or use your CPS card.",
+        ),
+        offer_login=True,
+    ),
 }
 _FALLBACK = Page(403, Text("Accès refusé", "Access denied"), Text("Accès refusé.", "Access denied."))
 

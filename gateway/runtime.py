@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from flask import Flask, Response, current_app, g, request
 
 from gateway.audit import AuditLog
+from gateway.authn.ecps import ProSanteConnect
 from gateway.limits import LoginThrottle, QuotaGuard
 from gateway.policy.decision import Reason
 from gateway.policy.engine import PolicySet
@@ -19,10 +20,13 @@ from gateway.proxy.upstream import Upstream
 from gateway.readiness import ReadinessRegistry, UpstreamProbe
 from gateway.responses import LoginLinks, login_link, refusal
 from gateway.sessions import MemorySessionStore, RedisSessionStore, SessionStore
-from gateway.settings import Settings, policy_files
+from gateway.settings import EcpsSettings, Settings, policy_files
 from gateway.wsgi import normalise_host
 
 GATEWAY_PREFIX = "/.gateway"
+ECPS_LOGIN_PATH = GATEWAY_PREFIX + "/login/ecps"
+#: Flask's (signed, short-lived) session cookie: only the e-CPS login's state, nonce and PKCE verifier.
+LOGIN_COOKIE_NAME = "__Host-gateway-login"
 
 
 @dataclass
@@ -43,6 +47,8 @@ class Gateway:
     ecps_login_url: str | None = None
     #: Checks behind /.gateway/readyz; login methods register theirs (CRL freshness, IdP metadata).
     readiness: ReadinessRegistry = field(default_factory=ReadinessRegistry)
+    #: The Pro Santé Connect relying party; None when ``ecps`` is not configured.
+    ecps: ProSanteConnect | None = None
 
     def login_links(self, next_path: str) -> LoginLinks:
         card, ecps = self.card_login_url, self.ecps_login_url
@@ -70,6 +76,26 @@ def build_audit_log(settings: Settings) -> AuditLog:
         return AuditLog(sys.stderr)
     settings.audit.file.parent.mkdir(parents=True, exist_ok=True)
     return AuditLog(settings.audit.file)
+
+
+def build_ecps(config: EcpsSettings) -> ProSanteConnect:
+    private_key = config.private_key_file.read_text(encoding="utf-8") if config.private_key_file else None
+    return ProSanteConnect(
+        metadata_url=config.metadata_url,
+        expected_issuer=config.issuer,
+        client_id=config.client_id,
+        client_auth=config.client_auth,
+        client_secret=config.client_secret,
+        private_key_pem=private_key,
+        key_id=config.key_id,
+        redirect_uri=config.redirect_uri,
+        post_logout_redirect_uri=config.post_logout_redirect_uri,
+        scopes=config.scopes,
+        acr_values=config.acr_values,
+        accepted_acr=frozenset(config.accepted_acr),
+        accept_missing_acr=config.accept_missing_acr,
+        timeout=config.timeout,
+    )
 
 
 def build_gateway(
@@ -107,7 +133,10 @@ def build_gateway(
             ban_window=settings.limits.ban_window,
             ban_duration=settings.limits.ban_duration,
         ),
-        protected_cookies=frozenset({settings.sessions.cookie_name}),
+        # The login cookie is the gateway's too: never forwarded to the portal.
+        protected_cookies=frozenset({settings.sessions.cookie_name, LOGIN_COOKIE_NAME}),
+        ecps=build_ecps(settings.ecps) if settings.ecps else None,
+        ecps_login_url=ECPS_LOGIN_PATH if settings.ecps else None,
     )
     gateway.readiness.register("sessions", gateway.sessions.ping)
     probe_timeout = min(upstream.connect_timeout, 1.0)

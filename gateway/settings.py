@@ -239,6 +239,89 @@ class ForwardAuthSettings(_Section):
     )
 
 
+class EcpsSettings(_Section):
+    """e-CPS login through Pro Santé Connect (PSC), the ANS OpenID Connect provider. See docs/ecps.md."""
+
+    metadata_url: str = Field(
+        description=(
+            "PSC discovery document, given explicitly: PSC serves it at the NON-standard path "
+            "<issuer>/.well-known/wallet-openid-configuration."
+        )
+    )
+    issuer: str | None = Field(
+        None, description="Expected issuer; when set, the discovery document must name exactly this one."
+    )
+    client_id: str = Field(description="Client id registered with ANS for this service.")
+    client_auth: Literal["client_secret_basic", "private_key_jwt"] = Field(
+        "client_secret_basic",
+        description=(
+            "Token endpoint client authentication: client_secret_basic or private_key_jwt. "
+            "tls_client_auth (mTLS, required in the ANS 'Espace de Confiance') is not supported yet."
+        ),
+    )
+    client_secret: str | None = Field(
+        None, description="Client secret for client_secret_basic; write a ${ENV} reference, never the value."
+    )
+    private_key_file: Path | None = Field(
+        None, description="PEM private key signing the private_key_jwt client assertion."
+    )
+    key_id: str | None = Field(None, description="`kid` of private_key_file as registered with ANS.")
+    scopes: str = Field("openid scope_all", description="Requested scopes (must include openid).")
+    acr_values: str = Field("eidas1", description="acr_values sent in the authorization request.")
+    accepted_acr: list[str] = Field(
+        default_factory=lambda: ["eidas1", "eidas2", "eidas3"],
+        description="acr values accepted in the id_token; any other refuses the login.",
+    )
+    accept_missing_acr: bool = Field(
+        False, description="Accept an id_token without acr (PSC has omitted it at times)."
+    )
+    redirect_uri: str = Field(
+        description="Callback registered with ANS: <public origin>/.gateway/ecps/callback."
+    )
+    post_logout_redirect_uri: str | None = Field(
+        None, description="Where PSC sends the browser after logout (registered with ANS); None: PSC's page."
+    )
+    timeout: Duration = Field(5.0, description="Time limit of each call to PSC (discovery, token, userinfo).")
+    login_cookie_secret: str = Field(
+        min_length=32,
+        description=(
+            "Secret signing the short-lived __Host-gateway-login cookie that binds state, nonce and PKCE "
+            "to the browser; identical on every instance; write a ${ENV} reference."
+        ),
+    )
+
+    _resolve_paths = _paths_relative_to_settings("private_key_file")
+
+    @field_validator("private_key_file", mode="after")
+    @classmethod
+    def _key_exists(cls, value: Path | None, info: pydantic.ValidationInfo) -> Path | None:
+        if value is not None:
+            _require_file(value, info)
+        return value
+
+    @field_validator("metadata_url", "redirect_uri", "post_logout_redirect_uri")
+    @classmethod
+    def _url(cls, value: str | None) -> str | None:
+        if value is not None and not re.match(r"^https?://[^\s/?#]+(/[^\s#]*)?$", value):
+            raise ValueError(f"{value!r} is not an http(s) URL")
+        return value
+
+    @field_validator("scopes")
+    @classmethod
+    def _openid(cls, value: str) -> str:
+        if "openid" not in value.split():
+            raise ValueError("scopes must include openid")
+        return value
+
+    @model_validator(mode="after")
+    def _credentials(self) -> EcpsSettings:
+        if self.client_auth == "client_secret_basic" and not self.client_secret:
+            raise ValueError("client_auth client_secret_basic needs client_secret")
+        if self.client_auth == "private_key_jwt" and self.private_key_file is None:
+            raise ValueError("client_auth private_key_jwt needs private_key_file (and usually key_id)")
+        return self
+
+
 class Settings(_Section):
     """The whole configuration of one gateway deployment."""
 
@@ -249,6 +332,7 @@ class Settings(_Section):
     sessions: SessionSettings = Field(default_factory=SessionSettings)  # type: ignore[arg-type]
     limits: LimitsSettings = Field(default_factory=LimitsSettings)  # type: ignore[arg-type]
     audit: AuditSettings = Field(default_factory=AuditSettings)  # type: ignore[arg-type]
+    ecps: EcpsSettings | None = Field(None, description="e-CPS login via Pro Santé Connect (None: off).")
     metrics: MetricsSettings | None = Field(None, description="Prometheus metrics; absent: none are served.")
     forward_auth: ForwardAuthSettings = Field(default_factory=ForwardAuthSettings)
 

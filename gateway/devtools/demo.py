@@ -8,8 +8,9 @@ import signal
 import subprocess
 import sys
 from collections.abc import Iterator
+from urllib.parse import urlsplit
 
-from gateway.settings import DEFAULT_SETTINGS_FILE, load_settings
+from gateway.settings import DEFAULT_SETTINGS_FILE, Settings, load_settings
 
 
 @contextlib.contextmanager
@@ -28,6 +29,8 @@ def child(argv: list[str]) -> Iterator[subprocess.Popen[bytes]]:
 
 
 def run_demo() -> int:
+    # Stopping the demo by PID (SIGTERM) must stop its children too, like Ctrl-C does.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     python = sys.executable
     subprocess.run([python, "-m", "gateway.cli", "dev", "init"], check=True)
     settings = load_settings(DEFAULT_SETTINGS_FILE)
@@ -36,11 +39,16 @@ def run_demo() -> int:
     print(
         f"\n  Demo portal behind the gateway: {origin}/\n"
         f"  Protected pages: {origin}/patients/180017512345678 , {origin}/account/rib\n"
-        "  They answer the login page until a card or e-CPS login is configured.\n"
+        "  They answer the login page; its e-CPS button leads to the Pro Santé Connect stand-in.\n"
         "  Ctrl-C stops everything.\n",
         flush=True,
     )
-    with child([python, "-m", "gateway.cli", "dev", "portal", "--listen", upstream_listen]):
+    with (
+        child([python, "-m", "gateway.cli", "dev", "portal", "--listen", upstream_listen]),
+        contextlib.ExitStack() as stand_ins,
+    ):
+        if settings.ecps is not None:
+            stand_ins.enter_context(child(psc_stand_in_argv(python, settings)))
         gateway = subprocess.Popen([python, "-m", "gateway.cli", "serve"], stdin=subprocess.DEVNULL)
         try:
             return gateway.wait()
@@ -48,3 +56,21 @@ def run_demo() -> int:
             gateway.send_signal(signal.SIGTERM)
             gateway.wait(30)
             return 0
+
+
+def psc_stand_in_argv(python: str, settings: Settings) -> list[str]:
+    """The Pro Santé Connect stand-in, with the gateway registered as its client (as ANS registers it)."""
+    ecps = settings.ecps
+    if ecps is None:
+        raise ValueError("no ecps section")
+    metadata = urlsplit(ecps.metadata_url)
+    if metadata.hostname != "127.0.0.1" or metadata.port is None:
+        raise ValueError("the demo's ecps.metadata_url must name the stand-in on 127.0.0.1:<port>")
+    issuer_path = metadata.path.split("/.well-known/", 1)[0]
+    argv = [python, "-m", "gateway.devtools.psc", "--port", str(metadata.port), "--issuer-path", issuer_path]
+    argv += ["--client-id", ecps.client_id, "--client-secret", ecps.client_secret or ""]
+    argv += ["--redirect-uri", ecps.redirect_uri]
+    argv += ["--backchannel-logout-uri", settings.server.public_origin + "/.gateway/ecps/backchannel-logout"]
+    if ecps.post_logout_redirect_uri:
+        argv += ["--post-logout-redirect-uri", ecps.post_logout_redirect_uri]
+    return argv

@@ -65,7 +65,7 @@ def _forward(gateway: Gateway, target: str, access: Access) -> Response:
     preserve = gateway.settings.upstream.host_header == "preserve"
     try:
         with metrics.upstream_timer():
-                return forward(
+            return forward(
                 gateway.upstream,
                 request,
                 target=target,

@@ -60,6 +60,8 @@ class Reason(enum.StrEnum):
     STATE_MISMATCH = "state_mismatch"
     TOKEN_INVALID = "token_invalid"  # noqa: S105 - a reason code, not a secret
     ACR_NOT_ACCEPTED = "acr_not_accepted"
+    #: PSC answered the authorization request with an error (invalid_request, login_required...).
+    IDP_ERROR = "idp_error"
     # Sessions and limits
     SESSION_STORE_UNAVAILABLE = "session_store_unavailable"
     LIMITS_UNAVAILABLE = "limits_unavailable"

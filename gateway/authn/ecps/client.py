@@ -240,7 +240,7 @@ class ProSanteConnect:
         if error in IDP_DOWN_ERRORS:
             raise EcpsError(Reason.IDP_UNAVAILABLE, f"provider error {error}")
         # login_required, invalid_request...: the provider refused our request.
-        raise EcpsError(Reason.TOKEN_INVALID, f"provider error {_error_code(error)}")
+        raise EcpsError(Reason.IDP_ERROR, f"provider error {_error_code(error)}")
 
     def _refuse_other_issuer(self) -> None:
         """RFC 9207 mix-up defence: when the provider names itself in the callback, it must be PSC."""

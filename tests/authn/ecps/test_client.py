@@ -343,7 +343,7 @@ def test_provider_errors_are_reduced_to_a_code(psc: PscServer) -> None:
     client = app.test_client()
     state = query_of(start_login(client))["state"]
     answer = follow_callback(client, f"/.gateway/ecps/callback?state={state}&error=bad%0Aline%20injected")
-    assert_refused(answer, Reason.TOKEN_INVALID)
+    assert_refused(answer, Reason.IDP_ERROR)
     assert answer.get_json()["detail"] == "provider error unrecognised_error"
 
 

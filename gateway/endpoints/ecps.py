@@ -1,0 +1,134 @@
+"""e-CPS login through Pro Santé Connect: start, callback, and PSC's back-channel logout.
+
+The adapter (``gateway.authn.ecps``) does the protocol and every verification; these views only connect it to
+the gateway: step-up from the target's rule, the gateway session, audit, and refusal pages. Tokens and
+authorization codes are never logged nor audited (EcpsError.detail is safe by construction).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from flask import Blueprint, Response, request, session
+from werkzeug.wrappers import Response as WerkzeugResponse
+
+from gateway.authn.ecps import EcpsError, ProSanteConnect
+from gateway.endpoints.pages import safe_next_path
+from gateway.identity import LoginMethod
+from gateway.login import open_session
+from gateway.policy.decision import Reason
+from gateway.policy.model import Action
+from gateway.policy.paths import BadPath, normalise_target
+from gateway.runtime import GATEWAY_PREFIX, Gateway, client_ip, gateway_of, refuse, request_host, request_id
+from gateway.sessions import SessionStoreUnavailable
+
+CALLBACK_PATH = "/ecps/callback"
+BACKCHANNEL_LOGOUT_PATH = "/ecps/backchannel-logout"
+
+
+def blueprint() -> Blueprint:
+    ecps = Blueprint("gateway_ecps", __name__, url_prefix=GATEWAY_PREFIX)
+    ecps.add_url_rule("/login/ecps", "login", begin_login, methods=["GET"])
+    ecps.add_url_rule(CALLBACK_PATH, "callback", complete_login, methods=["GET"])
+    ecps.add_url_rule(BACKCHANNEL_LOGOUT_PATH, "backchannel_logout", backchannel_logout, methods=["POST"])
+    return ecps
+
+
+def _client(gateway: Gateway) -> ProSanteConnect:
+    if gateway.ecps is None:  # the blueprint is only registered when ecps is configured
+        raise RuntimeError("e-CPS endpoints without an ecps configuration")
+    return gateway.ecps
+
+
+def begin_login() -> WerkzeugResponse:
+    gateway = gateway_of()
+    next_path = safe_next_path(request.args.get("next"))
+    try:
+        return _client(gateway).begin_login(next_path, max_age=_step_up_max_age(gateway, next_path))
+    except EcpsError as exc:
+        _audit_refused_login(gateway, exc)
+        return refuse(exc.reason, next_path=next_path)
+
+
+def _step_up_max_age(gateway: Gateway, next_path: str) -> int | None:
+    """The ``max_age`` of the rule guarding ``next_path``: PSC must then authenticate the user again."""
+    host = request_host(gateway)
+    try:
+        target = normalise_target(next_path)
+    except BadPath:
+        return None
+    rule = gateway.policies.match("GET", host or "", target.path)
+    if rule is None or rule.action is not Action.AUTHENTICATE or rule.login.max_age is None:
+        return None
+    return max(1, math.ceil(rule.login.max_age))
+
+
+def complete_login() -> Response:
+    gateway = gateway_of()
+    try:
+        login = _client(gateway).complete_login()
+    except EcpsError as exc:
+        _audit_refused_login(gateway, exc)
+        return refuse(exc.reason, next_path="/")
+    data = {"id_token": login.id_token, "sid": login.sid or ""}
+    try:
+        response, _ = open_session(gateway, login.identity, safe_next_path(login.next_path), data=data)
+    except SessionStoreUnavailable:
+        return refuse(Reason.SESSION_STORE_UNAVAILABLE, next_path="/")
+    # The login cookie's job is done: the state is consumed, the gateway session takes over.
+    session.clear()
+    return response
+
+
+def backchannel_logout() -> Response:
+    """PSC says a PSC session ended: end the professional's gateway sessions (OIDC Back-Channel Logout)."""
+    gateway = gateway_of()
+    token = request.form.get("logout_token", "")
+    try:
+        logout = _client(gateway).verify_logout_token(token)
+    except EcpsError as exc:
+        _audit_logout(gateway, None, "deny", exc.reason.value, detail=exc.detail)
+        return _no_store(Response("", 400))
+    if logout.idnat is None:
+        # Our sessions are indexed by idNat; a token naming only a PSC sid cannot be mapped to them.
+        _audit_logout(gateway, None, "deny", Reason.TOKEN_INVALID.value, detail="logout token without sub")
+        return _no_store(Response("", 400))
+    try:
+        ended = gateway.sessions.delete_all_for(logout.idnat)
+    except SessionStoreUnavailable:
+        # 503: PSC may deliver again; the session must not outlive the PSC session silently.
+        _audit_logout(gateway, logout.idnat, "deny", Reason.SESSION_STORE_UNAVAILABLE.value)
+        return _no_store(Response("", 503))
+    _audit_logout(gateway, logout.idnat, "allow", "backchannel_logout", sessions_ended=ended)
+    return _no_store(Response("", 200))
+
+
+def _no_store(response: Response) -> Response:
+    response.headers["Cache-Control"] = "no-store"
+    return response
+
+
+def _audit_refused_login(gateway: Gateway, exc: EcpsError) -> None:
+    gateway.audit.record(
+        "login",
+        request_id=request_id(),
+        client_ip=client_ip(gateway),
+        method=LoginMethod.ECPS.value,
+        decision="deny",
+        reasons=[exc.reason.value],
+        detail=exc.detail,
+    )
+
+
+def _audit_logout(gateway: Gateway, idnat: str | None, decision: str, reason: str, **fields: Any) -> None:
+    gateway.audit.record(
+        "logout",
+        request_id=request_id(),
+        client_ip=client_ip(gateway),
+        idnat=idnat,
+        method=LoginMethod.ECPS.value,
+        decision=decision,
+        reasons=[reason],
+        **fields,
+    )

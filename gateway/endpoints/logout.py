@@ -1,0 +1,140 @@
+"""Logout for every login method: a confirmation page (GET) and the logout itself (POST, CSRF-protected).
+
+Logout is a state-changing POST with the session's synchroniser token: a cross-site page must not be able
+to log a professional out (nor, with PSC's RP-initiated logout, out of Pro Santé Connect).
+"""
+
+from __future__ import annotations
+
+import hmac
+import time
+from urllib.parse import urlsplit
+
+from flask import Blueprint, Response, render_template, request
+
+from gateway.identity import LoginMethod
+from gateway.login import clear_session_cookie
+from gateway.policy.decision import Reason
+from gateway.responses import SECURITY_HEADERS, language_of
+from gateway.runtime import GATEWAY_PREFIX, Gateway, client_ip, gateway_of, refuse, request_id
+from gateway.sessions import Session, SessionStoreUnavailable
+
+LOGOUT_PATH = "/logout"
+
+_TEXTS = {
+    "fr": {
+        "title": "Déconnexion",
+        "question": "Voulez-vous vous déconnecter de la passerelle ?",
+        "confirm": "Se déconnecter",
+        "none": "Vous n'êtes pas connecté.",
+    },
+    "en": {
+        "title": "Log out",
+        "question": "Do you want to log out of the gateway?",
+        "confirm": "Log out",
+        "none": "You are not logged in.",
+    },
+}
+
+
+def blueprint() -> Blueprint:
+    logout = Blueprint("gateway_logout", __name__, url_prefix=GATEWAY_PREFIX)
+    logout.add_url_rule(LOGOUT_PATH, "confirm", confirm_logout, methods=["GET"])
+    logout.add_url_rule(LOGOUT_PATH, "logout", log_out, methods=["POST"])
+    return logout
+
+
+def _current_session(gateway: Gateway) -> Session | None:
+    session_id = request.cookies.get(gateway.settings.sessions.cookie_name)
+    return gateway.sessions.get(session_id, time.time()) if session_id else None
+
+
+def confirm_logout() -> Response:
+    gateway = gateway_of()
+    try:
+        session = _current_session(gateway)
+    except SessionStoreUnavailable:
+        return refuse(Reason.SESSION_STORE_UNAVAILABLE, next_path="/")
+    language = language_of(request, gateway.settings.server.language)
+    body = render_template(
+        "logout.html",
+        lang=language,
+        t=_TEXTS[language],
+        action=GATEWAY_PREFIX + LOGOUT_PATH,
+        csrf_token=session.csrf_token if session else None,
+    )
+    response = Response(body, 200, content_type="text/html; charset=utf-8")
+    response.headers.extend(SECURITY_HEADERS)
+    if session is not None:
+        response.headers["Content-Security-Policy"] = _page_policy(_end_session_origin(gateway, session))
+    return response
+
+
+def _page_policy(extra_form_target: str | None) -> str:
+    """The pages' policy, plus PSC's logout origin: CSP form-action also governs the redirects that follow
+    the POST, and the e-CPS logout ends at PSC (an http:// stand-in in development would be blocked)."""
+    form_targets = " ".join(filter(None, ("'self' https:", extra_form_target)))
+    return f"default-src 'none'; style-src 'self'; form-action {form_targets}; frame-ancestors 'none'"
+
+
+def _end_session_origin(gateway: Gateway, session: Session) -> str | None:
+    url = _end_session_url(gateway, session)
+    if url is None:
+        return None
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc}"
+
+
+def log_out() -> Response:
+    gateway = gateway_of()
+    try:
+        session = _current_session(gateway)
+    except SessionStoreUnavailable:
+        return refuse(Reason.SESSION_STORE_UNAVAILABLE, next_path="/")
+    if session is None:
+        # Nothing to end (expired, or already logged out): just make sure the browser forgets the cookie.
+        response = _see_other("/")
+        clear_session_cookie(gateway, response)
+        return response
+    if not hmac.compare_digest(request.form.get("csrf_token", ""), session.csrf_token):
+        _audit(gateway, session, "deny", Reason.CSRF_FAILED.value)
+        return refuse(Reason.CSRF_FAILED, next_path="/")
+    try:
+        gateway.sessions.delete(session.id)
+    except SessionStoreUnavailable:
+        return refuse(Reason.SESSION_STORE_UNAVAILABLE, next_path="/")
+    _audit(gateway, session, "allow", "logout")
+    response = _see_other(_after_logout_url(gateway, session))
+    clear_session_cookie(gateway, response)
+    response.headers["Cache-Control"] = "no-store"
+    return response
+
+
+def _see_other(location: str) -> Response:
+    return Response(status=303, headers={"Location": location})
+
+
+def _after_logout_url(gateway: Gateway, session: Session) -> str:
+    """e-CPS sessions also end the PSC session (RP-initiated logout) when PSC can be reached."""
+    return _end_session_url(gateway, session) or "/"
+
+
+def _end_session_url(gateway: Gateway, session: Session) -> str | None:
+    id_token = session.data.get("id_token")
+    if session.identity.method is LoginMethod.ECPS and gateway.ecps is not None and id_token:
+        return gateway.ecps.end_session_url(id_token)
+    return None
+
+
+def _audit(gateway: Gateway, session: Session, decision: str, reason: str) -> None:
+    identity = session.identity
+    gateway.audit.record(
+        "logout",
+        request_id=request_id(),
+        client_ip=client_ip(gateway),
+        idnat=identity.idnat,
+        method=identity.method.value,
+        auth_mode=identity.auth_mode,
+        decision=decision,
+        reasons=[reason],
+    )

@@ -1,0 +1,231 @@
+"""e-CPS login end to end: a real gateway process, the PSC stand-in process and the test upstream process."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from urllib.parse import urljoin
+
+import pytest
+import requests
+
+from tests.support.ecps import (
+    DOCTOR,
+    LOGIN_COOKIE,
+    PHARMACIST,
+    PHYSIO,
+    SESSION_COOKIE,
+    Browser,
+    EcpsWorld,
+    running_ecps_world,
+)
+from tests.support.psc import query_of
+
+
+@pytest.fixture(scope="module")
+def world_once(
+    tmp_path_factory: pytest.TempPathFactory, upstream_url: str, assertion_key: Path
+) -> Iterator[EcpsWorld]:
+    with running_ecps_world(tmp_path_factory.mktemp("ecps"), upstream_url, assertion_key) as world:
+        yield world
+
+
+@pytest.fixture
+def world(world_once: EcpsWorld) -> Iterator[EcpsWorld]:
+    world_once.psc.reset()
+    yield world_once
+    world_once.psc.reset()
+
+
+def start_login(world: EcpsWorld, browser: Browser, next_path: str) -> str:
+    """The login page's e-CPS button; returns PSC's authorization URL."""
+    answer = browser.get(world.gateway_url + "/.gateway/login/ecps", params={"next": next_path})
+    assert answer.status_code == 302, answer.text[:300]
+    assert answer.headers["Location"].startswith(world.psc.issuer)
+    return answer.headers["Location"]
+
+
+def callback_after_approval(world: EcpsWorld, browser: Browser, next_path: str, idnat: str) -> str:
+    return world.psc.approve(start_login(world, browser, next_path), idnat)
+
+
+def log_in(world: EcpsWorld, browser: Browser, next_path: str, idnat: str = DOCTOR) -> requests.Response:
+    """The whole login; returns the answer to the first request after it (the gateway's redirect followed)."""
+    callback = callback_after_approval(world, browser, next_path, idnat)
+    answer = browser.get(callback)
+    assert answer.status_code == 303, (answer.status_code, answer.headers.get("X-Gateway-Reason"))
+    return browser.follow(answer)
+
+
+def assert_refused(answer: requests.Response, status: int, reason: str, text: str) -> None:
+    assert answer.status_code == status
+    assert answer.headers["X-Gateway-Reason"] == reason
+    assert answer.headers["Cache-Control"] == "no-store"
+    assert text in answer.text
+    assert "eyJ" not in answer.text  # no token ever shown
+
+
+def test_login_reaches_the_protected_page_with_the_identity(world: EcpsWorld) -> None:
+    browser = Browser()
+    page = log_in(world, browser, "/echo/protected/dossier?x=1")
+    assert page.status_code == 200
+    echoed = page.json()
+    assert echoed["path"] == "/echo/protected/dossier" and echoed["query"] == "x=1"
+    assert echoed["headers"]["x-gateway-subject"] == DOCTOR
+    assert echoed["headers"]["x-gateway-auth-method"] == "ecps"
+    assert echoed["headers"]["x-gateway-professions"] == "10"
+    # The portal never sees the gateway's cookies; the login cookie is gone once the session exists.
+    assert "__Host-gateway" not in echoed["headers"].get("cookie", "")
+    assert SESSION_COOKIE in browser.cookies and LOGIN_COOKIE not in browser.cookies
+    login = world.last_audit("login")
+    assert (login["decision"], login["method"], login["idnat"]) == ("allow", "ecps", DOCTOR)
+    assert "eyJ" not in (world.directory / "audit.log").read_text()
+
+
+def test_login_page_offers_the_ecps_button(world: EcpsWorld) -> None:
+    page = Browser().get(world.gateway_url + "/echo/protected/x")
+    assert page.status_code == 401
+    assert 'id="login-ecps" href="/.gateway/login/ecps?next=/echo/protected/x"' in page.text
+
+
+def test_open_redirects_are_refused(world: EcpsWorld) -> None:
+    browser = Browser()
+    callback = callback_after_approval(world, browser, "//evil.example/x", DOCTOR)
+    answer = browser.get(callback)
+    assert answer.status_code == 303 and answer.headers["Location"] == "/"
+
+
+def test_user_refusing_on_the_phone(world: EcpsWorld) -> None:
+    browser = Browser()
+    callback = world.psc.refuse(start_login(world, browser, "/echo/protected/x"))
+    assert_refused(browser.get(callback), 401, "login_cancelled", "Identification annulée")
+    assert world.last_audit("login")["reasons"] == ["login_cancelled"]
+
+
+def test_replayed_callback_is_refused(world: EcpsWorld) -> None:
+    browser = Browser()
+    callback = callback_after_approval(world, browser, "/echo/protected/x", DOCTOR)
+    assert browser.get(callback).status_code == 303
+    assert_refused(browser.get(callback), 400, "state_mismatch", "Identification expirée")
+    audit = world.last_audit("login")
+    assert (audit["decision"], audit["reasons"]) == ("deny", ["state_mismatch"])
+
+
+def test_callback_in_another_browser_is_refused(world: EcpsWorld) -> None:
+    callback = callback_after_approval(world, Browser(), "/echo/protected/x", DOCTOR)
+    assert_refused(Browser("en").get(callback), 400, "state_mismatch", "Login expired")
+    assert "code" not in world.last_audit("login")
+
+
+@pytest.mark.parametrize("fault", ["wrong_issuer", "bad_signature", "expired_token", "wrong_nonce"])
+def test_tokens_that_do_not_verify_are_refused(world: EcpsWorld, fault: str) -> None:
+    world.psc.set_faults(**{fault: True})
+    browser = Browser()
+    callback = callback_after_approval(world, browser, "/echo/protected/x", DOCTOR)
+    assert_refused(browser.get(callback), 401, "token_invalid", "Identification refusée")
+    assert SESSION_COOKIE not in browser.cookies
+    audit = world.last_audit("login")
+    assert (audit["decision"], audit["reasons"]) == ("deny", ["token_invalid"])
+
+
+def test_refusal_page_in_english(world: EcpsWorld) -> None:
+    world.psc.set_faults(bad_signature=True)
+    browser = Browser("en")
+    callback = callback_after_approval(world, browser, "/echo/protected/x", DOCTOR)
+    assert_refused(browser.get(callback), 401, "token_invalid", "Login refused")
+
+
+def test_provider_down_during_the_token_exchange(world: EcpsWorld) -> None:
+    browser = Browser()
+    callback = callback_after_approval(world, browser, "/echo/protected/x", DOCTOR)
+    world.psc.set_faults(unavailable=True)
+    assert_refused(browser.get(callback), 503, "idp_unavailable", "Pro Santé Connect indisponible")
+    assert world.last_audit("login")["reasons"] == ["idp_unavailable"]
+
+
+def test_provider_refusing_the_request(world: EcpsWorld) -> None:
+    browser = Browser()
+    state = query_of(start_login(world, browser, "/echo/protected/x"))["state"]
+    callback = f"{world.gateway_url}/.gateway/ecps/callback?state={state}&error=invalid_scope"
+    assert_refused(browser.get(callback), 502, "idp_error", "Pro Santé Connect a refusé la demande")
+    audit = world.last_audit("login")
+    assert (audit["reasons"], audit["detail"]) == (["idp_error"], "provider error invalid_scope")
+
+
+def test_profession_outside_the_rule(world: EcpsWorld) -> None:
+    browser = Browser()
+    assert log_in(world, browser, "/patients/180017512345678", PHARMACIST).status_code == 200
+    other = Browser()
+    assert_refused(
+        log_in(world, other, "/patients/180017512345678", PHYSIO),
+        403,
+        "profession_not_allowed",
+        "Accès réservé",
+    )
+    decision = world.last_audit("decision")
+    assert (decision["idnat"], decision["reasons"]) == (PHYSIO, ["profession_not_allowed"])
+
+
+def test_step_up_when_the_login_is_too_old(world: EcpsWorld) -> None:
+    browser = Browser()
+    assert log_in(world, browser, "/echo/stepup/transfer").status_code == 200
+    time.sleep(2.2)  # the rule's max_age is 2 s
+    page = browser.get(world.gateway_url + "/echo/stepup/transfer")
+    assert_refused(page, 401, "login_too_old", "Identification trop ancienne")
+    authorization = start_login(world, browser, "/echo/stepup/transfer")
+    assert query_of(authorization)["max_age"] == "2"
+    assert query_of(authorization)["prompt"] == "login"
+    answer = browser.get(world.psc.approve(authorization, DOCTOR))
+    assert browser.follow(answer).json()["headers"]["x-gateway-subject"] == DOCTOR
+
+
+def test_backchannel_logout_ends_the_session(world: EcpsWorld) -> None:
+    browser = Browser()
+    assert log_in(world, browser, "/echo/protected/x").status_code == 200
+    deliveries = world.psc.backchannel_logout(idnat=DOCTOR)
+    assert [d["status"] for d in deliveries] == [200]
+    assert_refused(
+        browser.get(world.gateway_url + "/echo/protected/x"), 401, "unauthenticated", "Identification"
+    )
+    audit = world.last_audit("logout")
+    # Every gateway session of that professional ends (earlier tests of this module left some too).
+    assert (audit["idnat"], audit["decision"]) == (DOCTOR, "allow") and audit["sessions_ended"] >= 1
+
+
+def test_forged_backchannel_logout_is_refused(world: EcpsWorld) -> None:
+    url = world.gateway_url + "/.gateway/ecps/backchannel-logout"
+    answer = requests.post(url, data={"logout_token": "eyJhbGciOiJub25lIn0.e30."}, timeout=5)
+    assert answer.status_code == 400 and answer.headers["Cache-Control"] == "no-store"
+    assert world.last_audit("logout")["reasons"] == ["token_invalid"]
+
+
+def test_logout_needs_the_csrf_token(world: EcpsWorld) -> None:
+    browser = Browser()
+    assert log_in(world, browser, "/echo/protected/x").status_code == 200
+    logout_url = world.gateway_url + "/.gateway/logout"
+    confirmation = browser.get(logout_url)
+    assert confirmation.status_code == 200 and "Se déconnecter" in confirmation.text
+    token = confirmation.text.split('name="csrf_token" value="', 1)[1].split('"', 1)[0]
+    # The form's redirects end at PSC's logout endpoint: CSP form-action must allow that origin.
+    policy = confirmation.headers["Content-Security-Policy"]
+    assert f"form-action 'self' https: {world.psc.base_url};" in policy
+
+    assert_refused(
+        browser.post(logout_url, data={"csrf_token": "forged"}), 403, "csrf_failed", "Formulaire expiré"
+    )
+    assert_refused(browser.post(logout_url), 403, "csrf_failed", "Formulaire expiré")
+    assert browser.get(world.gateway_url + "/echo/protected/x").status_code == 200
+
+    answer = browser.post(logout_url, data={"csrf_token": token})
+    assert answer.status_code == 303
+    # An e-CPS session also ends the PSC session: RP-initiated logout with the id_token as hint.
+    end_session = answer.headers["Location"]
+    assert end_session.startswith(world.psc.issuer + "/protocol/openid-connect/logout")
+    assert query_of(end_session)["post_logout_redirect_uri"] == world.gateway_url + "/"
+    assert SESSION_COOKIE not in browser.cookies
+    back = requests.get(end_session, allow_redirects=False, timeout=5)
+    assert urljoin(end_session, back.headers["Location"]).startswith(world.gateway_url + "/?state=")
+    assert browser.get(world.gateway_url + "/echo/protected/x").status_code == 401
+    audit = world.last_audit("logout")
+    assert (audit["idnat"], audit["decision"], audit["reasons"]) == (DOCTOR, "allow", ["logout"])

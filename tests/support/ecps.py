@@ -1,0 +1,165 @@
+"""A real gateway process with e-CPS login, in front of the test upstream, with the PSC stand-in process."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from http.cookies import SimpleCookie
+from pathlib import Path
+from typing import Any
+from urllib.parse import urljoin
+
+import requests
+
+from tests.support.config import write_config
+from tests.support.processes import PYTHON, free_port, running
+from tests.support.psc import PscServer, running_psc
+
+CLIENT_ID = "gateway"
+CLIENT_SECRET = "stand-in-secret-for-tests"
+LOGIN_COOKIE_SECRET = "x" * 40
+SESSION_COOKIE = "__Host-gateway-session"
+LOGIN_COOKIE = "__Host-gateway-login"
+DOCTOR = "810001234567"  # profession 10, authMode MOBILE
+PHARMACIST = "810009876543"  # profession 21
+PHYSIO = "810007070707"  # profession 70: outside the records rule
+
+ECPS_POLICIES = """\
+rules:
+  - name: public-hello
+    match: { paths: [/hello] }
+    action: public
+  - name: records
+    match: { path: /patients/*, methods: [GET] }
+    action: authenticate
+    login: { professions: [10, 21] }
+  - name: step-up
+    match: { path: /echo/stepup/** }
+    action: authenticate
+    login: { max_age: 2s }
+  - name: echo-protected
+    match: { path: /echo/protected/** }
+    action: authenticate
+"""
+
+IDENTITIES = [
+    {
+        "idnat": DOCTOR,
+        "family_name": "DUPONT",
+        "given_name": "JEAN",
+        "profession": "10",
+        "auth_mode": "MOBILE",
+    },
+    {
+        "idnat": PHARMACIST,
+        "family_name": "MARTIN",
+        "given_name": "CLAIRE",
+        "profession": "21",
+        "auth_mode": "MOBILE",
+    },
+    {
+        "idnat": PHYSIO,
+        "family_name": "LEROY",
+        "given_name": "ANNE",
+        "profession": "70",
+        "auth_mode": "MOBILE",
+    },
+]
+
+
+@dataclass(frozen=True)
+class EcpsWorld:
+    gateway_url: str
+    psc: PscServer
+    directory: Path
+
+    def audit_events(self) -> list[dict[str, Any]]:
+        lines = (self.directory / "audit.log").read_text(encoding="utf-8").splitlines()
+        return [json.loads(line) for line in lines]
+
+    def last_audit(self, event: str) -> dict[str, Any]:
+        return next(e for e in reversed(self.audit_events()) if e["event"] == event)
+
+
+@contextlib.contextmanager
+def running_ecps_world(directory: Path, upstream_url: str, assertion_key: Path) -> Iterator[EcpsWorld]:
+    """PSC stand-in + gateway (``gateway.cli serve``, one worker: memory sessions) on free loopback ports."""
+    gateway_port = free_port()
+    gateway_url = f"http://127.0.0.1:{gateway_port}"
+    client = {
+        "client_id": CLIENT_ID,
+        "client_secret": CLIENT_SECRET,
+        "redirect_uris": [gateway_url + "/.gateway/ecps/callback"],
+        "post_logout_redirect_uris": [gateway_url + "/"],
+        "backchannel_logout_uri": gateway_url + "/.gateway/ecps/backchannel-logout",
+    }
+    with running_psc(directory, [client], identities=IDENTITIES) as psc:
+        config = write_config(
+            directory / "gateway",
+            upstream_url=upstream_url,
+            assertion_key=assertion_key,
+            policies=ECPS_POLICIES,
+            listen=f"127.0.0.1:{gateway_port}",
+            extra={
+                "server": {"workers": 1, "threads": 8},
+                "ecps": {
+                    "metadata_url": psc.metadata_url,
+                    "client_id": CLIENT_ID,
+                    "client_secret": "${TEST_PSC_CLIENT_SECRET}",
+                    "redirect_uri": client["redirect_uris"][0],
+                    "post_logout_redirect_uri": gateway_url + "/",
+                    "timeout": "3s",
+                    "login_cookie_secret": "${TEST_LOGIN_COOKIE_SECRET}",
+                },
+            },
+        )
+        env = {
+            **os.environ,
+            "TEST_PSC_CLIENT_SECRET": CLIENT_SECRET,
+            "TEST_LOGIN_COOKIE_SECRET": LOGIN_COOKIE_SECRET,
+        }
+        argv = [PYTHON, "-m", "gateway.cli", "serve", "--config", str(config)]
+        with running(argv, gateway_port, env=env, log=directory / "gateway.log"):
+            yield EcpsWorld(gateway_url=gateway_url, psc=psc, directory=config.parent)
+
+
+class Browser:
+    """``requests`` with a hand-kept cookie jar: the gateway's cookies are ``__Host-``/Secure, and requests
+    (rightly) never sends Secure cookies over plain http, which the loopback test servers speak."""
+
+    def __init__(self, language: str = "fr") -> None:
+        self.cookies: dict[str, str] = {}
+        self.language = language
+
+    def request(self, method: str, url: str, **kwargs: Any) -> requests.Response:
+        headers = {"Accept": "text/html", "Accept-Language": self.language, **kwargs.pop("headers", {})}
+        if self.cookies:
+            headers["Cookie"] = "; ".join(f"{k}={v}" for k, v in self.cookies.items())
+        response = requests.request(method, url, headers=headers, allow_redirects=False, timeout=10, **kwargs)
+        self._remember(response)
+        return response
+
+    def get(self, url: str, **kwargs: Any) -> requests.Response:
+        return self.request("GET", url, **kwargs)
+
+    def post(self, url: str, **kwargs: Any) -> requests.Response:
+        return self.request("POST", url, **kwargs)
+
+    def follow(self, response: requests.Response, limit: int = 5) -> requests.Response:
+        """Follow the gateway's own redirects (not PSC's: the test plays the phone there)."""
+        for _ in range(limit):
+            if response.status_code not in (301, 302, 303, 307, 308):
+                return response
+            response = self.get(urljoin(response.url, response.headers["Location"]))
+        return response
+
+    def _remember(self, response: requests.Response) -> None:
+        for header in response.raw.headers.getlist("Set-Cookie"):
+            for name, morsel in SimpleCookie(header).items():
+                if morsel["max-age"] == "0" or "1970" in morsel["expires"]:
+                    self.cookies.pop(name, None)
+                else:
+                    self.cookies[name] = morsel.value
