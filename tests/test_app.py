@@ -222,3 +222,9 @@ def test_bad_host_header(client: FlaskClient) -> None:
     response = client.get("/hello", headers={"Host": "bad host!"})
     assert response.status_code == 400
     assert response.headers["X-Gateway-Reason"] == "bad_host"
+
+
+def test_unknown_gateway_paths_never_reach_the_portal(client: FlaskClient) -> None:
+    response = client.get("/.gateway/nothing/here")
+    assert response.status_code == 404
+    assert b"hello" not in response.data

@@ -13,10 +13,11 @@ from typing import Any
 from flask import Blueprint, Response, request, session
 from werkzeug.wrappers import Response as WerkzeugResponse
 
+from gateway import metrics
 from gateway.authn.ecps import EcpsError, ProSanteConnect
 from gateway.endpoints.pages import safe_next_path
 from gateway.identity import LoginMethod
-from gateway.login import open_session
+from gateway.login import LoginRefused, admit_login_attempt, login_failed, open_session
 from gateway.policy.decision import Reason
 from gateway.policy.model import Action
 from gateway.policy.paths import BadPath, normalise_target
@@ -45,6 +46,11 @@ def begin_login() -> WerkzeugResponse:
     gateway = gateway_of()
     next_path = safe_next_path(request.args.get("next"))
     try:
+        admit_login_attempt(gateway, None)  # the identity is unknown until PSC answers: per IP only
+    except LoginRefused as refused:
+        metrics.login_attempt(LoginMethod.ECPS.value, refused.reason.value)
+        return refuse(refused.reason, retry_after=refused.retry_after, next_path=next_path)
+    try:
         return _client(gateway).begin_login(next_path, max_age=_step_up_max_age(gateway, next_path))
     except EcpsError as exc:
         _audit_refused_login(gateway, exc)
@@ -69,8 +75,13 @@ def complete_login() -> Response:
     try:
         login = _client(gateway).complete_login()
     except EcpsError as exc:
-        _audit_refused_login(gateway, exc)
+        metrics.login_attempt(LoginMethod.ECPS.value, exc.reason.value)
+        if exc.reason in _SUSPICIOUS:
+            login_failed(gateway, None, exc.reason, method=LoginMethod.ECPS.value, detail=exc.detail)
+        else:
+            _audit_refused_login(gateway, exc)
         return refuse(exc.reason, next_path="/")
+    metrics.login_attempt(LoginMethod.ECPS.value, "success")
     data = {"id_token": login.id_token, "sid": login.sid or ""}
     try:
         response, _ = open_session(gateway, login.identity, safe_next_path(login.next_path), data=data)
@@ -79,6 +90,10 @@ def complete_login() -> Response:
     # The login cookie's job is done: the state is consumed, the gateway session takes over.
     session.clear()
     return response
+
+
+#: Failures that count towards a ban: forged or replayed answers. A cancelled login or PSC being down does not.
+_SUSPICIOUS = frozenset({Reason.TOKEN_INVALID, Reason.STATE_MISMATCH, Reason.ACR_NOT_ACCEPTED})
 
 
 def backchannel_logout() -> Response:

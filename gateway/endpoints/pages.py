@@ -41,6 +41,11 @@ def blueprint() -> Blueprint:
         response.status_code = 200
         return response
 
+    @pages.route("/<path:unknown>", methods=["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"])
+    def not_ours(unknown: str) -> Response:
+        # /.gateway/ belongs to the gateway: an unknown path there never falls through to the portal.
+        return Response("not found", 404, content_type="text/plain; charset=utf-8")
+
     @pages.get("/static/<path:name>")
     def static(name: str) -> Response:
         return send_from_directory(_STATIC_DIR, name, max_age=3600)

@@ -229,3 +229,19 @@ def test_logout_needs_the_csrf_token(world: EcpsWorld) -> None:
     assert browser.get(world.gateway_url + "/echo/protected/x").status_code == 401
     audit = world.last_audit("logout")
     assert (audit["idnat"], audit["decision"], audit["reasons"]) == (DOCTOR, "allow", ["logout"])
+
+
+def test_repeated_forged_callbacks_ban_the_client(
+    tmp_path: Path, upstream_url: str, assertion_key: Path
+) -> None:
+    limits = {"ban_after": 3, "ban_window": "10m", "ban_duration": "15m"}
+    with running_ecps_world(tmp_path, upstream_url, assertion_key, limits=limits) as strict:
+        browser = Browser()
+        forged = f"{strict.gateway_url}/.gateway/ecps/callback?code=stolen&state=guessed"
+        for _ in range(3):
+            assert browser.get(forged).headers["X-Gateway-Reason"] == "state_mismatch"
+        banned = browser.get(strict.gateway_url + "/.gateway/login/ecps", params={"next": "/"})
+        assert_refused(banned, 429, "banned", "Identification temporairement bloquée")
+        assert 800 < int(banned.headers["Retry-After"]) <= 900
+        ban = strict.last_audit("ban")
+        assert ban["banned_ip"] == "127.0.0.1" and ban["failures"] == 3

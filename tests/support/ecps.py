@@ -85,8 +85,13 @@ class EcpsWorld:
 
 
 @contextlib.contextmanager
-def running_ecps_world(directory: Path, upstream_url: str, assertion_key: Path) -> Iterator[EcpsWorld]:
-    """PSC stand-in + gateway (``gateway.cli serve``, one worker: memory sessions) on free loopback ports."""
+def running_ecps_world(
+    directory: Path, upstream_url: str, assertion_key: Path, limits: dict[str, Any] | None = None
+) -> Iterator[EcpsWorld]:
+    """PSC stand-in + gateway (``gateway.cli serve``, one worker: memory sessions) on free loopback ports.
+
+    Login limits are generous unless ``limits`` says otherwise: these tests fail logins on purpose.
+    """
     gateway_port = free_port()
     gateway_url = f"http://127.0.0.1:{gateway_port}"
     client = {
@@ -105,6 +110,7 @@ def running_ecps_world(directory: Path, upstream_url: str, assertion_key: Path) 
             listen=f"127.0.0.1:{gateway_port}",
             extra={
                 "server": {"workers": 1, "threads": 8},
+                "limits": limits or {"ban_after": 1000, "login_attempts_per_ip": "1000/minute"},
                 "ecps": {
                     "metadata_url": psc.metadata_url,
                     "client_id": CLIENT_ID,
