@@ -16,11 +16,9 @@ RUN groupadd --system --gid 10001 gateway \
             --shell /usr/sbin/nologin gateway
 
 WORKDIR /opt/gateway
-# README.md* : the glob lets the build work before the README exists (pyproject names it as readme).
-COPY pyproject.toml README.md* ./
+COPY pyproject.toml README.md ./
 COPY gateway ./gateway
-# gunicorn runs `gateway serve`; it is not (yet) a runtime dependency in pyproject.toml, hence named here.
-RUN pip install . "gunicorn>=23" \
+RUN pip install . \
  && rm -rf /opt/gateway/build
 
 RUN mkdir -p /etc/gateway/policies /etc/gateway/certs /var/log/gateway \
