@@ -28,7 +28,7 @@ def commands(parser: argparse.ArgumentParser, prefix: str = "gateway") -> list[s
 
 
 def test_every_cli_command_is_in_the_readme() -> None:
-    missing = [command for command in commands(_parser()) if f"`{command}" not in README]
+    missing = [command for command in commands(_parser()) if f"| `{command}" not in README]
     assert missing == []
 
 
