@@ -8,7 +8,7 @@ from flask import Flask, Response, request
 from werkzeug.exceptions import HTTPException
 
 from gateway.audit import AuditLog
-from gateway.endpoints import pages
+from gateway.endpoints import card, pages
 from gateway.endpoints.proxy import ALL_METHODS, proxy_view
 from gateway.policy.decision import Reason
 from gateway.policy.loader import LoadedPolicies
@@ -37,6 +37,8 @@ def create_app(
     app.extensions["gateway"] = build_gateway(settings, loaded, sessions=sessions, audit=audit)
 
     app.register_blueprint(pages.blueprint())
+    if settings.card is not None:
+        app.register_blueprint(card.blueprint())
     for rule in ("/", "/<path:path>"):
         app.add_url_rule(
             rule,

@@ -9,6 +9,9 @@ from dataclasses import dataclass, field
 from flask import Flask, Response, current_app, g, request
 
 from gateway.audit import AuditLog
+from gateway.authn.card.challenge import ChallengeIssuer, NonceStore
+from gateway.authn.card.setup import build_card_login, crls_ready
+from gateway.authn.card.verify import CardVerifier, CrlStore
 from gateway.policy.decision import Reason
 from gateway.policy.engine import PolicySet
 from gateway.policy.loader import LoadedPolicies, load_policies
@@ -37,6 +40,11 @@ class Gateway:
     #: Where the login page's choices lead; None until that login method is configured.
     card_login_url: str | None = None
     ecps_login_url: str | None = None
+    #: Card login (None when settings.card is absent): built once, see gateway/authn/card/setup.py.
+    card_verifier: CardVerifier | None = None
+    challenge_issuer: ChallengeIssuer | None = None
+    crl_store: CrlStore | None = None
+    card_handoffs: NonceStore | None = None
 
     def login_links(self, next_path: str) -> LoginLinks:
         card, ecps = self.card_login_url, self.ecps_login_url
@@ -74,7 +82,7 @@ def build_gateway(
     audit: AuditLog | None = None,
 ) -> Gateway:
     upstream = settings.upstream
-    return Gateway(
+    gateway = Gateway(
         settings=settings,
         policies=policies.policy_set,
         upstream=Upstream(
@@ -94,6 +102,27 @@ def build_gateway(
         audit=audit or build_audit_log(settings),
         protected_cookies=frozenset({settings.sessions.cookie_name}),
     )
+    _add_card_login(gateway)
+    return gateway
+
+
+CARD_LOGIN_PATH = f"{GATEWAY_PREFIX}/login/card"
+
+
+def _add_card_login(gateway: Gateway) -> None:
+    card = gateway.settings.card
+    if card is None:
+        return
+    login = build_card_login(gateway.settings, card)
+    gateway.card_verifier = login.verifier
+    gateway.challenge_issuer = login.challenges
+    gateway.crl_store = login.crl_store
+    gateway.card_handoffs = login.handoffs
+    gateway.card_login_url = card.login_origin + CARD_LOGIN_PATH
+    # /.gateway/readyz is being added in parallel: register only if this Gateway has a readiness registry.
+    readiness = getattr(gateway, "readiness", None)
+    if readiness is not None and hasattr(readiness, "register"):
+        readiness.register("card_crls", lambda: crls_ready(login))
 
 
 def gateway_of(app: Flask | None = None) -> Gateway:
