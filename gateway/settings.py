@@ -9,6 +9,8 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
+import types
+import typing
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -392,7 +394,8 @@ def documented_keys(
     for name, field in model.model_fields.items():
         key = f"{prefix}{name}"
         annotation = field.annotation
-        optional = [a for a in getattr(annotation, "__args__", ()) if a is not type(None)]
+        is_union = typing.get_origin(annotation) in (typing.Union, types.UnionType)
+        optional = [a for a in typing.get_args(annotation) if a is not type(None)] if is_union else []
         if len(optional) == 1 and isinstance(optional[0], type) and issubclass(optional[0], _Section):
             annotation = optional[0]  # an optional section (``card``): document its keys too
         if isinstance(annotation, type) and issubclass(annotation, _Section):
