@@ -18,7 +18,7 @@ from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import quote
 
-from flask import Blueprint, Response, redirect, request
+from flask import Blueprint, Response, request
 
 from gateway.authn.card.certificate import CardError
 from gateway.authn.card.challenge import NonceStore, verify_challenge_login
@@ -65,7 +65,7 @@ def tls_login() -> Response:
     gateway = gateway_of()
     next_path = safe_next_path(request.args.get("next"))
     forwarded = client_certificate_from_headers(
-        request.headers, peer(), gateway.settings.server.tls_terminators
+        dict(request.headers.items()), peer(), gateway.settings.server.tls_terminators
     )
     if forwarded.spoofed:
         _audit_spoofed(gateway)
@@ -85,7 +85,7 @@ def tls_login() -> Response:
         return refuse(Reason.SESSION_STORE_UNAVAILABLE, next_path=next_path)
     origin = gateway.settings.server.public_origin
     target = f"{origin}{COMPLETE_PATH}?handoff={token}&next={quote(next_path, safe='/')}"
-    return _no_store(redirect(target, code=303))
+    return _no_store(_see_other(target))
 
 
 def complete() -> Response:
@@ -112,7 +112,7 @@ def complete() -> Response:
         fresh = gateway.sessions.rotate(session.id, session.identity, now)
     except SessionStoreUnavailable:
         return refuse(Reason.SESSION_STORE_UNAVAILABLE, next_path=next_path)
-    response = redirect(next_path, code=303)
+    response = _see_other(next_path)
     set_session_cookie(gateway, response, fresh.id)
     gateway.audit.record(
         "card_handoff",
@@ -218,7 +218,8 @@ def _audit_denied(gateway: Gateway, reason: Reason, channel: str, detail: str, f
         reasons=[reason.value],
         channel=channel,
         detail=detail,
-        **facts,
+        card_serial=facts.get("card_serial"),
+        card_issuer=facts.get("card_issuer"),
     )
 
 
@@ -242,6 +243,10 @@ def _deny(
 ) -> Response:
     _audit_denied(gateway, reason, channel, detail, facts or {})
     return refuse(reason, next_path=next_path)
+
+
+def _see_other(location: str) -> Response:
+    return Response(status=303, headers={"Location": location})
 
 
 def _json(payload: dict[str, Any], status: int) -> Response:
