@@ -108,6 +108,9 @@ def test_no_crl_means_no_card_login(
     assert (response.status_code, response.headers["X-Gateway-Reason"]) == (503, "crl_unavailable")
     denied = [e for e in _audit(tmp_path) if e["event"] == "login"]
     assert denied[-1]["decision"] == "deny" and denied[-1]["card_serial"]
+    store = gateway_of(app).crl_store
+    assert store is not None
+    store.stop()
 
 
 def test_an_unknown_handoff_is_refused(client: FlaskClient) -> None:
@@ -126,3 +129,26 @@ def test_verify_answers_json_refusals(client: FlaskClient) -> None:
         json={"nonce": challenge["nonce"], "certificate": "not a certificate", "signature": "AAAA"},
     )
     assert (bad.status_code, bad.get_json()["error"]) == (400, "card_malformed")
+
+
+def test_readiness_says_whether_every_crl_is_fresh(
+    tmp_path: Path, upstream_url: str, assertion_key: Path, dev_pki: DevPki
+) -> None:
+    from datetime import UTC, datetime, timedelta
+
+    from gateway.authn.card.setup import build_card_login, crls_ready
+
+    config = write_config(
+        tmp_path,
+        upstream_url=upstream_url,
+        assertion_key=assertion_key,
+        extra={"card": card_settings(dev_pki, CARD_ORIGIN)},
+    )
+    settings = load_settings(config)
+    assert settings.card is not None
+    login = build_card_login(settings, settings.card)
+    try:
+        assert crls_ready(login)
+        assert not crls_ready(login, datetime.now(UTC) + timedelta(days=30))  # past nextUpdate: not ready
+    finally:
+        login.crl_store.stop()
