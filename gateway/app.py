@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 from flask import Flask, Response, request
 from werkzeug.exceptions import HTTPException
 
 from gateway.audit import AuditLog
-from gateway.endpoints import ecps, forward_auth, logout, operations, pages
+from gateway.authn.ecps import EcpsError, ProSanteConnect
+from gateway.endpoints import card, ecps, forward_auth, logout, operations, pages
 from gateway.endpoints.proxy import ALL_METHODS, proxy_view
 from gateway.policy.decision import Reason
 from gateway.policy.loader import LoadedPolicies
+from gateway.readiness import NotReady
 from gateway.runtime import LOGIN_COOKIE_NAME, build_gateway, gateway_of, read_policies, refuse, request_id
 from gateway.sessions import SessionStore
 from gateway.settings import Settings
@@ -43,7 +46,10 @@ def create_app(
     if settings.ecps is not None and gateway.ecps is not None:
         _wire_ecps(app, settings.ecps.login_cookie_secret)
         gateway.ecps.init_app(app)
+        gateway.readiness.register("ecps_metadata", _psc_metadata_check(gateway.ecps))
         app.register_blueprint(ecps.blueprint())
+    if settings.card is not None:
+        app.register_blueprint(card.blueprint())
     for rule in ("/", "/<path:path>"):
         app.add_url_rule(
             rule,
@@ -94,3 +100,13 @@ def _unexpected_error(error: Exception) -> Response:
     response = refuse(Reason.UPSTREAM_UNAVAILABLE, next_path="/")
     response.status_code = 500
     return response
+
+
+def _psc_metadata_check(client: ProSanteConnect) -> Callable[[], None]:
+    def check() -> None:
+        try:
+            client.check_metadata()
+        except EcpsError as exc:
+            raise NotReady(f"Pro Santé Connect discovery unavailable: {exc.reason.value}") from None
+
+    return check

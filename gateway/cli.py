@@ -90,6 +90,19 @@ def _parser() -> argparse.ArgumentParser:
     portal = dev.add_parser("portal", help="run the demo portal (the upstream of the embedded default)")
     portal.add_argument("--listen", default="127.0.0.1:8081")
     portal.set_defaults(run=_dev_portal)
+    _add_dev_card_commands(dev)
+
+    card = commands.add_parser("card", help="CPS card tools").add_subparsers(metavar="SUBCOMMAND")
+    login = card.add_parser("login", help="log in with a card by PKCS#11 challenge; keep the session cookie")
+    login.add_argument("--url", required=True, help="the gateway, e.g. https://portail.example")
+    login.add_argument("--token-label", required=True, help="PKCS#11 token label of the card")
+    login.add_argument(
+        "--module", default=None, help="PKCS#11 module (default: SoftHSM; Cryptolib CPS for real cards)"
+    )
+    login.add_argument("--pin", default=None, help="card PIN (default: none, for SoftHSM test cards)")
+    login.add_argument("--cookie-jar", default="cookies.txt", help="Netscape cookie jar to write (curl -b)")
+    login.add_argument("--cacert", default=None, help="CA bundle to verify an https gateway")
+    login.set_defaults(run=_card_login)
 
     settings_tools = commands.add_parser("settings", help="settings tools").add_subparsers(
         metavar="SUBCOMMAND"
@@ -309,6 +322,103 @@ def _dev_init(args: argparse.Namespace) -> int:
     settings = load_settings(args.config, require_files=False)
     generate_key_file(settings.assertion.key_file)
     print(f"assertion key: {settings.assertion.key_file}")
+    if settings.card is not None:
+        _dev_init_pki(settings.card.trust_anchors[0].parent)
+    return EXIT_OK
+
+
+def _dev_init_pki(directory: Path) -> None:
+    from datetime import UTC, datetime
+
+    from gateway.devtools.pki import ensure_dev_pki, refresh_crls
+
+    pki = ensure_dev_pki(directory)
+    refresh_crls(pki, datetime.now(UTC))  # a CRL older than a week would refuse every card (fail closed)
+    print(f"dev PKI (NOT for production): {directory}")
+
+
+DEV_DIR = Path("certs/dev")
+CARD_VARIANTS = ("expired", "revoked", "not-yet-valid", "wrong-ca", "staff")
+
+
+def _add_dev_card_commands(dev: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    pki = dev.add_parser("pki", help="create the dev PKI shaped like IGC-Santé (test only)")
+    pki.add_argument("--out", type=Path, default=DEV_DIR, help="directory (default certs/dev)")
+    pki.set_defaults(run=lambda args: _dev_init_pki(args.out))
+
+    card = dev.add_parser("card", help="create a SoftHSM test card issued by the dev PKI")
+    card.add_argument("--label", required=True, help="token label")
+    card.add_argument("--idnat", required=True, help="idNat, e.g. 8 + RPPS (810002813839)")
+    card.add_argument("--surname", required=True)
+    card.add_argument("--given", required=True)
+    card.add_argument("--profession", default="10", help="TRE_G15 code (10 Médecin, 21 Pharmacien...)")
+    card.add_argument("--pin", default="1234")
+    card.add_argument("--dir", type=Path, default=DEV_DIR, help="dev PKI directory (default certs/dev)")
+    variant = card.add_mutually_exclusive_group()
+    for name in CARD_VARIANTS:
+        variant.add_argument(f"--{name}", dest="variant", action="store_const", const=name)
+    card.set_defaults(run=_dev_card, variant=None)
+
+    cards = dev.add_parser("cards", help="list the SoftHSM test cards")
+    cards.add_argument("--dir", type=Path, default=DEV_DIR, help="dev PKI directory (default certs/dev)")
+    cards.set_defaults(run=_dev_cards)
+
+
+def _dev_card(args: argparse.Namespace) -> int:
+    from gateway.devtools.cards import create_card, softhsm_env
+
+    try:
+        card = create_card(
+            args.dir,
+            args.label,
+            args.idnat,
+            args.surname,
+            args.given,
+            args.profession,
+            args.pin,
+            args.variant,
+        )
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    print(f"card {card.label}: idNat {card.idnat}, certificate {card.pem_path}")
+    print(f"use it with: SOFTHSM2_CONF={softhsm_env(args.dir)['SOFTHSM2_CONF']}")
+    return EXIT_OK
+
+
+def _dev_cards(args: argparse.Namespace) -> int:
+    from cryptography import x509
+
+    from gateway.devtools.cards import list_cards
+
+    for token in list_cards(args.dir):
+        for certificate in token.certificates:
+            parsed = x509.load_der_x509_certificate(certificate.der)
+            print(
+                f"{token.label}\t{parsed.subject.rfc4514_string()}\tuntil {parsed.not_valid_after_utc:%Y-%m-%d}"
+            )
+        if not token.certificates:
+            print(f"{token.label}\t(no certificate)")
+    return EXIT_OK
+
+
+def _card_login(args: argparse.Namespace) -> int:
+    from gateway import pkcs11 as tokens
+    from gateway.authn.card.client import CardLoginError, card_login
+
+    try:
+        subject = card_login(
+            args.url,
+            args.token_label,
+            args.module or tokens.SOFTHSM_MODULE,
+            args.pin,
+            args.cookie_jar,
+            args.cacert,
+        )
+    except CardLoginError as error:
+        print(f"card login failed: {error}", file=sys.stderr)
+        return 1
+    print(f"logged in as {subject}; session cookie in {args.cookie_jar}")
     return EXIT_OK
 
 

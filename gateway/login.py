@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Mapping
+from typing import Any
 
 from flask import Response, redirect, request
 
@@ -17,7 +18,12 @@ from gateway.sessions import Session
 
 
 def open_session(
-    gateway: Gateway, identity: Identity, next_path: str, *, data: Mapping[str, str] | None = None
+    gateway: Gateway,
+    identity: Identity,
+    next_path: str,
+    *,
+    data: Mapping[str, str] | None = None,
+    audit_fields: Mapping[str, Any] | None = None,
 ) -> tuple[Response, Session]:
     """Create the session (a NEW id: any previous one is discarded), set the cookie, go back to ``next_path``.
 
@@ -43,6 +49,7 @@ def open_session(
         reasons=["authenticated"],
         card_serial=identity.card_serial or None,
         acr=identity.acr or None,
+        **dict(audit_fields or {}),
     )
     return response, session
 

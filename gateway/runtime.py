@@ -9,6 +9,9 @@ from dataclasses import dataclass, field
 from flask import Flask, Response, current_app, g, request
 
 from gateway.audit import AuditLog
+from gateway.authn.card.challenge import ChallengeIssuer, NonceStore
+from gateway.authn.card.setup import build_card_login, crls_ready
+from gateway.authn.card.verify import CardVerifier, CrlStore
 from gateway.authn.ecps import ProSanteConnect
 from gateway.limits import LoginThrottle, QuotaGuard
 from gateway.policy.decision import Reason
@@ -17,7 +20,7 @@ from gateway.policy.loader import LoadedPolicies, load_policies
 from gateway.proxy.assertion import AssertionSigner
 from gateway.proxy.headers import client_address, in_networks
 from gateway.proxy.upstream import Upstream
-from gateway.readiness import ReadinessRegistry, UpstreamProbe
+from gateway.readiness import NotReady, ReadinessRegistry, UpstreamProbe
 from gateway.responses import LoginLinks, login_link, refusal
 from gateway.sessions import MemorySessionStore, RedisSessionStore, SessionStore
 from gateway.settings import EcpsSettings, Settings, policy_files
@@ -49,6 +52,11 @@ class Gateway:
     readiness: ReadinessRegistry = field(default_factory=ReadinessRegistry)
     #: The Pro Santé Connect relying party; None when ``ecps`` is not configured.
     ecps: ProSanteConnect | None = None
+    #: Card login (None when settings.card is absent): built once, see gateway/authn/card/setup.py.
+    card_verifier: CardVerifier | None = None
+    challenge_issuer: ChallengeIssuer | None = None
+    crl_store: CrlStore | None = None
+    card_handoffs: NonceStore | None = None
 
     def login_links(self, next_path: str) -> LoginLinks:
         card, ecps = self.card_login_url, self.ecps_login_url
@@ -141,7 +149,29 @@ def build_gateway(
     gateway.readiness.register("sessions", gateway.sessions.ping)
     probe_timeout = min(upstream.connect_timeout, 1.0)
     gateway.readiness.register("upstream", UpstreamProbe(upstream.url, timeout=probe_timeout, ttl=1.0))
+    _add_card_login(gateway)
     return gateway
+
+
+CARD_LOGIN_PATH = f"{GATEWAY_PREFIX}/login/card"
+
+
+def _add_card_login(gateway: Gateway) -> None:
+    card = gateway.settings.card
+    if card is None:
+        return
+    login = build_card_login(gateway.settings, card)
+    gateway.card_verifier = login.verifier
+    gateway.challenge_issuer = login.challenges
+    gateway.crl_store = login.crl_store
+    gateway.card_handoffs = login.handoffs
+    gateway.card_login_url = card.login_origin + CARD_LOGIN_PATH
+
+    def card_crls() -> None:
+        if not crls_ready(login):
+            raise NotReady("a CRL is missing or past nextUpdate + grace: card logins are refused")
+
+    gateway.readiness.register("card_crls", card_crls)
 
 
 def gateway_of(app: Flask | None = None) -> Gateway:

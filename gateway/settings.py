@@ -9,12 +9,14 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
+import types
 import typing
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import pydantic
+from cryptography import x509
 from pydantic import BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
 from gateway.config_source import (
@@ -322,6 +324,107 @@ class EcpsSettings(_Section):
         return self
 
 
+def _origin_value(value: str) -> str:
+    if not re.match(r"^https?://[A-Za-z0-9.\-\[\]:]+/?$", value):
+        raise ValueError(f"{value!r} is not an origin (scheme://host[:port], no path)")
+    return value.rstrip("/")
+
+
+def _check_certificates(path: Path, info: pydantic.ValidationInfo) -> None:
+    """The file exists and holds at least one PEM certificate (checked now: start-up errors name the key)."""
+    if not (info.context or {}).get("require_files", True) and not path.is_file():
+        return
+    _require_file(path, info)
+    try:
+        x509.load_pem_x509_certificates(path.read_bytes())
+    except ValueError as exc:
+        raise ValueError(f"{path}: not a PEM certificate file ({exc})") from None
+
+
+class CrlSourceSettings(_Section):
+    url_or_file: str = Field(
+        description="Where this CA's CRL is published: http(s) URL (ANS distribution point) or a local file."
+    )
+    issuer: Path = Field(description="PEM certificate of the CA that signs this CRL.")
+
+    _resolve_paths = _paths_relative_to_settings("issuer")
+
+    @field_validator("url_or_file", mode="before")
+    @classmethod
+    def _location(cls, value: Any, info: pydantic.ValidationInfo) -> Any:
+        # A file path is relative to the settings file, like every other path; URLs are kept as they are.
+        if isinstance(value, str) and not value.startswith(("http://", "https://")):
+            return str(_resolve(value, info))
+        return value
+
+    @field_validator("issuer", mode="after")
+    @classmethod
+    def _issuer(cls, value: Path, info: pydantic.ValidationInfo) -> Path:
+        _check_certificates(value, info)
+        return value
+
+
+class CardSettings(_Section):
+    """CPS card login: by TLS client certificate on a dedicated host, and by PKCS#11 challenge."""
+
+    trust_anchors: list[Path] = Field(
+        description="PEM files of the IGC-Santé roots card certificates must chain to (never the dev PKI in production)."
+    )
+    intermediates: list[Path] = Field(
+        default_factory=list,
+        description="PEM files of the IGC-Santé intermediate CAs that issue card certificates (… PERSONNES).",
+    )
+    crls: list[CrlSourceSettings] = Field(
+        default_factory=list,
+        description="One CRL per CA of the chain ({url_or_file, issuer}); a CA without a fresh CRL refuses every card.",
+    )
+    crl_refresh: Duration = Field(300.0, gt=0, description="How often CRLs are reloaded in the background.")
+    crl_grace: Duration = Field(
+        0.0,
+        ge=0,
+        description="How long past its nextUpdate a CRL is still used when no newer one could be fetched.",
+    )
+    login_origin: str = Field(
+        description="Origin of the dedicated card-login host (nginx asking for the client certificate), "
+        "e.g. https://carte.portail.fr; the login page's card button leads there."
+    )
+    challenge_ttl: Duration = Field(
+        60.0, gt=0, le=600, description="Lifetime of a challenge nonce (`gateway card login`)."
+    )
+    nonce_store: str | None = Field(
+        None,
+        description="memory:// or redis://… for challenge nonces and card-host hand-offs (default: sessions.store).",
+    )
+
+    _resolve_paths = _paths_relative_to_settings("trust_anchors", "intermediates")
+
+    @field_validator("trust_anchors", "intermediates", mode="after")
+    @classmethod
+    def _certificates(cls, value: list[Path], info: pydantic.ValidationInfo) -> list[Path]:
+        for path in value:
+            _check_certificates(path, info)
+        return value
+
+    @field_validator("trust_anchors")
+    @classmethod
+    def _some_anchor(cls, value: list[Path]) -> list[Path]:
+        if not value:
+            raise ValueError("name at least one trust anchor")
+        return value
+
+    @field_validator("login_origin")
+    @classmethod
+    def _login_origin(cls, value: str) -> str:
+        return _origin_value(value)
+
+    @field_validator("nonce_store")
+    @classmethod
+    def _nonce_store(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("memory://", "redis://", "rediss://", "unix://")):
+            raise ValueError("use memory:// or a redis://, rediss:// or unix:// URL")
+        return value
+
+
 class Settings(_Section):
     """The whole configuration of one gateway deployment."""
 
@@ -332,6 +435,7 @@ class Settings(_Section):
     sessions: SessionSettings = Field(default_factory=SessionSettings)  # type: ignore[arg-type]
     limits: LimitsSettings = Field(default_factory=LimitsSettings)  # type: ignore[arg-type]
     audit: AuditSettings = Field(default_factory=AuditSettings)  # type: ignore[arg-type]
+    card: CardSettings | None = Field(None, description="CPS card login (absent: no card login).")
     ecps: EcpsSettings | None = Field(None, description="e-CPS login via Pro Santé Connect (None: off).")
     metrics: MetricsSettings | None = Field(None, description="Prometheus metrics; absent: none are served.")
     forward_auth: ForwardAuthSettings = Field(default_factory=ForwardAuthSettings)
@@ -347,6 +451,15 @@ class Settings(_Section):
         if self.sessions.store.startswith("memory://") and self.server.workers > 1:
             raise ValueError(
                 "sessions.store memory:// lives in one process: set server.workers to 1 or use a redis:// store"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _card_nonces_shared_like_sessions(self) -> Settings:
+        store = self.card.nonce_store if self.card else None
+        if store and store.startswith("memory://") and self.server.workers > 1:
+            raise ValueError(
+                "card.nonce_store memory:// lives in one process: use redis:// with several workers"
             )
         return self
 
@@ -429,6 +542,9 @@ def documented_keys(
         if section is not None:
             rows.extend(documented_keys(section, f"{key}."))
             continue
+        item_section = _list_item_section(field.annotation)
+        if item_section is not None:
+            rows.extend(documented_keys(item_section, f"{key}[]."))
         if field.is_required():
             default = "(required)"
         elif field.default_factory is not None:
@@ -441,8 +557,17 @@ def documented_keys(
 
 def _section_type(annotation: Any) -> type[_Section] | None:
     """The settings section behind ``Section`` or ``Section | None``, else None."""
-    candidates = typing.get_args(annotation) or (annotation,)
-    for candidate in candidates:
+    is_union = typing.get_origin(annotation) in (typing.Union, types.UnionType)
+    for candidate in typing.get_args(annotation) if is_union else (annotation,):
         if isinstance(candidate, type) and issubclass(candidate, _Section):
             return candidate
+    return None
+
+
+def _list_item_section(annotation: Any) -> type[_Section] | None:
+    """The section of a ``list[Section]`` field (e.g. ``card.crls``), else None."""
+    if typing.get_origin(annotation) is list:
+        (item,) = typing.get_args(annotation)
+        if isinstance(item, type) and issubclass(item, _Section):
+            return item
     return None

@@ -40,6 +40,13 @@ def run_demo() -> int:
         f"\n  Demo portal behind the gateway: {origin}/\n"
         f"  Protected pages: {origin}/patients/180017512345678 , {origin}/account/rib\n"
         "  They answer the login page; its e-CPS button leads to the Pro Santé Connect stand-in.\n"
+        "  Card login without a browser (PKCS#11 challenge; no TLS needed on loopback):\n"
+        "    gateway dev card --label demo-doctor --idnat 810002813839 --surname DUPONT --given JEAN --profession 10\n"
+        "    SOFTHSM2_CONF=certs/dev/softhsm/softhsm2.conf gateway card login --url "
+        f"{origin} --token-label demo-doctor --cookie-jar cookies.txt\n"
+        f"    curl -b cookies.txt {origin}/patients/180017512345678\n"
+        "  Browser card login needs the TLS card host: nginx with deploy/nginx/card-login.conf.template\n"
+        "  (optional; see docs/card.md).\n"
         "  Ctrl-C stops everything.\n",
         flush=True,
     )

@@ -383,6 +383,10 @@ class ProSanteConnect:
 
     # -- provider metadata, keys and signatures ------------------------------------------------------
 
+    def check_metadata(self) -> None:
+        """Readiness: PSC's discovery document can be had (cached after the first success)."""
+        self._metadata()
+
     def _require_app(self) -> None:
         if self._remote is None:
             raise RuntimeError("ProSanteConnect.init_app(app) was not called")

@@ -1,0 +1,130 @@
+"""A real headless Chromium logs in with a SoftHSM card through nginx's card-login host (recipes.md).
+
+The three settings that keep Chromium from hanging on a dialog nobody sees: the card module in the NSS db of
+a private $HOME (FRIENDLY once the token exists), an AutoSelectCertificateForUrls enterprise policy for the
+card host (port included), and a card key with CKA_PRIVATE=False (no PIN prompt).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from playwright.sync_api import sync_playwright
+
+from gateway.devtools.cards import create_card, softhsm_env, use_softhsm
+from gateway.devtools.pki import INTERMEDIATE_CN, DevPki, ensure_dev_pki
+from gateway.pkcs11 import SOFTHSM_MODULE
+from tests.support.card_stack import CardStack, card_stack
+
+CHROMIUM = Path("/usr/bin/chromium")
+POLICY_DIR = Path("/etc/chromium/policies/managed")
+POLICY_FILE = POLICY_DIR / "cps-gateway-card-test.json"
+CARD_ROUTE = "/echo/card/browser"
+
+pytestmark = [
+    pytest.mark.browser,
+    pytest.mark.skipif(
+        not CHROMIUM.exists() or shutil.which("nginx") is None or shutil.which("modutil") is None,
+        reason="chromium, nginx or NSS tools not installed",
+    ),
+]
+
+
+@pytest.fixture(scope="module")
+def browser_pki(dev_pki: DevPki, tmp_path_factory: pytest.TempPathFactory) -> Iterator[DevPki]:
+    """A copy of the session PKI (same CA keys) whose SoftHSM holds ONE card: nothing for Chromium to choose."""
+    copy = tmp_path_factory.mktemp("browser-pki") / "pki"
+    shutil.copytree(dev_pki.base_dir, copy, ignore=shutil.ignore_patterns("softhsm"))
+    pki = ensure_dev_pki(copy)
+    try:
+        create_card(copy, "browser-doctor", "810002813850", "BERNARD", "CLAIRE", "10")  # private=False key
+    finally:
+        use_softhsm(dev_pki.base_dir)  # this process's other tests use the session cards
+    yield pki
+
+
+def _nss_home(pki: DevPki, home: Path) -> dict[str, str]:
+    env = dict(softhsm_env(pki.base_dir), HOME=str(home))
+    nssdb = home / ".pki" / "nssdb"
+    nssdb.mkdir(parents=True)
+    db = f"sql:{nssdb}"
+
+    def run(*argv: str) -> None:
+        subprocess.run(argv, env=env, check=True, capture_output=True, stdin=subprocess.DEVNULL, timeout=30)
+
+    run("certutil", "-N", "--empty-password", "-d", db)
+    run("modutil", "-force", "-dbdir", db, "-add", "softhsm", "-libfile", SOFTHSM_MODULE)
+    run("modutil", "-force", "-dbdir", db, "-default", "softhsm", "-mechanisms", "FRIENDLY")
+    run(
+        "certutil",
+        "-A",
+        "-d",
+        db,
+        "-n",
+        "dev-server-ca",
+        "-t",
+        "C,,",
+        "-i",
+        str(pki.base_dir / "server-ca.pem"),
+    )
+    return env
+
+
+@pytest.fixture
+def auto_select_policy() -> Iterator[None]:
+    yield
+    POLICY_FILE.unlink(missing_ok=True)
+
+
+def _write_policy(card_origin: str) -> None:
+    rule = {"pattern": card_origin, "filter": {"ISSUER": {"CN": INTERMEDIATE_CN}}}
+    POLICY_DIR.mkdir(parents=True, exist_ok=True)
+    POLICY_FILE.write_text(json.dumps({"AutoSelectCertificateForUrls": [json.dumps(rule)]}))
+
+
+def test_chromium_logs_in_with_the_card_and_sees_the_protected_page(
+    browser_pki: DevPki,
+    upstream_url: str,
+    assertion_key: Path,
+    tmp_path: Path,
+    auto_select_policy: None,
+) -> None:
+    env = _nss_home(browser_pki, tmp_path / "home")
+    with card_stack(tmp_path / "stack", browser_pki, upstream_url, assertion_key) as stack:
+        _write_policy(stack.card_origin)
+        text = _browse(stack, env, tmp_path / "profile")
+    page = json.loads(text)
+    assert page["path"] == CARD_ROUTE
+    assert page["headers"]["x-gateway-subject"] == "810002813850"
+    assert page["headers"]["x-gateway-auth-method"] == "card"
+
+
+def _browse(stack: CardStack, env: dict[str, str], profile: Path) -> str:
+    args = [
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--disable-dev-shm-usage",
+    ]
+    with sync_playwright() as playwright:
+        context = playwright.chromium.launch_persistent_context(
+            str(profile), executable_path=str(CHROMIUM), args=args, env=env, headless=True, timeout=20_000
+        )
+        try:
+            page = context.new_page()
+            page.set_default_navigation_timeout(15_000)
+            page.goto(f"{stack.card_origin}/.gateway/login/card?next={CARD_ROUTE}")
+            assert page.url.startswith(f"{stack.gateway_url}{CARD_ROUTE}"), page.url
+            return str(page.inner_text("body"))
+        finally:
+            context.close()

@@ -1,0 +1,220 @@
+"""Card login end to end with real components: curl presents a SoftHSM card through the libp11 engine to nginx
+(the shipped card-login template), nginx forwards it to the gateway PROCESS, which hands the session over to
+the main host; the real upstream echoes the identity headers it receives."""
+
+from __future__ import annotations
+
+import base64
+import json
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from urllib.parse import quote
+
+import pytest
+import requests
+
+from gateway import pkcs11 as tokens
+from gateway.authn.card.challenge import challenge_message
+from gateway.devtools.cards import softhsm_env
+from gateway.devtools.pki import DevPki
+from tests.support.card_stack import ENGINE, CardStack, card_stack, curl_with_card
+from tests.support.processes import PYTHON, REPO_ROOT
+from tests.support.softhsm import PIN, CardSet
+
+pytestmark = pytest.mark.skipif(
+    shutil.which("nginx") is None or not ENGINE.exists(), reason="nginx or libp11 engine not installed"
+)
+
+CARD_ROUTE = "/echo/card/records"
+
+
+@pytest.fixture(scope="module")
+def stack(
+    dev_pki: DevPki,
+    softhsm_cards: CardSet,  # created first: the revoked card re-signs the CRL the gateway loads
+    upstream_url: str,
+    assertion_key: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[CardStack]:
+    with card_stack(tmp_path_factory.mktemp("card-stack"), dev_pki, upstream_url, assertion_key) as running:
+        yield running
+
+
+def _card_host_login(stack: CardStack, label: str, work: Path) -> tuple[int, str, dict[str, str]]:
+    """(status, Location, headers) of GET /.gateway/login/card on the card host with the card."""
+    url = f"{stack.card_origin}/.gateway/login/card?next={quote(CARD_ROUTE)}"
+    result = curl_with_card(stack.pki, label, url, ["-o", "/dev/null", "-D", "-"], work)
+    assert result.returncode == 0, result.stderr
+    status_line, *header_lines = result.stdout.strip().splitlines()
+    headers = {}
+    for line in header_lines:
+        name, _, value = line.partition(":")
+        headers[name.strip().lower()] = value.strip()
+    return int(status_line.split()[1]), headers.get("location", ""), headers
+
+
+def _follow_with_cookie_jar(location: str, jar: Path) -> subprocess.CompletedProcess[str]:
+    # curl, like a browser: spend the hand-off on the main host, keep the __Host- cookie, follow to the page.
+    return subprocess.run(
+        ["curl", "-sS", "--max-time", "10", "-L", "-c", str(jar), "-b", str(jar), "-D", "-", location],
+        capture_output=True,
+        text=True,
+        stdin=subprocess.DEVNULL,
+        timeout=20,
+        check=False,
+    )
+
+
+def _events(stack: CardStack, event: str) -> list[dict[str, object]]:
+    return [record for record in stack.audit() if record["event"] == event]
+
+
+def test_card_login_on_the_card_host_opens_a_session_on_the_main_host(
+    stack: CardStack, softhsm_cards: CardSet, tmp_path: Path
+) -> None:
+    status, location, _ = _card_host_login(stack, "test-doctor", tmp_path)
+    assert status == 303
+    assert location.startswith(f"{stack.gateway_url}/.gateway/card/complete?handoff=")
+    assert location.endswith(f"&next={CARD_ROUTE}")
+
+    followed = _follow_with_cookie_jar(location, tmp_path / "jar.txt")
+    assert followed.returncode == 0, followed.stderr
+    body = json.loads(followed.stdout.rsplit("\n\n", 1)[1])
+    assert body["path"] == CARD_ROUTE
+    assert body["headers"]["x-gateway-subject"] == softhsm_cards["doctor"].idnat
+    assert body["headers"]["x-gateway-auth-method"] == "card"
+    assert "__Host-gateway-session" in (tmp_path / "jar.txt").read_text()
+
+    # The hand-off is single-use: the same URL a second time logs nobody in.
+    again = requests.get(location, allow_redirects=False, timeout=5)
+    assert again.status_code == 400
+    assert again.headers["X-Gateway-Reason"] == "state_mismatch"
+    assert "Set-Cookie" not in again.headers
+
+    logins = [e for e in _events(stack, "login") if e["idnat"] == softhsm_cards["doctor"].idnat]
+    assert logins and logins[-1]["decision"] == "allow"
+    assert logins[-1]["card_type"] == "professional" and logins[-1]["channel"] == "tls"
+
+
+@pytest.mark.parametrize(
+    ("card", "reason", "status"),
+    [
+        ("revoked", "card_revoked", 403),
+        ("expired", "card_expired", 403),
+        ("wrong-ca", "card_untrusted", 403),
+        ("not-yet-valid", "card_not_yet_valid", 403),
+    ],
+)
+def test_refused_cards_get_the_precise_reason_and_an_audit_record(
+    stack: CardStack, softhsm_cards: CardSet, tmp_path: Path, card: str, reason: str, status: int
+) -> None:
+    got_status, location, headers = _card_host_login(stack, f"test-{card}", tmp_path)
+    assert (got_status, headers.get("x-gateway-reason")) == (status, reason)
+    assert location == "" and "set-cookie" not in headers
+    serial = format(softhsm_cards[card].certificate.serial_number, "X")
+    denied = [e for e in _events(stack, "login") if e.get("card_serial") == serial]
+    assert denied and denied[-1]["decision"] == "deny" and denied[-1]["reasons"] == [reason]
+    assert "IGC-SANTE" in str(denied[-1]["card_issuer"])
+
+
+def test_a_staff_card_logs_in_but_a_route_without_allow_staff_cards_refuses_it(
+    stack: CardStack, softhsm_cards: CardSet, tmp_path: Path
+) -> None:
+    status, location, _ = _card_host_login(stack, "test-staff", tmp_path)
+    assert status == 303
+    followed = _follow_with_cookie_jar(location, tmp_path / "jar.txt")
+    assert "x-gateway-reason: staff_card_not_allowed" in followed.stdout.lower()
+    assert "HTTP/1.1 403" in followed.stdout
+    staff = [e for e in _events(stack, "login") if e["idnat"] == softhsm_cards["staff"].idnat]
+    assert staff[-1]["card_type"] == "staff_or_organisation"
+
+
+def test_a_forged_certificate_header_sent_straight_to_the_gateway_is_ignored_and_audited(
+    stack: CardStack, softhsm_cards: CardSet
+) -> None:
+    forged = quote(softhsm_cards["doctor"].pem_path.read_text(), safe="")
+    response = requests.get(
+        f"{stack.gateway_url}/.gateway/login/card",
+        headers={"X-SSL-Client-Cert": forged, "X-SSL-Client-Verify": "SUCCESS", "Accept": "text/html"},
+        allow_redirects=False,
+        timeout=5,
+    )
+    assert response.status_code == 401
+    assert response.headers["X-Gateway-Reason"] == "card_missing"
+    assert "Set-Cookie" not in response.headers
+    assert _events(stack, "spoofed_header")
+    # Through the proxy too: the portal never sees the forged header.
+    echoed = requests.get(
+        f"{stack.gateway_url}/echo/public/x", headers={"X-SSL-Client-Cert": forged}, timeout=5
+    ).json()
+    assert "x-ssl-client-cert" not in echoed["headers"]
+
+
+def test_challenge_login_with_the_cli_then_curl_with_the_cookie_jar(
+    stack: CardStack, softhsm_cards: CardSet, tmp_path: Path
+) -> None:
+    jar = tmp_path / "cookies.txt"
+    login = subprocess.run(
+        [
+            *(PYTHON, "-m", "gateway.cli", "card", "login", "--url", stack.gateway_url),
+            *("--token-label", "test-pharmacist-ec", "--pin", PIN, "--cookie-jar", str(jar)),
+        ],
+        env=softhsm_env(stack.pki.base_dir),
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        stdin=subprocess.DEVNULL,
+        timeout=30,
+        check=False,
+    )
+    assert login.returncode == 0, login.stderr
+    idnat = softhsm_cards["pharmacist-ec"].idnat
+    assert idnat in login.stdout
+    page = subprocess.run(
+        ["curl", "-sS", "--max-time", "10", "-b", str(jar), f"{stack.gateway_url}{CARD_ROUTE}"],
+        capture_output=True,
+        text=True,
+        stdin=subprocess.DEVNULL,
+        timeout=20,
+        check=False,
+    )
+    assert json.loads(page.stdout)["headers"]["x-gateway-subject"] == idnat
+
+
+def test_a_replayed_challenge_is_refused(stack: CardStack, softhsm_cards: CardSet) -> None:
+    card = softhsm_cards["doctor"]
+    challenge = requests.post(f"{stack.gateway_url}/.gateway/card/challenge", json={}, timeout=5).json()
+    assert challenge["audience"] == stack.gateway_url
+    token = tokens.token_certificate(card.label)
+    signature = tokens.sign(
+        card.label, challenge_message(challenge["audience"], challenge["nonce"]), token.key_id
+    )
+    body = {
+        "nonce": challenge["nonce"],
+        "certificate": card.pem_path.read_text(),
+        "signature": base64.b64encode(signature).decode(),
+    }
+    first = requests.post(f"{stack.gateway_url}/.gateway/card/verify", json=body, timeout=5)
+    assert first.status_code == 200 and first.json() == {"subject": card.idnat}
+    replay = requests.post(f"{stack.gateway_url}/.gateway/card/verify", json=body, timeout=5)
+    assert replay.status_code == 401
+    assert replay.json()["error"] == "challenge_invalid"
+    assert "Set-Cookie" not in replay.headers
+
+
+def test_a_revoked_card_is_refused_by_challenge_too(stack: CardStack, softhsm_cards: CardSet) -> None:
+    card = softhsm_cards["revoked"]
+    challenge = requests.post(f"{stack.gateway_url}/.gateway/card/challenge", json={}, timeout=5).json()
+    token = tokens.token_certificate(card.label)
+    signature = tokens.sign(
+        card.label, challenge_message(challenge["audience"], challenge["nonce"]), token.key_id
+    )
+    body = {
+        "nonce": challenge["nonce"],
+        "certificate": card.pem_path.read_text(),
+        "signature": base64.b64encode(signature).decode(),
+    }
+    refused = requests.post(f"{stack.gateway_url}/.gateway/card/verify", json=body, timeout=5)
+    assert (refused.status_code, refused.json()["error"]) == (403, "card_revoked")

@@ -1,0 +1,154 @@
+"""Card-login wiring in-process (Flask test client): settings, login button, fail-closed CRLs, refusals."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import pytest
+from flask import Flask
+from flask.testing import FlaskClient
+
+from gateway.app import create_app
+from gateway.config_source import ConfigErrors
+from gateway.devtools.pki import DevPki
+from gateway.runtime import gateway_of
+from gateway.settings import documented_keys, load_settings
+from tests.support.card_stack import card_settings
+from tests.support.config import write_config
+from tests.support.pki import software_card
+
+CARD_ORIGIN = "https://card.example:8443"
+
+
+def _app(tmp_path: Path, upstream_url: str, assertion_key: Path, card: dict[str, Any]) -> Flask:
+    config = write_config(
+        tmp_path,
+        upstream_url=upstream_url,
+        assertion_key=assertion_key,
+        # The test client's peer is 127.0.0.1: here it plays the TLS terminator.
+        extra={"server": {"tls_terminators": ["127.0.0.1/32"]}, "card": card},
+    )
+    return create_app(load_settings(config))
+
+
+@pytest.fixture
+def app(tmp_path: Path, upstream_url: str, assertion_key: Path, dev_pki: DevPki) -> Iterator[Flask]:
+    application = _app(tmp_path, upstream_url, assertion_key, card_settings(dev_pki, CARD_ORIGIN))
+    yield application
+    gateway = gateway_of(application)
+    gateway.upstream.close()
+    assert gateway.crl_store is not None
+    gateway.crl_store.stop()
+
+
+@pytest.fixture
+def client(app: Flask) -> FlaskClient:
+    return app.test_client()
+
+
+def _forwarded(pem: bytes) -> dict[str, str]:
+    return {"X-SSL-Client-Cert": quote(pem.decode(), safe=""), "Accept": "text/html"}
+
+
+def _audit(tmp_path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in (tmp_path / "audit.log").read_text().splitlines()]
+
+
+def test_every_card_key_is_documented() -> None:
+    keys = {key: description for key, _, description in documented_keys()}
+    for name in ("trust_anchors", "crls", "crl_refresh", "login_origin", "challenge_ttl", "nonce_store"):
+        assert keys[f"card.{name}"]
+
+
+def test_a_missing_trust_anchor_is_a_located_config_error(
+    tmp_path: Path, upstream_url: str, assertion_key: Path, dev_pki: DevPki
+) -> None:
+    card = dict(card_settings(dev_pki, CARD_ORIGIN), trust_anchors=["missing-root.pem"])
+    config = write_config(
+        tmp_path, upstream_url=upstream_url, assertion_key=assertion_key, extra={"card": card}
+    )
+    with pytest.raises(ConfigErrors) as caught:
+        load_settings(config)
+    assert "missing-root.pem" in str(caught.value) and "card" in str(caught.value)
+
+
+def test_the_login_page_offers_the_card_host(client: FlaskClient) -> None:
+    page = client.get("/.gateway/login?next=/patients/1", headers={"Accept": "text/html"}).get_data(
+        as_text=True
+    )
+    assert f"{CARD_ORIGIN}/.gateway/login/card?next=/patients/1" in page
+
+
+def test_a_verified_card_is_handed_over_to_the_main_host(client: FlaskClient, dev_pki: DevPki) -> None:
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    pem = software_card(dev_pki).public_bytes(Encoding.PEM)
+    response = client.get("/.gateway/login/card?next=//evil.example/x", headers=_forwarded(pem))
+    assert response.status_code == 303
+    location = response.headers["Location"]
+    assert location.startswith("http://127.0.0.1:8080/.gateway/card/complete?handoff=")
+    assert location.endswith("&next=/")  # an open redirect attempt falls back to /
+    complete = client.get(location.replace("http://127.0.0.1:8080", ""))
+    assert complete.status_code == 303 and complete.headers["Location"] == "/"
+    assert "__Host-gateway-session=" in complete.headers["Set-Cookie"]
+
+
+def test_no_crl_means_no_card_login(
+    tmp_path: Path, upstream_url: str, assertion_key: Path, dev_pki: DevPki
+) -> None:
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    app = _app(tmp_path, upstream_url, assertion_key, dict(card_settings(dev_pki, CARD_ORIGIN), crls=[]))
+    pem = software_card(dev_pki).public_bytes(Encoding.PEM)
+    response = app.test_client().get("/.gateway/login/card", headers=_forwarded(pem))
+    assert (response.status_code, response.headers["X-Gateway-Reason"]) == (503, "crl_unavailable")
+    denied = [e for e in _audit(tmp_path) if e["event"] == "login"]
+    assert denied[-1]["decision"] == "deny" and denied[-1]["card_serial"]
+    store = gateway_of(app).crl_store
+    assert store is not None
+    store.stop()
+
+
+def test_an_unknown_handoff_is_refused(client: FlaskClient) -> None:
+    response = client.get("/.gateway/card/complete?handoff=" + "x" * 43 + "&next=/")
+    assert (response.status_code, response.headers["X-Gateway-Reason"]) == (400, "state_mismatch")
+    assert "Set-Cookie" not in response.headers
+
+
+def test_verify_answers_json_refusals(client: FlaskClient) -> None:
+    form = client.post("/.gateway/card/verify", data={"nonce": "x"})
+    assert (form.status_code, form.get_json()["error"]) == (401, "challenge_invalid")
+    challenge = client.post("/.gateway/card/challenge", json={}).get_json()
+    assert challenge["audience"] == "http://127.0.0.1:8080" and challenge["expires_in"] == 60
+    bad = client.post(
+        "/.gateway/card/verify",
+        json={"nonce": challenge["nonce"], "certificate": "not a certificate", "signature": "AAAA"},
+    )
+    assert (bad.status_code, bad.get_json()["error"]) == (400, "card_malformed")
+
+
+def test_readiness_says_whether_every_crl_is_fresh(
+    tmp_path: Path, upstream_url: str, assertion_key: Path, dev_pki: DevPki
+) -> None:
+    from datetime import UTC, datetime, timedelta
+
+    from gateway.authn.card.setup import build_card_login, crls_ready
+
+    config = write_config(
+        tmp_path,
+        upstream_url=upstream_url,
+        assertion_key=assertion_key,
+        extra={"card": card_settings(dev_pki, CARD_ORIGIN)},
+    )
+    settings = load_settings(config)
+    assert settings.card is not None
+    login = build_card_login(settings, settings.card)
+    try:
+        assert crls_ready(login)
+        assert not crls_ready(login, datetime.now(UTC) + timedelta(days=30))  # past nextUpdate: not ready
+    finally:
+        login.crl_store.stop()

@@ -1,0 +1,129 @@
+"""The real card-login stack for end-to-end tests: nginx card host (shipped template) -> gateway process.
+
+nginx reaches the gateway from 127.0.0.2 (``proxy_bind``), the only address configured as TLS terminator
+and trusted proxy: a request sent straight to the gateway from 127.0.0.1 is "not through nginx".
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import string
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+from gateway.devtools.cards import softhsm_env
+from gateway.devtools.pki import DevPki
+from gateway.pkcs11 import SOFTHSM_MODULE
+from tests.support.config import write_config
+from tests.support.processes import PYTHON, REPO_ROOT, free_port, running
+
+TEMPLATE = REPO_ROOT / "deploy" / "nginx" / "card-login.conf.template"
+ENGINE = Path("/usr/lib/x86_64-linux-gnu/engines-3/pkcs11.so")
+NGINX_SOURCE_ADDRESS = "127.0.0.2"
+
+
+@dataclass(frozen=True)
+class CardStack:
+    gateway_url: str  # the main host (plain http on loopback)
+    card_origin: str  # nginx's card-login host
+    audit_file: Path
+    pki: DevPki
+
+    def audit(self) -> list[dict[str, Any]]:
+        lines = self.audit_file.read_text().splitlines() if self.audit_file.exists() else []
+        return [json.loads(line) for line in lines]
+
+
+def card_settings(pki: DevPki, login_origin: str) -> dict[str, Any]:
+    base = pki.base_dir
+    return {
+        "trust_anchors": [str(base / "root.pem")],
+        "intermediates": [str(base / "intermediate.pem")],
+        "crls": [
+            {"url_or_file": str(base / "root.crl.pem"), "issuer": str(base / "root.pem")},
+            {"url_or_file": str(base / "intermediate.crl.pem"), "issuer": str(base / "intermediate.pem")},
+        ],
+        "login_origin": login_origin,
+    }
+
+
+def nginx_config(work: Path, pki: DevPki, listen_port: int, gateway_port: int) -> list[str]:
+    block = string.Template(TEMPLATE.read_text()).safe_substitute(
+        CARD_LOGIN_HOST="127.0.0.1",
+        LISTEN_ADDRESS=f"127.0.0.1:{listen_port}",
+        SERVER_CERT=pki.server.cert_path,
+        SERVER_KEY=pki.base_dir / "server.key",
+        CARD_CA_CHAIN=pki.ca_chain_path,
+        GATEWAY_UPSTREAM=f"127.0.0.1:{gateway_port}",
+    )
+    assert "${" not in block
+    block = block.replace(
+        "proxy_pass http://", f"proxy_bind {NGINX_SOURCE_ADDRESS};\n        proxy_pass http://"
+    )
+    (work / "card-login.conf").write_text(block)
+    temp = "\n".join(
+        f"{kind}_temp_path {work}/{kind};" for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
+    )
+    (work / "nginx.conf").write_text(
+        f"daemon off;\nworker_processes 1;\npid {work}/nginx.pid;\nerror_log {work}/error.log warn;\n"
+        f"events {{}}\nhttp {{\naccess_log off;\n{temp}\ninclude {work}/card-login.conf;\n}}\n"
+    )
+    return ["nginx", "-p", str(work), "-e", str(work / "error.log"), "-c", str(work / "nginx.conf")]
+
+
+@contextlib.contextmanager
+def card_stack(work: Path, pki: DevPki, upstream_url: str, assertion_key: Path) -> Iterator[CardStack]:
+    gateway_port, nginx_port = free_port(), free_port()
+    card_origin = f"https://127.0.0.1:{nginx_port}"
+    terminator = f"{NGINX_SOURCE_ADDRESS}/32"
+    config = write_config(
+        work / "gateway",
+        upstream_url=upstream_url,
+        assertion_key=assertion_key,
+        listen=f"127.0.0.1:{gateway_port}",
+        extra={
+            "server": {"tls_terminators": [terminator], "trusted_proxies": [terminator], "workers": 1},
+            "card": card_settings(pki, card_origin),
+        },
+    )
+    gateway_argv = [PYTHON, "-m", "gateway.cli", "serve", "--config", str(config)]
+    (work / "nginx").mkdir()
+    with (
+        running(gateway_argv, gateway_port, log=work / "gateway.log", env=softhsm_env(pki.base_dir)),
+        running(
+            nginx_config(work / "nginx", pki, nginx_port, gateway_port), nginx_port, log=work / "nginx.log"
+        ),
+    ):
+        yield CardStack(f"http://127.0.0.1:{gateway_port}", card_origin, work / "gateway" / "audit.log", pki)
+
+
+def curl_with_card(
+    pki: DevPki, card_label: str | None, url: str, extra: list[str], work: Path, pin: str = "1234"
+) -> subprocess.CompletedProcess[str]:
+    """curl presenting the card through the libp11 engine (key on the SoftHSM token); stdin closed."""
+    env = softhsm_env(pki.base_dir)
+    argv = ["curl", "-sS", "--max-time", "10", "--cacert", str(pki.base_dir / "server-ca.pem"), *extra]
+    if card_label:
+        conf = work / "openssl.cnf"
+        conf.write_text(
+            "openssl_conf = init\n[init]\nengines = engines\n[engines]\npkcs11 = pkcs11\n"
+            f"[pkcs11]\ndynamic_path = {ENGINE}\nMODULE_PATH = {SOFTHSM_MODULE}\ninit = 0\n"
+        )
+        env["OPENSSL_CONF"] = str(conf)
+        key_uri = f"pkcs11:token={quote(card_label)};object={quote(f'{card_label} authentication key')};type=private"
+        argv += ["--engine", "pkcs11", "--key-type", "ENG", "--key", f"{key_uri}?pin-value={pin}"]
+        argv += ["--cert", str(pki.base_dir / "softhsm" / f"{card_label}.pem")]
+    return subprocess.run(
+        [*argv, url],
+        env=env,
+        capture_output=True,
+        text=True,
+        stdin=subprocess.DEVNULL,
+        timeout=30,
+        check=False,
+    )
