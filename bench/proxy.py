@@ -84,7 +84,7 @@ def report(title: str, loads: dict[str, list[Load]], connections: int) -> None:
 
 
 def start_everything(stack: contextlib.ExitStack, directory: Path) -> tuple[dict[str, str], str]:
-    upstream_port, nginx_port, gateway_port, naive_port = (free_port() for _ in range(4))
+    upstream_port, nginx_port, gateway_port, naive_port, minimal_port = (free_port() for _ in range(5))
     stack.enter_context(
         running(gunicorn_argv(upstream_port, workers=WORKERS, threads=THREADS), upstream_port)
     )
@@ -126,6 +126,10 @@ def start_everything(stack: contextlib.ExitStack, directory: Path) -> tuple[dict
         "naive_proxy:app",
     ]
     stack.enter_context(running(naive, naive_port, env={"NAIVE_UPSTREAM": upstream, "PATH": "/usr/bin:/bin"}))
+    minimal = [*naive[:-1], "minimal_proxy:app"]
+    minimal[minimal.index(f"127.0.0.1:{naive_port}")] = f"127.0.0.1:{minimal_port}"
+    env = {"MINIMAL_UPSTREAM": f"127.0.0.1:{upstream_port}", "PATH": "/usr/bin:/bin"}
+    stack.enter_context(running(minimal, minimal_port, env=env))
     store = RedisSessionStore(redis.url)
     identity = Identity("810001234567", LoginMethod.CARD, time.time(), professions=("10",), auth_mode="CARD")
     session = store.create(identity, time.time())
@@ -133,6 +137,7 @@ def start_everything(stack: contextlib.ExitStack, directory: Path) -> tuple[dict
         "direct (upstream)": f"{upstream}/hello",
         "nginx proxy": f"http://127.0.0.1:{nginx_port}/hello",
         "naive Flask+requests proxy": f"http://127.0.0.1:{naive_port}/hello",
+        "minimal urllib3 WSGI proxy (floor)": f"http://127.0.0.1:{minimal_port}/hello",
         "gateway, public route": f"http://127.0.0.1:{gateway_port}/hello",
         "gateway, authenticated route": f"http://127.0.0.1:{gateway_port}/patients/180017512345678",
     }

@@ -116,6 +116,8 @@ class AuditLog:
         self._fd = -1
         self._fd_pid = 0
         self._closed = False
+        #: (file size after our last append, its hash, its seq): skips re-reading the tail we wrote.
+        self._own_tail: tuple[int, str, int] | None = None
         if isinstance(target, str | os.PathLike):
             self._path = Path(target)
             self._open()
@@ -133,6 +135,7 @@ class AuditLog:
         # flock excludes open file descriptions, not processes: a descriptor inherited through fork (a WSGI
         # server preloading the app) would let workers write together. Each process opens its own.
         self._fd_pid = os.getpid()
+        self._own_tail = None
 
     def reopen(self) -> None:
         """Start writing to the file now at the path (after log rotation renamed the old one)."""
@@ -210,14 +213,21 @@ class AuditLog:
             self._open()  # inherited through fork: get our own open file description
         fcntl.flock(self._fd, fcntl.LOCK_EX)
         try:
-            last, complete = _last_line(self._fd)
-            prev, seq = (ZERO_HASH, 0) if last is None else (_sha256(last), _seq_of(last))
+            size = os.fstat(self._fd).st_size
+            if self._own_tail is not None and self._own_tail[0] == size:
+                # Nobody wrote after our last line: its hash and number are known, no need to read it back.
+                _, prev, seq = self._own_tail
+                complete = True
+            else:
+                last, complete = _last_line(self._fd)
+                prev, seq = (ZERO_HASH, 0) if last is None else (_sha256(last), _seq_of(last))
             record, line = self._chained(body, prev, seq + 1)
             # A torn last line (crash mid-write) is closed first: it stays visible to verify, never merged.
             data = (b"" if complete else b"\n") + line + b"\n"
             written = os.write(self._fd, data)
             if written != len(data):
                 raise AuditError("short write to the audit log")
+            self._own_tail = (size + written, self.head, record["seq"])
         finally:
             fcntl.flock(self._fd, fcntl.LOCK_UN)
         return record

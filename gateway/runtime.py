@@ -22,7 +22,7 @@ from gateway.proxy.headers import client_address, in_networks
 from gateway.proxy.upstream import Upstream
 from gateway.readiness import NotReady, ReadinessRegistry, UpstreamProbe
 from gateway.responses import LoginLinks, login_link, refusal
-from gateway.sessions import MemorySessionStore, RedisSessionStore, SessionStore
+from gateway.sessions import CachedSessionStore, MemorySessionStore, RedisSessionStore, SessionStore
 from gateway.settings import EcpsSettings, Settings, policy_files
 from gateway.wsgi import normalise_host
 
@@ -76,7 +76,10 @@ def build_session_store(settings: Settings) -> SessionStore:
     timeouts = {"idle_timeout": config.idle_timeout, "absolute_timeout": config.absolute_timeout}
     if config.store.startswith("memory://"):
         return MemorySessionStore(**timeouts)
-    return RedisSessionStore(config.store, **timeouts)
+    shared = RedisSessionStore(config.store, **timeouts)
+    return (
+        CachedSessionStore(shared, ttl=config.local_cache_seconds) if config.local_cache_seconds else shared
+    )
 
 
 def build_audit_log(settings: Settings) -> AuditLog:

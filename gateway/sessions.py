@@ -405,3 +405,64 @@ def _idnat_of(raw: Any) -> str:
 def _unavailable(exc: Exception) -> SessionStoreUnavailable:
     # Only the error class: redis messages may echo commands, hence keys.
     return SessionStoreUnavailable(f"session store unavailable ({type(exc).__name__})")
+
+
+class CachedSessionStore:
+    """A per-process cache in front of a shared store: a session read less than ``ttl`` seconds ago is served
+    without asking the store again (one Redis round trip saved on almost every request of a busy page).
+
+    What this process deletes or rotates takes effect here at once; what another instance (or ``gateway
+    session revoke``) does takes effect here within ``ttl``. Expiry is still checked on every read.
+    """
+
+    def __init__(
+        self, inner: MemorySessionStore | RedisSessionStore, ttl: float = 1.0, max_entries: int = 10_000
+    ):
+        if ttl <= 0:
+            raise ValueError("ttl must be > 0 (use the inner store directly for no cache)")
+        self._inner = inner
+        self._ttl = float(ttl)
+        self._max_entries = max_entries
+        self._entries: dict[str, tuple[Session, float]] = {}
+        self._lock = threading.Lock()
+
+    def create(self, identity: Identity, now: float, data: Mapping[str, str] | None = None) -> Session:
+        return self._inner.create(identity, now, data)
+
+    def get(self, session_id: str, now: float) -> Session | None:
+        entry = self._entries.get(session_id)
+        if entry is not None and 0 <= now - entry[1] < self._ttl:
+            if not self._inner.expired(entry[0], now):
+                return entry[0]
+        session = self._inner.get(session_id, now)
+        with self._lock:
+            if session is None:
+                self._entries.pop(session_id, None)
+            else:
+                if len(self._entries) >= self._max_entries:
+                    self._entries.clear()  # rare; cheaper than LRU bookkeeping on every hit
+                self._entries[session_id] = (session, now)
+        return session
+
+    def rotate(
+        self, session_id: str, identity: Identity, now: float, data: Mapping[str, str] | None = None
+    ) -> Session:
+        self._forget(session_id)
+        return self._inner.rotate(session_id, identity, now, data)
+
+    def delete(self, session_id: str) -> None:
+        self._forget(session_id)
+        self._inner.delete(session_id)
+
+    def delete_all_for(self, idnat: str) -> int:
+        with self._lock:
+            for key in [k for k, (s, _) in self._entries.items() if s.identity.idnat == idnat]:
+                del self._entries[key]
+        return self._inner.delete_all_for(idnat)
+
+    def ping(self) -> None:
+        self._inner.ping()
+
+    def _forget(self, session_id: str) -> None:
+        with self._lock:
+            self._entries.pop(session_id, None)

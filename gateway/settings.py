@@ -164,6 +164,15 @@ class SessionSettings(_Section):
         14400.0, description="A session ends this long after login (PSC: 4 h)."
     )
     cookie_name: str = Field("__Host-gateway-session", description="Session cookie; must start with __Host-.")
+    local_cache_seconds: float = Field(
+        1.0,
+        ge=0,
+        le=10,
+        description=(
+            "With redis://, a session read less than this many seconds ago in this process is not read again; "
+            "revocations made by another instance take effect within it. 0: always ask Redis."
+        ),
+    )
 
     @field_validator("store")
     @classmethod

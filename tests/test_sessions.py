@@ -12,6 +12,7 @@ import redis
 
 from gateway.identity import Identity, LoginMethod
 from gateway.sessions import (
+    CachedSessionStore,
     MemorySessionStore,
     RedisSessionStore,
     SessionStore,
@@ -47,7 +48,7 @@ def redis_srv() -> Iterator[RedisServer]:
 StoreFactory = Callable[..., SessionStore]
 
 
-@pytest.fixture(params=["memory", "redis"])
+@pytest.fixture(params=["memory", "redis", "redis+local-cache"])
 def make_store(request: pytest.FixtureRequest) -> StoreFactory:
     if request.param == "memory":
         return MemorySessionStore
@@ -55,7 +56,8 @@ def make_store(request: pytest.FixtureRequest) -> StoreFactory:
 
     def factory(**kwargs: float) -> SessionStore:
         # A fresh prefix per test: tests share the server, never their keys.
-        return RedisSessionStore(server.url, key_prefix=f"t{next(_prefixes)}:", **kwargs)
+        store = RedisSessionStore(server.url, key_prefix=f"t{next(_prefixes)}:", **kwargs)
+        return CachedSessionStore(store, ttl=0.5) if request.param.endswith("cache") else store
 
     return factory
 
@@ -262,3 +264,26 @@ def test_memory_store_is_thread_safe() -> None:
     assert len(store) == 800
     assert sum(store.delete_all_for(f"81000000{n:04d}") for n in range(4)) == 800
     assert len(store) == 0
+
+
+def test_local_cache_sees_other_instances_revocations_within_its_ttl(redis_srv: RedisServer) -> None:
+    prefix = f"t{next(_prefixes)}:"
+    here = CachedSessionStore(RedisSessionStore(redis_srv.url, key_prefix=prefix), ttl=1.0)
+    elsewhere = RedisSessionStore(redis_srv.url, key_prefix=prefix)
+    session = here.create(identity(), T0)
+    assert here.get(session.id, T0 + 1) is not None  # read once: now cached
+    elsewhere.delete_all_for(session.identity.idnat)
+    assert here.get(session.id, T0 + 1.5) is not None  # within the cache's second
+    assert here.get(session.id, T0 + 2.1) is None  # past it: the revocation is seen
+
+
+def test_local_cache_forgets_at_once_what_this_process_deletes(redis_srv: RedisServer) -> None:
+    here = CachedSessionStore(RedisSessionStore(redis_srv.url, key_prefix=f"t{next(_prefixes)}:"), ttl=10.0)
+    session = here.create(identity(), T0)
+    assert here.get(session.id, T0) is not None
+    here.delete(session.id)
+    assert here.get(session.id, T0 + 0.1) is None
+    again = here.create(identity(), T0)
+    assert here.get(again.id, T0) is not None
+    here.delete_all_for(again.identity.idnat)
+    assert here.get(again.id, T0 + 0.1) is None
