@@ -431,9 +431,9 @@ class CachedSessionStore:
 
     def get(self, session_id: str, now: float) -> Session | None:
         entry = self._entries.get(session_id)
-        if entry is not None and 0 <= now - entry[1] < self._ttl:
-            if not self._inner.expired(entry[0], now):
-                return entry[0]
+        fresh = entry is not None and 0 <= now - entry[1] < self._ttl
+        if fresh and entry is not None and not self._inner.expired(entry[0], now):
+            return entry[0]
         session = self._inner.get(session_id, now)
         with self._lock:
             if session is None:
