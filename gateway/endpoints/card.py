@@ -20,13 +20,21 @@ from urllib.parse import quote
 
 from flask import Blueprint, Response, request
 
+from gateway import metrics
 from gateway.authn.card.certificate import CardError
 from gateway.authn.card.challenge import NonceStore, verify_challenge_login
 from gateway.authn.card.headers import client_certificate_from_headers
 from gateway.authn.card.verify import load_certificate
 from gateway.endpoints.pages import safe_next_path
 from gateway.identity import Identity
-from gateway.login import open_session, set_session_cookie
+from gateway.login import (
+    LoginRefused,
+    admit_login_attempt,
+    login_failed,
+    login_succeeded,
+    open_session,
+    set_session_cookie,
+)
 from gateway.policy.decision import Reason
 from gateway.responses import SECURITY_HEADERS, page_for
 from gateway.runtime import (
@@ -72,12 +80,18 @@ def tls_login() -> Response:
     if forwarded.certificate is None:
         return _deny(gateway, Reason.CARD_MISSING, "tls", "no client certificate", next_path)
     assert gateway.card_verifier is not None and gateway.card_handoffs is not None
+    facts = _card_facts(forwarded.certificate)
+    try:
+        admit_login_attempt(gateway, facts.get("card_serial"))
+    except LoginRefused as refused:
+        metrics.login_attempt("card", refused.reason.value)
+        return refuse(refused.reason, retry_after=refused.retry_after, next_path=next_path)
     try:
         identity = gateway.card_verifier.verify(forwarded.certificate, datetime.now(UTC))
     except CardError as error:
-        return _deny(
-            gateway, error.reason, "tls", error.detail, next_path, _card_facts(forwarded.certificate)
-        )
+        return _deny(gateway, error.reason, "tls", error.detail, next_path, facts)
+    login_succeeded(gateway, facts.get("card_serial"))
+    metrics.login_attempt("card", "success")
     try:
         _, session = open_session(gateway, identity, next_path, audit_fields=_login_facts(identity, "tls"))
         token = _issue_handoff(gateway.card_handoffs, session.id, client_ip(gateway))
@@ -166,18 +180,25 @@ def verify() -> Response:
     assert gateway.challenge_issuer is not None and gateway.card_verifier is not None
     # get_json only parses application/json: a cross-site HTML form cannot post here without a CORS preflight.
     body = request.get_json(silent=True)
+    certificate = body.get("certificate") if isinstance(body, dict) else None
+    facts = _card_facts(certificate) if isinstance(certificate, str) else {}
+    try:
+        admit_login_attempt(gateway, facts.get("card_serial"))
+    except LoginRefused as refused:
+        metrics.login_attempt("card", refused.reason.value)
+        return _json_refusal(refused.reason, retry_after=refused.retry_after)
     try:
         identity = verify_challenge_login(
             gateway.challenge_issuer, gateway.card_verifier, body, client_ip(gateway), datetime.now(UTC)
         )
     except CardError as error:
-        certificate = body.get("certificate") if isinstance(body, dict) else None
-        facts = _card_facts(certificate) if isinstance(certificate, str) else {}
         _audit_denied(gateway, error.reason, "challenge", error.detail, facts)
         return _json_refusal(error.reason)
     except Exception:  # nonce store down: fail closed
         log.exception("challenge verification failed (request %s)", request_id())
         return _json_refusal(Reason.SESSION_STORE_UNAVAILABLE)
+    login_succeeded(gateway, facts.get("card_serial"))
+    metrics.login_attempt("card", "success")
     try:
         _, session = open_session(gateway, identity, "/", audit_fields=_login_facts(identity, "challenge"))
     except SessionStoreUnavailable:
@@ -208,18 +229,29 @@ def _card_facts(certificate: bytes | str) -> dict[str, str]:
         return {}
 
 
+#: Refusals that are not the card holder's attempt (no card presented, our CRL is stale): never count to a ban.
+_NOT_COUNTED = frozenset({Reason.CARD_MISSING, Reason.CRL_UNAVAILABLE, Reason.SESSION_STORE_UNAVAILABLE})
+
+
 def _audit_denied(gateway: Gateway, reason: Reason, channel: str, detail: str, facts: dict[str, str]) -> None:
+    metrics.login_attempt("card", reason.value)
+    fields: dict[str, Any] = {
+        "method": "card",
+        "channel": channel,
+        "detail": detail,
+        "card_serial": facts.get("card_serial"),
+        "card_issuer": facts.get("card_issuer"),
+    }
+    if reason not in _NOT_COUNTED:
+        login_failed(gateway, facts.get("card_serial"), reason, **fields)
+        return
     gateway.audit.record(
         "login",
         request_id=request_id(),
         client_ip=client_ip(gateway),
-        method="card",
         decision="deny",
         reasons=[reason.value],
-        channel=channel,
-        detail=detail,
-        card_serial=facts.get("card_serial"),
-        card_issuer=facts.get("card_issuer"),
+        **fields,
     )
 
 
@@ -253,12 +285,14 @@ def _json(payload: dict[str, Any], status: int) -> Response:
     return _no_store(Response(json.dumps(payload), status, content_type="application/json"))
 
 
-def _json_refusal(reason: Reason) -> Response:
+def _json_refusal(reason: Reason, retry_after: int | None = None) -> Response:
     page = page_for(reason)
     response = _json(
         {"error": reason.value, "message": page.message("en"), "request_id": request_id()}, page.status
     )
     response.headers["X-Gateway-Reason"] = reason.value
+    if retry_after is not None:
+        response.headers["Retry-After"] = str(max(1, retry_after))
     return response
 
 

@@ -24,13 +24,19 @@ from tests.support.pki import software_card
 CARD_ORIGIN = "https://card.example:8443"
 
 
-def _app(tmp_path: Path, upstream_url: str, assertion_key: Path, card: dict[str, Any]) -> Flask:
+def _app(
+    tmp_path: Path,
+    upstream_url: str,
+    assertion_key: Path,
+    card: dict[str, Any],
+    limits: dict[str, Any] | None = None,
+) -> Flask:
     config = write_config(
         tmp_path,
         upstream_url=upstream_url,
         assertion_key=assertion_key,
         # The test client's peer is 127.0.0.1: here it plays the TLS terminator.
-        extra={"server": {"tls_terminators": ["127.0.0.1/32"]}, "card": card},
+        extra={"server": {"tls_terminators": ["127.0.0.1/32"]}, "card": card, "limits": limits or {}},
     )
     return create_app(load_settings(config))
 
@@ -152,3 +158,24 @@ def test_readiness_says_whether_every_crl_is_fresh(
         assert not crls_ready(login, datetime.now(UTC) + timedelta(days=30))  # past nextUpdate: not ready
     finally:
         login.crl_store.stop()
+
+
+def test_repeated_refused_cards_are_banned(
+    tmp_path: Path, upstream_url: str, assertion_key: Path, dev_pki: DevPki
+) -> None:
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    limits = {"ban_after": 3, "ban_window": "10m", "ban_duration": "15m"}
+    app = _app(tmp_path, upstream_url, assertion_key, card_settings(dev_pki, CARD_ORIGIN), limits)
+    client = app.test_client()
+    expired = software_card(dev_pki, variant="expired")
+    headers = _forwarded(expired.public_bytes(Encoding.PEM))
+    reasons = [
+        client.get("/.gateway/login/card", headers=headers).headers["X-Gateway-Reason"] for _ in range(4)
+    ]
+    assert reasons == ["card_expired"] * 3 + ["banned"]
+    banned = client.get("/.gateway/login/card", headers=headers)
+    assert banned.status_code == 429 and int(banned.headers["Retry-After"]) > 800
+    (ban,) = [event for event in _audit(tmp_path) if event["event"] == "ban"]
+    assert ban["banned_identity"] == format(expired.serial_number, "X")
+    gateway_of(app).crl_store.stop()  # type: ignore[union-attr]

@@ -77,7 +77,10 @@ def nginx_config(work: Path, pki: DevPki, listen_port: int, gateway_port: int) -
 
 
 @contextlib.contextmanager
-def card_stack(work: Path, pki: DevPki, upstream_url: str, assertion_key: Path) -> Iterator[CardStack]:
+def card_stack(
+    work: Path, pki: DevPki, upstream_url: str, assertion_key: Path, limits: dict[str, Any] | None = None
+) -> Iterator[CardStack]:
+    """nginx (card host) + the gateway as real processes; login limits generous unless ``limits`` says so."""
     gateway_port, nginx_port = free_port(), free_port()
     card_origin = f"https://127.0.0.1:{nginx_port}"
     terminator = f"{NGINX_SOURCE_ADDRESS}/32"
@@ -89,6 +92,7 @@ def card_stack(work: Path, pki: DevPki, upstream_url: str, assertion_key: Path) 
         extra={
             "server": {"tls_terminators": [terminator], "trusted_proxies": [terminator], "workers": 1},
             "card": card_settings(pki, card_origin),
+            "limits": limits or {"ban_after": 1000, "login_attempts_per_ip": "1000/minute"},
         },
     )
     gateway_argv = [PYTHON, "-m", "gateway.cli", "serve", "--config", str(config)]
