@@ -18,6 +18,7 @@ demo: deps
 test: deps
 	$(PY) -m pytest -q -p no:cacheprovider
 	$(VENV)/bin/ruff check gateway tests bench
+	$(VENV)/bin/mypy
 
 lint: deps
 	$(VENV)/bin/ruff check gateway tests bench

@@ -1,7 +1,7 @@
 """Benchmark: nginx forward-auth with the gateway vs nginx as a plain reverse proxy, same portal, same wrk.
 
 Run on demand (bounded: about 2 x 3 x --seconds of load plus start-up):
-    /work/main/.venv/bin/python bench/forward_auth.py [--seconds 5] [--connections 32]
+    .venv/bin/python bench/forward_auth.py [--seconds 5] [--connections 32]
 
 Both setups are measured 3 times, interleaved, and the medians printed with the ratio to the plain proxy.
 The route is authenticated, without quota (``/patients/<id>``, GET): after the first request of a
@@ -13,15 +13,15 @@ asks the gateway) to show what the cache buys.
 from __future__ import annotations
 
 import argparse
-import re
-import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from contextlib import ExitStack
-from dataclasses import dataclass
 from pathlib import Path
+
+from common import Load
+from common import median_load as median
+from common import wrk as common_wrk
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
@@ -51,42 +51,10 @@ server {
     }
 }
 """
-_UNITS = {"us": 0.001, "ms": 1.0, "s": 1000.0}
-
-
-@dataclass(frozen=True)
-class Load:
-    requests_per_second: float
-    p50_ms: float
-    p99_ms: float
 
 
 def wrk(url: str, *, seconds: int, connections: int, headers: dict[str, str]) -> Load:
-    argv = ["wrk", "--latency", "-t", "2", "-c", str(connections), "-d", f"{seconds}s", "--timeout", "5s"]
-    for name, value in headers.items():
-        argv += ["-H", f"{name}: {value}"]
-    output = subprocess.run(
-        [*argv, url], capture_output=True, text=True, check=True, timeout=seconds + 30
-    ).stdout
-    if "Non-2xx" in output or "Socket errors" in output:
-        raise RuntimeError(f"{url} answered errors under load:\n{output}")
-    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", output).group(1))  # type: ignore[union-attr]
-    return Load(rps, _percentile(output, "50%"), _percentile(output, "99%"))
-
-
-def _percentile(output: str, label: str) -> float:
-    match = re.search(rf"^\s+{label}\s+([\d.]+)(us|ms|s)\s*$", output, re.MULTILINE)
-    if match is None:
-        raise RuntimeError(f"no {label} latency in wrk output:\n{output}")
-    return float(match.group(1)) * _UNITS[match.group(2)]
-
-
-def median(loads: list[Load]) -> Load:
-    return Load(
-        statistics.median(load.requests_per_second for load in loads),
-        statistics.median(load.p50_ms for load in loads),
-        statistics.median(load.p99_ms for load in loads),
-    )
+    return common_wrk(url, seconds=seconds, connections=connections, threads=2, headers=headers)
 
 
 def main() -> int:

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
-from gateway.config_source import ConfigErrors, parse_duration
+from gateway.config_source import ConfigError, ConfigErrors, parse_duration
 from gateway.identity import Identity, LoginMethod
 from gateway.policy.engine import decide_rule
 from gateway.policy.paths import BadPath, normalise_target
@@ -201,7 +201,7 @@ def _reload(args: argparse.Namespace) -> int:
 def _check(args: argparse.Namespace) -> int:
     from gateway.app import read_policies
 
-    errors = []
+    errors: list[ConfigError] = []
     settings: Settings | None = None
     try:
         settings = _load(args)

@@ -7,7 +7,7 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-from flask import Response, redirect, request
+from flask import Response, request
 
 from gateway import metrics
 from gateway.identity import Identity
@@ -35,7 +35,7 @@ def open_session(
         session = gateway.sessions.rotate(old_id, identity, now, data=dict(data or {}))
     else:
         session = gateway.sessions.create(identity, now, dict(data or {}))
-    response = redirect(next_path, code=303)
+    response = Response(status=303, headers={"Location": next_path})
     set_session_cookie(gateway, response, session.id)
     gateway.audit.record(
         "login",
@@ -101,7 +101,7 @@ def admit_login_attempt(gateway: Gateway, claimed_identity: str | None) -> None:
         raise LoginRefused(verdict.reason, verdict.retry_after)
 
 
-def login_failed(gateway: Gateway, claimed_identity: str | None, reason: Reason, **fields: object) -> None:
+def login_failed(gateway: Gateway, claimed_identity: str | None, reason: Reason, **fields: Any) -> None:
     """Audit a failed login and count it towards a ban (audited when one starts)."""
     ip = client_ip(gateway)
     gateway.audit.record(

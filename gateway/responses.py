@@ -365,7 +365,11 @@ def refusal(
         )
         response = Response(body, page.status, content_type="text/html; charset=utf-8")
     else:
-        payload = {"error": reason.value, "message": page.message(language), "request_id": request_id}
+        payload: dict[str, object] = {
+            "error": reason.value,
+            "message": page.message(language),
+            "request_id": request_id,
+        }
         if login is not None and page.offer_login:
             payload["login"] = {k: v for k, v in (("card", login.card), ("ecps", login.ecps)) if v}
         response = Response(json.dumps(payload), page.status, content_type="application/json")

@@ -73,10 +73,11 @@ def read_policies(settings: Settings) -> LoadedPolicies:
 
 def build_session_store(settings: Settings) -> SessionStore:
     config = settings.sessions
-    timeouts = {"idle_timeout": config.idle_timeout, "absolute_timeout": config.absolute_timeout}
     if config.store.startswith("memory://"):
-        return MemorySessionStore(**timeouts)
-    shared = RedisSessionStore(config.store, **timeouts)
+        return MemorySessionStore(idle_timeout=config.idle_timeout, absolute_timeout=config.absolute_timeout)
+    shared = RedisSessionStore(
+        config.store, idle_timeout=config.idle_timeout, absolute_timeout=config.absolute_timeout
+    )
     return (
         CachedSessionStore(shared, ttl=config.local_cache_seconds) if config.local_cache_seconds else shared
     )
@@ -178,7 +179,7 @@ def _add_card_login(gateway: Gateway) -> None:
 
 
 def gateway_of(app: Flask | None = None) -> Gateway:
-    return (app or current_app).extensions["gateway"]  # type: ignore[no-any-return]
+    return (app or current_app).extensions["gateway"]
 
 
 # --- Request-scoped facts -------------------------------------------------------------------------------

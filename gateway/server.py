@@ -52,7 +52,7 @@ class GatewayArbiter(Arbiter):
             super().reload()
 
 
-class GatewayServer(BaseApplication):  # type: ignore[misc]
+class GatewayServer(BaseApplication):
     """gunicorn with threaded workers; each worker builds its own app (connection pools are per process)."""
 
     def __init__(

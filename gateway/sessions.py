@@ -421,6 +421,8 @@ class CachedSessionStore:
         if ttl <= 0:
             raise ValueError("ttl must be > 0 (use the inner store directly for no cache)")
         self._inner = inner
+        self.idle_timeout = inner.idle_timeout
+        self.absolute_timeout = inner.absolute_timeout
         self._ttl = float(ttl)
         self._max_entries = max_entries
         self._entries: dict[str, tuple[Session, float]] = {}

@@ -54,7 +54,7 @@ def _query(environ: dict[str, Any]) -> str:
 
 
 def target_of(environ: dict[str, Any]) -> NormalisedTarget:
-    return environ[TARGET_KEY]  # type: ignore[no-any-return]
+    return environ[TARGET_KEY]
 
 
 def normalise_host(value: str) -> str | None:

@@ -53,7 +53,8 @@ def gateways(
                 listen=f"127.0.0.1:{port}",
                 extra={
                     "server": {"workers": 2, "threads": 8},
-                    "sessions": {"store": redis.url},
+                    # Revocations made from the test must be seen at once (no per-process session cache).
+                    "sessions": {"store": redis.url, "local_cache_seconds": 0},
                     "policies": [str(REPO_ROOT / "policies")],
                     "audit": {"file": str(directory / "audit.log")},
                 },

@@ -99,7 +99,7 @@ def run(host: str, port: int, gateway_origin: str = "http://127.0.0.1:8080") -> 
 
     portal = create_portal(gateway_origin)
 
-    class PortalServer(BaseApplication):  # type: ignore[misc]
+    class PortalServer(BaseApplication):
         def load_config(self) -> None:
             for key, value in {
                 "bind": [f"{host}:{port}"],

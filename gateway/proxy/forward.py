@@ -13,7 +13,7 @@ from gateway.proxy.upstream import StreamedBody, Upstream, request_body
 
 class UpstreamResponse(Response):
     # The portal's headers are passed as they are: no Content-Type is invented when it sent none.
-    default_mimetype = None  # type: ignore[assignment]
+    default_mimetype = None
 
 
 def identity_headers(identity: Identity, assertion: str) -> list[tuple[str, str]]:

@@ -19,20 +19,15 @@ from playwright.sync_api import sync_playwright
 from gateway.devtools.cards import create_card, softhsm_env, use_softhsm
 from gateway.devtools.pki import INTERMEDIATE_CN, DevPki, ensure_dev_pki
 from gateway.pkcs11 import SOFTHSM_MODULE
+from tests.support.browser import CHROMIUM, CHROMIUM_ARGS
 from tests.support.card_stack import CardStack, card_stack
 
-CHROMIUM = Path("/usr/bin/chromium")
 POLICY_DIR = Path("/etc/chromium/policies/managed")
 POLICY_FILE = POLICY_DIR / "cps-gateway-card-test.json"
 CARD_ROUTE = "/echo/card/browser"
 
-pytestmark = [
-    pytest.mark.browser,
-    pytest.mark.skipif(
-        not CHROMIUM.exists() or shutil.which("nginx") is None or shutil.which("modutil") is None,
-        reason="chromium, nginx or NSS tools not installed",
-    ),
-]
+# No skip when a component is missing: `make test` installs nginx, Chromium and the NSS tools.
+pytestmark = pytest.mark.browser
 
 
 @pytest.fixture(scope="module")
@@ -105,20 +100,14 @@ def test_chromium_logs_in_with_the_card_and_sees_the_protected_page(
 
 
 def _browse(stack: CardStack, env: dict[str, str], profile: Path) -> str:
-    args = [
-        "--headless",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-quic",
-        "--no-first-run",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        "--disable-dev-shm-usage",
-    ]
     with sync_playwright() as playwright:
         context = playwright.chromium.launch_persistent_context(
-            str(profile), executable_path=str(CHROMIUM), args=args, env=env, headless=True, timeout=20_000
+            str(profile),
+            executable_path=str(CHROMIUM),
+            args=CHROMIUM_ARGS,
+            env=env,
+            headless=True,
+            timeout=20_000,
         )
         try:
             page = context.new_page()

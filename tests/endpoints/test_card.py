@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import base64
 import json
-import shutil
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,13 +18,9 @@ from gateway import pkcs11 as tokens
 from gateway.authn.card.challenge import challenge_message
 from gateway.devtools.cards import softhsm_env
 from gateway.devtools.pki import DevPki
-from tests.support.card_stack import ENGINE, CardStack, card_stack, curl_with_card
+from tests.support.card_stack import CardStack, card_stack, curl_with_card
 from tests.support.processes import PYTHON, REPO_ROOT
 from tests.support.softhsm import PIN, CardSet
-
-pytestmark = pytest.mark.skipif(
-    shutil.which("nginx") is None or not ENGINE.exists(), reason="nginx or libp11 engine not installed"
-)
 
 CARD_ROUTE = "/echo/card/records"
 

@@ -18,6 +18,7 @@ from cryptography.x509.oid import NameOID
 
 from gateway.identity import STAFF_OR_ORGANISATION_ID_TYPES
 from gateway.policy.decision import Reason
+from gateway.professions import PROFESSIONS
 
 
 class CardError(Exception):
@@ -29,26 +30,8 @@ class CardError(Exception):
         self.detail = detail
 
 
-#: TRE_G15 profession codes (ANS nomenclature, OID 1.2.250.1.71.1.2.7) and their labels.
-PROFESSION_LABELS: dict[str, str] = {
-    "10": "Médecin",
-    "21": "Pharmacien",
-    "26": "Audioprothésiste",
-    "28": "Opticien-Lunetier",
-    "40": "Chirurgien-Dentiste",
-    "50": "Sage-Femme",
-    "60": "Infirmier",
-    "69": "Infirmier psychiatrique",
-    "70": "Masseur-Kinésithérapeute",
-    "80": "Pédicure-Podologue",
-    "86": "Technicien de laboratoire",
-    "91": "Orthophoniste",
-    "92": "Orthoptiste",
-    "94": "Ergothérapeute",
-    "95": "Diététicien",
-    "96": "Psychomotricien",
-    "98": "Manipulateur ERM",
-}
+#: TRE_G15 profession codes and their labels (one table for the whole gateway).
+PROFESSION_LABELS: dict[str, str] = PROFESSIONS
 
 _IDNAT = re.compile(r"^[0-9][0-9A-Za-z/]{1,63}$")
 

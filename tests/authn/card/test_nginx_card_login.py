@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import http.server
 import json
-import shutil
 import string
 import subprocess
 import threading
@@ -29,9 +28,6 @@ from tests.support.softhsm import PIN, CardSet
 TEMPLATE = REPO_ROOT / "deploy" / "nginx" / "card-login.conf.template"
 ENGINE = Path("/usr/lib/x86_64-linux-gnu/engines-3/pkcs11.so")
 
-pytestmark = pytest.mark.skipif(
-    shutil.which("nginx") is None or not ENGINE.exists(), reason="nginx or libp11 engine not installed"
-)
 
 
 class _EchoHeaders(http.server.BaseHTTPRequestHandler):
