@@ -3,19 +3,30 @@
 from __future__ import annotations
 
 import logging
+import math
+import time
 from collections.abc import Callable
 
-from flask import Flask, Response, request
+from flask import Flask, Response, current_app, request
 from werkzeug.exceptions import HTTPException
 
 from gateway.audit import AuditLog
 from gateway.authn.ecps import EcpsError, ProSanteConnect
 from gateway.endpoints import card, ecps, forward_auth, logout, operations, pages
 from gateway.endpoints.proxy import ALL_METHODS, proxy_view
+from gateway.limits import STORAGE_ERRORS, build_limiter
 from gateway.policy.decision import Reason
 from gateway.policy.loader import LoadedPolicies
 from gateway.readiness import NotReady
-from gateway.runtime import LOGIN_COOKIE_NAME, build_gateway, gateway_of, read_policies, refuse, request_id
+from gateway.runtime import (
+    LOGIN_COOKIE_NAME,
+    build_gateway,
+    client_ip,
+    gateway_of,
+    read_policies,
+    refuse,
+    request_id,
+)
 from gateway.sessions import SessionStore
 from gateway.settings import Settings
 from gateway.wsgi import BAD_TARGET_KEY, NormalisedTargetMiddleware
@@ -43,13 +54,25 @@ def create_app(
     app.register_blueprint(operations.blueprint())
     app.register_blueprint(forward_auth.blueprint())
     app.register_blueprint(logout.blueprint())
+    limiter = build_limiter(app, settings.limits_storage, lambda: client_ip(gateway_of()), key_prefix="gw:rl")
+    app.extensions[_LIMITER] = limiter
+    login_rate = limiter.limit(
+        settings.limits.login_requests_per_ip,
+        # PSC's own server calls the back-channel endpoint: never rate-limit a logout.
+        exempt_when=lambda: request.endpoint == "gateway_ecps.backchannel_logout",
+    )
     if settings.ecps is not None and gateway.ecps is not None:
         _wire_ecps(app, settings.ecps.login_cookie_secret)
         gateway.ecps.init_app(app)
         gateway.readiness.register("ecps_metadata", _psc_metadata_check(gateway.ecps))
-        app.register_blueprint(ecps.blueprint())
+        ecps_routes = ecps.blueprint()
+        login_rate(ecps_routes)  # flask-limiter marks the blueprint (and returns nothing)
+        app.register_blueprint(ecps_routes)
     if settings.card is not None:
-        app.register_blueprint(card.blueprint())
+        card_routes = card.blueprint()
+        login_rate(card_routes)
+        app.register_blueprint(card_routes)
+    app.register_error_handler(429, _too_many_requests)
     for rule in ("/", "/<path:path>"):
         app.add_url_rule(
             rule,
@@ -93,9 +116,22 @@ def _refuse_bad_target() -> Response | None:
     return refuse(Reason.BAD_REQUEST_PATH, next_path="/")
 
 
+_LIMITER = "gateway_login_limiter"
+
+
+def _too_many_requests(error: Exception) -> Response:
+    limiter = current_app.extensions.get(_LIMITER)
+    limit = limiter.current_limit if limiter is not None else None
+    retry_after = max(1, math.ceil(limit.reset_at - time.time())) if limit is not None else 60
+    return refuse(Reason.RATE_LIMITED, retry_after=retry_after)
+
+
 def _unexpected_error(error: Exception) -> Response:
     if isinstance(error, HTTPException):
         return error  # type: ignore[return-value]
+    if isinstance(error, STORAGE_ERRORS):
+        log.warning("limits storage unavailable (request %s): %s", request_id(), type(error).__name__)
+        return refuse(Reason.LIMITS_UNAVAILABLE, next_path="/")
     log.exception("unexpected error (request %s)", request_id())
     response = refuse(Reason.UPSTREAM_UNAVAILABLE, next_path="/")
     response.status_code = 500

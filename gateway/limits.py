@@ -34,6 +34,10 @@ from gateway.policy.decision import Reason
 DEFAULT_STORAGE_TIMEOUT = 0.5
 
 
+#: What the limits storage raises when it cannot answer (flask-limiter lets them through: fail closed).
+STORAGE_ERRORS: tuple[type[Exception], ...] = (limits.errors.StorageError, redis.RedisError)
+
+
 class LimitsUnavailable(Exception):
     """The limits storage cannot be used: refuse with 503 (fail closed)."""
 

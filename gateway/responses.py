@@ -328,6 +328,9 @@ def language_of(request: Request, default: str) -> str:
 
 
 def wants_html(request: Request) -> bool:
+    """A page for browsers; JSON for API clients and for requests that themselves carry JSON."""
+    if request.is_json:
+        return False
     accept = request.accept_mimetypes
     return accept.accept_html or not accept.provided
 

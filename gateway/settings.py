@@ -199,6 +199,10 @@ class LimitsSettings(_Section):
     storage: str | None = Field(
         None, description="memory:// or redis://... for counters and bans (default: the sessions.store URL)."
     )
+    login_requests_per_ip: str = Field(
+        "120/minute",
+        description="Requests of any kind to the login endpoints per client IP (flask-limiter; e.g. challenges).",
+    )
     login_attempts_per_ip: str = Field("20/minute", description="Login attempts allowed per client IP.")
     login_attempts_per_identity: str = Field(
         "10/minute", description="Login attempts allowed per claimed identity (card serial or idNat)."
@@ -207,7 +211,7 @@ class LimitsSettings(_Section):
     ban_window: Duration = Field(600.0, description="Window in which failed logins are counted.")
     ban_duration: Duration = Field(900.0, description="How long a ban lasts (at least ban_window).")
 
-    @field_validator("login_attempts_per_ip", "login_attempts_per_identity")
+    @field_validator("login_requests_per_ip", "login_attempts_per_ip", "login_attempts_per_identity")
     @classmethod
     def _rate(cls, value: str) -> str:
         if not re.match(r"^\d+\s*(/|per)\s*(\d+\s*)?(second|minute|hour|day)s?$", value.strip()):

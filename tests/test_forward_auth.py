@@ -145,7 +145,10 @@ def stack(tmp_path_factory: pytest.TempPathFactory, upstream_url: str, assertion
             policies=POLICIES,
             listen=f"127.0.0.1:{gateway_port}",
             # No per-process session cache: the tests revoke sessions from outside and expect it at once.
-            extra={"sessions": {"store": redis.url, "local_cache_seconds": 0}, "forward_auth": {"trusted_nginx": ["127.0.0.1/32"]}},
+            extra={
+                "sessions": {"store": redis.url, "local_cache_seconds": 0},
+                "forward_auth": {"trusted_nginx": ["127.0.0.1/32"]},
+            },
         )
         argv = [PYTHON, "-m", "gateway.cli", "serve", "--config", str(config)]
         with running(argv, gateway_port, log=directory / "gateway.log"):

@@ -25,6 +25,7 @@ def world(
 
 def test_ecps_login_in_a_real_browser(world: EcpsWorld, tmp_path: Path) -> None:
     from playwright import sync_api
+
     with sync_api.sync_playwright() as playwright:
         browser = playwright.chromium.launch(
             executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, timeout=TIMEOUT_MS

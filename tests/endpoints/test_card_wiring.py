@@ -179,3 +179,18 @@ def test_repeated_refused_cards_are_banned(
     (ban,) = [event for event in _audit(tmp_path) if event["event"] == "ban"]
     assert ban["banned_identity"] == format(expired.serial_number, "X")
     gateway_of(app).crl_store.stop()  # type: ignore[union-attr]
+
+
+def test_login_endpoints_are_rate_limited_per_ip(
+    tmp_path: Path, upstream_url: str, assertion_key: Path, dev_pki: DevPki
+) -> None:
+    limits = {"login_requests_per_ip": "3/minute"}
+    app = _app(tmp_path, upstream_url, assertion_key, card_settings(dev_pki, CARD_ORIGIN), limits)
+    client = app.test_client()
+    statuses = [client.post("/.gateway/card/challenge", json={}).status_code for _ in range(4)]
+    assert statuses == [200, 200, 200, 429]
+    refused = client.post("/.gateway/card/challenge", json={})
+    assert refused.json is not None and refused.json["error"] == "rate_limited"
+    assert 0 < int(refused.headers["Retry-After"]) <= 60
+    assert client.get("/hello").status_code == 200  # the portal's routes are not login endpoints
+    gateway_of(app).crl_store.stop()  # type: ignore[union-attr]

@@ -92,7 +92,12 @@ def card_stack(
         extra={
             "server": {"tls_terminators": [terminator], "trusted_proxies": [terminator], "workers": 1},
             "card": card_settings(pki, card_origin),
-            "limits": limits or {"ban_after": 1000, "login_attempts_per_ip": "1000/minute"},
+            "limits": limits
+            or {
+                "ban_after": 1000,
+                "login_attempts_per_ip": "1000/minute",
+                "login_requests_per_ip": "1000/minute",
+            },
         },
     )
     gateway_argv = [PYTHON, "-m", "gateway.cli", "serve", "--config", str(config)]

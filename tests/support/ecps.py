@@ -110,7 +110,12 @@ def running_ecps_world(
             listen=f"127.0.0.1:{gateway_port}",
             extra={
                 "server": {"workers": 1, "threads": 8},
-                "limits": limits or {"ban_after": 1000, "login_attempts_per_ip": "1000/minute"},
+                "limits": limits
+                or {
+                    "ban_after": 1000,
+                    "login_attempts_per_ip": "1000/minute",
+                    "login_requests_per_ip": "1000/minute",
+                },
                 "ecps": {
                     "metadata_url": psc.metadata_url,
                     "client_id": CLIENT_ID,

@@ -29,7 +29,6 @@ TEMPLATE = REPO_ROOT / "deploy" / "nginx" / "card-login.conf.template"
 ENGINE = Path("/usr/lib/x86_64-linux-gnu/engines-3/pkcs11.so")
 
 
-
 class _EchoHeaders(http.server.BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         body = json.dumps({k: v for k, v in self.headers.items()}).encode()
