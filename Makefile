@@ -25,6 +25,8 @@ lint: deps
 	$(VENV)/bin/mypy
 
 bench: deps
+	$(PY) -m pip install -q -e ".[test,bench]"
+	$(PY) bench/servers.py
 	$(PY) bench/proxy.py
 
 deps: debian-packages $(STAMP)
