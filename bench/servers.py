@@ -30,7 +30,7 @@ def granian_argv(port: int, threads: int = 16) -> list[str]:
 
 
 def raw_target_seen(port: int) -> str:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/echo/a%2Fb", timeout=5) as answer:  # noqa: S310
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/echo/a%2Fb", timeout=5) as answer:
         seen = json.load(answer)
     return f"RAW_URI={seen['raw_uri']!r}, PATH_INFO={seen['path']!r}"
 
