@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import getpass
 import os
 import signal
 import sys
@@ -99,7 +100,12 @@ def _parser() -> argparse.ArgumentParser:
     login.add_argument(
         "--module", default=None, help="PKCS#11 module (default: SoftHSM; Cryptolib CPS for real cards)"
     )
-    login.add_argument("--pin", default=None, help="card PIN (default: none, for SoftHSM test cards)")
+    login.add_argument(
+        "--pin",
+        default=None,
+        help="card PIN; '-' asks for it without echo (default: $GATEWAY_CARD_PIN, else none: SoftHSM test cards)."
+        " A PIN on the command line is visible to other users of the machine: prefer '-' for real cards.",
+    )
     login.add_argument("--cookie-jar", default="cookies.txt", help="Netscape cookie jar to write (curl -b)")
     login.add_argument("--cacert", default=None, help="CA bundle to verify an https gateway")
     login.set_defaults(run=_card_login)
@@ -406,12 +412,15 @@ def _card_login(args: argparse.Namespace) -> int:
     from gateway import pkcs11 as tokens
     from gateway.authn.card.client import CardLoginError, card_login
 
+    pin = args.pin if args.pin is not None else os.environ.get("GATEWAY_CARD_PIN")
+    if pin == "-":
+        pin = getpass.getpass(f"PIN of the card {args.token_label}: ")
     try:
         subject = card_login(
             args.url,
             args.token_label,
             args.module or tokens.SOFTHSM_MODULE,
-            args.pin,
+            pin,
             args.cookie_jar,
             args.cacert,
         )

@@ -1,0 +1,73 @@
+"""Two gateway processes on one Redis enforce ONE login budget: request rate, failure count, bans."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from contextlib import ExitStack
+from pathlib import Path
+from urllib.parse import quote
+
+import pytest
+import requests
+from cryptography.hazmat.primitives.serialization import Encoding
+
+from gateway.devtools.pki import DevPki
+from tests.support.card_stack import card_settings
+from tests.support.config import write_config
+from tests.support.pki import software_card
+from tests.support.processes import free_port, running
+from tests.support.redis import RedisServer
+
+
+@pytest.fixture
+def two_gateways(
+    tmp_path: Path, upstream_url: str, assertion_key: Path, dev_pki: DevPki
+) -> Iterator[list[str]]:
+    (tmp_path / "redis").mkdir()
+    redis = RedisServer(tmp_path / "redis")
+    redis.start()
+    urls = []
+    try:
+        with ExitStack() as stack:
+            for index in range(2):
+                port = free_port()
+                config = write_config(
+                    tmp_path / f"gw{index}",
+                    upstream_url=upstream_url,
+                    assertion_key=assertion_key,
+                    listen=f"127.0.0.1:{port}",
+                    extra={
+                        # The test plays the TLS terminator: it sends the card header itself.
+                        "server": {"tls_terminators": ["127.0.0.1/32"], "workers": 2, "threads": 4},
+                        "sessions": {"store": redis.url},
+                        "card": card_settings(dev_pki, "https://card.example:8443"),
+                        "limits": {"login_requests_per_ip": "8/minute", "ban_after": 3},
+                    },
+                )
+                argv = [sys.executable, "-m", "gateway.cli", "serve", "--config", str(config)]
+                stack.enter_context(running(argv, port, log=tmp_path / f"gw{index}.log"))
+                urls.append(f"http://127.0.0.1:{port}")
+            yield urls
+    finally:
+        redis.stop()
+
+
+def test_failures_on_one_instance_ban_on_the_other(two_gateways: list[str], dev_pki: DevPki) -> None:
+    expired = software_card(dev_pki, variant="expired").public_bytes(Encoding.PEM)
+    header = {"X-SSL-Client-Cert": quote(expired.decode(), safe=""), "Accept": "text/html"}
+    reasons = [
+        requests.get(f"{two_gateways[n % 2]}/.gateway/login/card", headers=header, timeout=5).headers[
+            "X-Gateway-Reason"
+        ]
+        for n in range(4)
+    ]
+    assert reasons == ["card_expired"] * 3 + ["banned"]
+
+
+def test_the_request_rate_is_one_budget(two_gateways: list[str]) -> None:
+    statuses = [
+        requests.post(f"{two_gateways[n % 2]}/.gateway/card/challenge", json={}, timeout=5).status_code
+        for n in range(9)
+    ]
+    assert statuses == [200] * 8 + [429]
