@@ -56,6 +56,8 @@ def create_app(
     app.register_blueprint(logout.blueprint())
     limiter = build_limiter(app, settings.limits_storage, lambda: client_ip(gateway_of()), key_prefix="gw:rl")
     app.extensions[_LIMITER] = limiter
+    # Only login endpoints carry limits: the portal's traffic skips flask-limiter's bookkeeping entirely.
+    limiter.request_filter(lambda: request.endpoint == "proxy")
     login_rate = limiter.limit(
         settings.limits.login_requests_per_ip,
         # PSC's own server calls the back-channel endpoint: never rate-limit a logout.
