@@ -4,13 +4,23 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 from urllib.parse import urlsplit
 
+from gateway.devtools.card_host import card_host_nginx_argv
+from gateway.devtools.pki import ensure_dev_pki
 from gateway.settings import DEFAULT_SETTINGS_FILE, Settings, load_settings
+
+_REPO = Path(__file__).resolve().parents[2]
+DEV_PKI_DIR = _REPO / "certs" / "dev"
+VAR_DIR = _REPO / "var"
+#: nginx reaches the demo gateway from this loopback address, its only trusted TLS terminator.
+CARD_HOST_SOURCE = "127.0.0.2"
 
 
 @contextlib.contextmanager
@@ -45,8 +55,8 @@ def run_demo() -> int:
         "    SOFTHSM2_CONF=certs/dev/softhsm/softhsm2.conf gateway card login --url "
         f"{origin} --token-label demo-doctor --cookie-jar cookies.txt\n"
         f"    curl -b cookies.txt {origin}/patients/180017512345678\n"
-        "  Browser card login needs the TLS card host: nginx with deploy/nginx/card-login.conf.template\n"
-        "  (optional; see docs/card.md).\n"
+        f"  Browser card login: the card button leads to the nginx card host{_card_host_note(settings)}.\n"
+        "  A browser needs a card (or a SoftHSM token in its NSS database, see docs/card.md).\n"
         "  Ctrl-C stops everything.\n",
         flush=True,
     )
@@ -56,6 +66,8 @@ def run_demo() -> int:
     ):
         if settings.ecps is not None:
             stand_ins.enter_context(child(psc_stand_in_argv(python, settings)))
+        if settings.card is not None and shutil.which("nginx"):
+            stand_ins.enter_context(child(card_host_argv(settings)))
         gateway = subprocess.Popen([python, "-m", "gateway.cli", "serve"], stdin=subprocess.DEVNULL)
         try:
             return gateway.wait()
@@ -63,6 +75,26 @@ def run_demo() -> int:
             gateway.send_signal(signal.SIGTERM)
             gateway.wait(30)
             return 0
+
+
+def _card_host_note(settings: Settings) -> str:
+    if settings.card is None:
+        return " (no card section)"
+    return f" {settings.card.login_origin}" if shutil.which("nginx") else " (nginx is not installed)"
+
+
+def card_host_argv(settings: Settings) -> list[str]:
+    """nginx with the shipped card-login template and the dev PKI, in front of the demo gateway."""
+    assert settings.card is not None
+    pki = ensure_dev_pki(DEV_PKI_DIR)
+    listen = settings.card.login_origin.split("://", 1)[1]
+    return card_host_nginx_argv(
+        VAR_DIR / "card-host",
+        pki,
+        listen=listen,
+        gateway=settings.server.listen,
+        source_address=CARD_HOST_SOURCE,
+    )
 
 
 def psc_stand_in_argv(python: str, settings: Settings) -> list[str]:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import string
 import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -16,13 +15,13 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
+from gateway.devtools.card_host import card_host_nginx_argv
 from gateway.devtools.cards import softhsm_env
 from gateway.devtools.pki import DevPki
 from gateway.pkcs11 import SOFTHSM_MODULE
 from tests.support.config import write_config
-from tests.support.processes import PYTHON, REPO_ROOT, free_port, running
+from tests.support.processes import PYTHON, free_port, running
 
-TEMPLATE = REPO_ROOT / "deploy" / "nginx" / "card-login.conf.template"
 ENGINE = Path("/usr/lib/x86_64-linux-gnu/engines-3/pkcs11.so")
 NGINX_SOURCE_ADDRESS = "127.0.0.2"
 
@@ -53,27 +52,13 @@ def card_settings(pki: DevPki, login_origin: str) -> dict[str, Any]:
 
 
 def nginx_config(work: Path, pki: DevPki, listen_port: int, gateway_port: int) -> list[str]:
-    block = string.Template(TEMPLATE.read_text()).safe_substitute(
-        CARD_LOGIN_HOST="127.0.0.1",
-        LISTEN_ADDRESS=f"127.0.0.1:{listen_port}",
-        SERVER_CERT=pki.server.cert_path,
-        SERVER_KEY=pki.base_dir / "server.key",
-        CARD_CA_CHAIN=pki.ca_chain_path,
-        GATEWAY_UPSTREAM=f"127.0.0.1:{gateway_port}",
+    return card_host_nginx_argv(
+        work,
+        pki,
+        listen=f"127.0.0.1:{listen_port}",
+        gateway=f"127.0.0.1:{gateway_port}",
+        source_address=NGINX_SOURCE_ADDRESS,
     )
-    assert "${" not in block
-    block = block.replace(
-        "proxy_pass http://", f"proxy_bind {NGINX_SOURCE_ADDRESS};\n        proxy_pass http://"
-    )
-    (work / "card-login.conf").write_text(block)
-    temp = "\n".join(
-        f"{kind}_temp_path {work}/{kind};" for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
-    )
-    (work / "nginx.conf").write_text(
-        f"daemon off;\nworker_processes 1;\npid {work}/nginx.pid;\nerror_log {work}/error.log warn;\n"
-        f"events {{}}\nhttp {{\naccess_log off;\n{temp}\ninclude {work}/card-login.conf;\n}}\n"
-    )
-    return ["nginx", "-p", str(work), "-e", str(work / "error.log"), "-c", str(work / "nginx.conf")]
 
 
 @contextlib.contextmanager
