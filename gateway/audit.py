@@ -116,6 +116,8 @@ class AuditLog:
         self._fd = -1
         self._fd_pid = 0
         self._closed = False
+        self._pending: list[_Slot] = []
+        self._pending_lock = threading.Lock()
         #: (file size after our last append, its hash, its seq): skips re-reading the tail we wrote.
         self._own_tail: tuple[int, str, int] | None = None
         if isinstance(target, str | os.PathLike):
@@ -183,9 +185,9 @@ class AuditLog:
             body[name] = redact(fields.pop(name, "")) or ""
         for key, value in fields.items():
             body[key] = REDACTED if is_secret_key(key) else redact(value)
+        if self._path is not None:
+            return self._append_to_file(body)
         with self._lock:
-            if self._path is not None:
-                return self._append_to_file(body)
             return self._append_to_stream(body)
 
     def _chained(self, body: dict[str, Any], prev: str, seq: int) -> tuple[dict[str, Any], bytes]:
@@ -207,30 +209,71 @@ class AuditLog:
         return record
 
     def _append_to_file(self, body: dict[str, Any]) -> dict[str, Any]:
-        if self._closed:
-            raise AuditError("audit log is closed")
-        if self._fd_pid != os.getpid():
-            self._open()  # inherited through fork: get our own open file description
-        fcntl.flock(self._fd, fcntl.LOCK_EX)
+        """Group commit: the caller's record is written by whichever thread writes next, together with the
+        records other threads queued meanwhile (one flock, one tail read, one write). Every caller returns
+        only once its own line is in the file, as with one write per record, but threads no longer queue
+        behind each other's lock + syscalls one record at a time."""
+        slot = _Slot(body)
+        with self._pending_lock:
+            self._pending.append(slot)
+        with self._lock:
+            if not slot.done:
+                with self._pending_lock:
+                    batch, self._pending = self._pending, []
+                self._write_batch(batch)
+        if slot.error is not None:
+            raise AuditError(f"audit record not written: {slot.error}")
+        assert slot.record is not None
+        return slot.record
+
+    def _write_batch(self, batch: list[_Slot]) -> None:
         try:
-            size = os.fstat(self._fd).st_size
-            if self._own_tail is not None and self._own_tail[0] == size:
-                # Nobody wrote after our last line: its hash and number are known, no need to read it back.
-                _, prev, seq = self._own_tail
-                complete = True
-            else:
-                last, complete = _last_line(self._fd)
-                prev, seq = (ZERO_HASH, 0) if last is None else (_sha256(last), _seq_of(last))
-            record, line = self._chained(body, prev, seq + 1)
-            # A torn last line (crash mid-write) is closed first: it stays visible to verify, never merged.
-            data = (b"" if complete else b"\n") + line + b"\n"
-            written = os.write(self._fd, data)
-            if written != len(data):
-                raise AuditError("short write to the audit log")
-            self._own_tail = (size + written, self.head, record["seq"])
-        finally:
-            fcntl.flock(self._fd, fcntl.LOCK_UN)
-        return record
+            if self._closed:
+                raise AuditError("audit log is closed")
+            if self._fd_pid != os.getpid():
+                self._open()  # inherited through fork: get our own open file description
+            fcntl.flock(self._fd, fcntl.LOCK_EX)
+            try:
+                size = os.fstat(self._fd).st_size
+                if self._own_tail is not None and self._own_tail[0] == size:
+                    # Nobody wrote after our last line: its hash and number are known, no need to read it.
+                    _, prev, seq = self._own_tail
+                    complete = True
+                else:
+                    last, complete = _last_line(self._fd)
+                    prev, seq = (ZERO_HASH, 0) if last is None else (_sha256(last), _seq_of(last))
+                lines = []
+                for slot in batch:
+                    seq += 1
+                    slot.record, line = self._chained(slot.body, prev, seq)
+                    prev = self.head
+                    lines.append(line)
+                # A torn last line (crash mid-write) is closed first: it stays visible to verify, never merged.
+                data = (b"" if complete else b"\n") + b"\n".join(lines) + b"\n"
+                written = os.write(self._fd, data)
+                if written != len(data):
+                    raise AuditError("short write to the audit log")
+                self._own_tail = (size + written, self.head, seq)
+            finally:
+                fcntl.flock(self._fd, fcntl.LOCK_UN)
+        except (OSError, AuditError) as exc:
+            for slot in batch:
+                slot.error = exc
+                slot.record = None
+        for slot in batch:
+            slot.done = True
+
+
+class _Slot:
+    """One record waiting for the next batch write."""
+
+    __slots__ = ("body", "done", "error", "record")
+
+    def __init__(self, body: dict[str, Any]) -> None:
+        self.body = body
+        self.done = False
+        self.record: dict[str, Any] | None = None
+        self.error: Exception | None = None
 
 
 def _last_line(fd: int) -> tuple[bytes | None, bool]:

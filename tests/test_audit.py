@@ -271,16 +271,19 @@ def test_threads_appending_keep_a_valid_chain(tmp_path: Path) -> None:
     with AuditLog(log_path) as log:
 
         def work(n: int) -> None:
-            for i in range(50):
-                log.record("decision", now=T0 + i, request_id=f"t{n}-{i}")
+            for i in range(100):
+                written = log.record("decision", now=T0 + i, request_id=f"t{n}-{i}")
+                assert written["request_id"] == f"t{n}-{i}"  # each caller gets its own record back
 
-        threads = [threading.Thread(target=work, args=(n,)) for n in range(4)]
+        threads = [threading.Thread(target=work, args=(n,)) for n in range(16)]
         for thread in threads:
             thread.start()
         for thread in threads:
             thread.join()
     result = verify_audit_file(log_path)
-    assert result.ok and result.lines == 200
+    assert result.ok and result.lines == 1600
+    ids = [json.loads(line)["request_id"] for line in log_path.read_text().splitlines()]
+    assert sorted(ids) == sorted(f"t{n}-{i}" for n in range(16) for i in range(100))  # none lost, none twice
 
 
 def test_two_processes_appending_concurrently_keep_a_valid_chain(tmp_path: Path) -> None:
