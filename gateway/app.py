@@ -135,9 +135,7 @@ def _unexpected_error(error: Exception) -> Response:
         log.warning("limits storage unavailable (request %s): %s", request_id(), type(error).__name__)
         return refuse(Reason.LIMITS_UNAVAILABLE, next_path="/")
     log.exception("unexpected error (request %s)", request_id())
-    response = refuse(Reason.UPSTREAM_UNAVAILABLE, next_path="/")
-    response.status_code = 500
-    return response
+    return refuse(Reason.INTERNAL_ERROR, next_path="/")
 
 
 def _psc_metadata_check(client: ProSanteConnect) -> Callable[[], None]:

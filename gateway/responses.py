@@ -112,6 +112,14 @@ PAGES: dict[Reason, Page] = {
         Text("Adresse invalide", "Invalid address"),
         Text("Le nom de site demandé est mal formé.", "The requested host name is malformed."),
     ),
+    Reason.INTERNAL_ERROR: Page(
+        500,
+        Text("Erreur interne de la passerelle", "Gateway internal error"),
+        Text(
+            "La demande n'a pas pu être traitée. L'incident est enregistré ; réessayez dans quelques instants.",
+            "The request could not be handled. The incident is recorded; please try again in a few moments.",
+        ),
+    ),
     Reason.UPSTREAM_UNAVAILABLE: Page(
         502,
         Text("Service momentanément indisponible", "Service temporarily unavailable"),

@@ -228,3 +228,17 @@ def test_unknown_gateway_paths_never_reach_the_portal(client: FlaskClient) -> No
     response = client.get("/.gateway/nothing/here")
     assert response.status_code == 404
     assert b"hello" not in response.data
+
+
+def test_an_unexpected_failure_is_a_page_never_a_stack_trace(app: Flask, client: FlaskClient) -> None:
+    class BrokenStore:
+        def get(self, session_id: str, now: float) -> None:
+            raise RuntimeError("secret internal detail")
+
+    gateway_of(app).sessions = BrokenStore()  # type: ignore[assignment]
+    client.set_cookie(COOKIE, "anything", domain="localhost")
+    response = client.get("/echo/protected/x", headers={"Accept": "text/html"})
+    page = response.get_data(as_text=True)
+    assert response.status_code == 500
+    assert response.headers["X-Gateway-Reason"] == "internal_error"
+    assert "Erreur interne" in page and "secret internal detail" not in page and "Traceback" not in page

@@ -18,6 +18,7 @@ from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import quote
 
+import redis
 from flask import Blueprint, Response, request
 
 from gateway import metrics
@@ -169,8 +170,8 @@ def challenge() -> Response:
         issued = gateway.challenge_issuer.issue(client_ip(gateway), time.time())
     except CardError as error:
         return _json_refusal(error.reason)
-    except Exception:  # the nonce store (Redis) is down: fail closed with a 503, not a 500
-        log.exception("nonce store unavailable (request %s)", request_id())
+    except redis.RedisError as error:  # the nonce store is down: fail closed with a 503, not a 500
+        log.warning("nonce store unavailable (request %s): %s", request_id(), type(error).__name__)
         return _json_refusal(Reason.SESSION_STORE_UNAVAILABLE)
     return _json(issued.to_json(), 200)
 
@@ -194,8 +195,8 @@ def verify() -> Response:
     except CardError as error:
         _audit_denied(gateway, error.reason, "challenge", error.detail, facts)
         return _json_refusal(error.reason)
-    except Exception:  # nonce store down: fail closed
-        log.exception("challenge verification failed (request %s)", request_id())
+    except redis.RedisError as error:  # nonce store down: fail closed
+        log.warning("nonce store unavailable (request %s): %s", request_id(), type(error).__name__)
         return _json_refusal(Reason.SESSION_STORE_UNAVAILABLE)
     login_succeeded(gateway, facts.get("card_serial"))
     metrics.login_attempt("card", "success")

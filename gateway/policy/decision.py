@@ -39,6 +39,8 @@ class Reason(enum.StrEnum):
     BAD_REQUEST_PATH = "bad_request_path"
     BAD_HOST = "bad_host"
     SPOOFED_HEADER = "spoofed_header"
+    # The gateway itself
+    INTERNAL_ERROR = "internal_error"
     # Upstream
     UPSTREAM_UNAVAILABLE = "upstream_unavailable"
     UPSTREAM_TIMEOUT = "upstream_timeout"
