@@ -1,7 +1,7 @@
 """Typed, frozen settings from one YAML file (+ ``${ENV}`` references), validated all at once.
 
 Every key is documented here field by field; README.md's configuration table is generated from the same
-descriptions (``gateway check --print-keys``). Relative paths are relative to the settings file.
+descriptions (``gateway settings keys``). Relative paths are relative to the settings file.
 """
 
 from __future__ import annotations
