@@ -108,26 +108,10 @@ def start_everything(stack: contextlib.ExitStack, directory: Path) -> tuple[dict
             log=directory / "gateway.log",
         )
     )
-    naive = [
-        sys.executable,
-        "-m",
-        "gunicorn",
-        "--no-control-socket",
-        "-k",
-        "gthread",
-        "--workers",
-        str(WORKERS),
-        "--threads",
-        str(THREADS),
-        "--bind",
-        f"127.0.0.1:{naive_port}",
-        "--chdir",
-        str(Path(__file__).parent),
-        "naive_proxy:app",
-    ]
+    here = str(Path(__file__).parent)
+    naive = gunicorn_argv(naive_port, WORKERS, THREADS, app="naive_proxy:app", chdir=here)
     stack.enter_context(running(naive, naive_port, env={"NAIVE_UPSTREAM": upstream, "PATH": "/usr/bin:/bin"}))
-    minimal = [*naive[:-1], "minimal_proxy:app"]
-    minimal[minimal.index(f"127.0.0.1:{naive_port}")] = f"127.0.0.1:{minimal_port}"
+    minimal = gunicorn_argv(minimal_port, WORKERS, THREADS, app="minimal_proxy:app", chdir=here)
     env = {"MINIMAL_UPSTREAM": f"127.0.0.1:{upstream_port}", "PATH": "/usr/bin:/bin"}
     stack.enter_context(running(minimal, minimal_port, env=env))
     store = RedisSessionStore(redis.url)

@@ -80,21 +80,17 @@ def _zeros(size: int) -> Iterator[bytes]:
         yield piece
 
 
-def gunicorn_argv(port: int, workers: int = 1, threads: int = 16) -> list[str]:
+def gunicorn_argv(
+    port: int,
+    workers: int = 1,
+    threads: int = 16,
+    app: str = "tests.support.upstream:app",
+    chdir: str | None = None,
+) -> list[str]:
+    """gunicorn (threaded workers, keep-alive) serving ``app`` on 127.0.0.1:``port``."""
+    where = ["--chdir", chdir] if chdir else []
     return [
-        sys.executable,
-        "-m",
-        "gunicorn",
-        "--no-control-socket",
-        "-k",
-        "gthread",
-        "--workers",
-        str(workers),
-        "--threads",
-        str(threads),
-        "--bind",
-        f"127.0.0.1:{port}",
-        "--keep-alive",
-        "75",
-        "tests.support.upstream:app",
-    ]
+        sys.executable, "-m", "gunicorn", "--no-control-socket", "-k", "gthread",
+        "--workers", str(workers), "--threads", str(threads), "--bind", f"127.0.0.1:{port}",
+        "--keep-alive", "75", *where, app,
+    ]  # fmt: skip
