@@ -132,6 +132,7 @@ def attack(base_urls: list[str], session_id: str | None, identity_index: int) ->
     return read, tries
 
 
+@pytest.mark.timeout(300)  # about 1,300 requests through two gateways: generous for a loaded CI machine
 def test_breach_replay(gateways: list[str], redis: RedisServer, directory: Path) -> None:
     """The 2024 breach: 19 accounts read 510,000 records. Replayed against the example policies."""
     without_session = [attack(gateways, None, i) for i in range(BREACH_IDENTITIES)]
