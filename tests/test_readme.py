@@ -37,3 +37,22 @@ def test_the_keys_table_is_the_generated_one() -> None:
     assert block is not None
     rows = [line for line in block.group(1).splitlines() if line.startswith("| `")]
     assert len(rows) == len(documented_keys())
+
+
+def test_the_configuration_example_is_valid(tmp_path: Path) -> None:
+    from gateway.proxy.assertion import generate_key_file
+    from gateway.settings import load_settings
+
+    example = re.search(r"## Configuration.*?```yaml\n(.*?)```", README, re.S)
+    assert example is not None
+    key = tmp_path / "assertion-key.pem"
+    generate_key_file(key)
+    text = (
+        example.group(1)
+        .replace("/etc/gateway/assertion-key.pem", str(key))
+        .replace("/var/log/gateway/audit.log", str(tmp_path / "audit.log"))
+        .replace("policies: [policies/]", f"policies: [{Path(__file__).resolve().parents[1] / 'policies'}]")
+    )
+    (tmp_path / "gateway.yaml").write_text(text)
+    settings = load_settings(tmp_path / "gateway.yaml")
+    assert settings.sessions.store.startswith("redis://") and settings.server.workers == 4
