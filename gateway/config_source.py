@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import pydantic
 import yaml
@@ -133,6 +133,9 @@ def parse_duration(value: Any) -> float:
         raise ValueError("a duration must be greater than zero")
     return float(seconds)
 
+
+#: A duration field of a settings or policy model: accepts "10m", "30s", "4h" or seconds; holds seconds.
+Duration = Annotated[float, pydantic.BeforeValidator(parse_duration)]
 
 Model = TypeVar("Model", bound=pydantic.BaseModel)
 

@@ -13,22 +13,21 @@ import types
 import typing
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 import pydantic
 from cryptography import x509
-from pydantic import BeforeValidator, ConfigDict, Field, field_validator, model_validator
+from pydantic import ConfigDict, Field, field_validator, model_validator
 
 from gateway.config_source import (
     ConfigError,
     ConfigErrors,
+    Duration,
     LocatedDocument,
-    parse_duration,
     parse_yaml,
     validate,
 )
 
-Duration = Annotated[float, BeforeValidator(parse_duration)]
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 _ENV_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
@@ -61,6 +60,20 @@ def _paths_relative_to_settings(*names: str) -> Callable[..., Any]:
     return field_validator(*names, mode="before")(resolve)
 
 
+def _check_listen(value: str) -> str:
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"{value!r} is not host:port")
+    return value
+
+
+def _origin_value(value: str, what: str = "an origin (scheme://host[:port], no path)") -> str:
+    """scheme://host[:port] with an optional trailing slash, returned without it."""
+    if not re.match(r"^https?://[A-Za-z0-9.\-\[\]:]+/?$", value):
+        raise ValueError(f"{value!r} is not {what}")
+    return value.rstrip("/")
+
+
 class ServerSettings(_Section):
     listen: str = Field("127.0.0.1:8080", description="Address the gateway listens on (host:port).")
     workers: int = Field(
@@ -91,10 +104,7 @@ class ServerSettings(_Section):
     @field_validator("listen")
     @classmethod
     def _listen(cls, value: str) -> str:
-        host, sep, port = value.rpartition(":")
-        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-            raise ValueError(f"{value!r} is not host:port")
-        return value
+        return _check_listen(value)
 
     @field_validator("public_origin")
     @classmethod
@@ -135,9 +145,7 @@ class UpstreamSettings(_Section):
     @field_validator("url")
     @classmethod
     def _url(cls, value: str) -> str:
-        if not re.match(r"^https?://[A-Za-z0-9.\-\[\]:]+/?$", value):
-            raise ValueError(f"{value!r} is not an http(s) origin (scheme://host[:port])")
-        return value.rstrip("/")
+        return _origin_value(value, "an http(s) origin (scheme://host[:port])")
 
 
 class AssertionSettings(_Section):
@@ -229,13 +237,6 @@ class AuditSettings(_Section):
     file: Path | None = Field(None, description="Append-only JSON-lines audit file (hash-chained).")
 
     _resolve_paths = _paths_relative_to_settings("file")
-
-
-def _check_listen(value: str) -> str:
-    host, sep, port = value.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError(f"{value!r} is not host:port")
-    return value
 
 
 class MetricsSettings(_Section):
@@ -335,12 +336,6 @@ class EcpsSettings(_Section):
         if self.client_auth == "private_key_jwt" and self.private_key_file is None:
             raise ValueError("client_auth private_key_jwt needs private_key_file (and usually key_id)")
         return self
-
-
-def _origin_value(value: str) -> str:
-    if not re.match(r"^https?://[A-Za-z0-9.\-\[\]:]+/?$", value):
-        raise ValueError(f"{value!r} is not an origin (scheme://host[:port], no path)")
-    return value.rstrip("/")
 
 
 def _check_certificates(path: Path, info: pydantic.ValidationInfo) -> None:

@@ -8,16 +8,16 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Annotated, Any
+from typing import Any
 
 import pydantic
-from pydantic import BeforeValidator, ConfigDict, Field, field_validator, model_validator
+from pydantic import ConfigDict, Field, field_validator, model_validator
 
 from gateway.config_source import (
     ConfigError,
     ConfigErrors,
+    Duration,
     LocatedDocument,
-    parse_duration,
     parse_yaml,
     validate,
 )
@@ -37,8 +37,6 @@ from gateway.professions import PROFESSIONS
 HTTP_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
 _RULE_NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,62}$")
 _HOST = re.compile(r"^(\*\.)?([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*$")
-
-Duration = Annotated[float, BeforeValidator(parse_duration)]
 
 
 class _Spec(pydantic.BaseModel):
