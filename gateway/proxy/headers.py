@@ -47,6 +47,16 @@ ROUTING_OVERRIDE_HEADERS = frozenset(
 FORWARDED_HEADERS = frozenset({"x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "x-real-ip"})
 
 
+def _connection_listed(headers: list[tuple[str, str]]) -> set[str]:
+    """Header names a Connection header declares hop-by-hop (RFC 9110 7.6.1)."""
+    return {
+        token.strip().lower()
+        for name, value in headers
+        if name.lower() == "connection"
+        for token in value.split(",")
+    }
+
+
 def in_networks(address: str, networks: Sequence[Network]) -> bool:
     if not networks:
         return False
@@ -87,12 +97,7 @@ def filter_request_headers(
     drop_cookies: frozenset[str],
 ) -> IncomingHeaders:
     items = list(headers)
-    connection_listed = {
-        token.strip().lower()
-        for name, value in items
-        if name.lower() == "connection"
-        for token in value.split(",")
-    }
+    connection_listed = _connection_listed(items)
     forwardable: list[tuple[str, str]] = []
     spoofed: list[str] = []
     for name, value in items:
@@ -145,12 +150,7 @@ def filter_response_headers(
     headers: Iterable[tuple[str, str]], *, protected_cookies: frozenset[str]
 ) -> list[tuple[str, str]]:
     items = list(headers)
-    connection_listed = {
-        token.strip().lower()
-        for name, value in items
-        if name.lower() == "connection"
-        for token in value.split(",")
-    }
+    connection_listed = _connection_listed(items)
     kept = []
     for name, value in items:
         lower = name.lower()
