@@ -16,7 +16,7 @@ from gateway.policy.decision import Decision, Outcome, Reason
 from gateway.policy.engine import decide_rule
 from gateway.policy.model import Action, Quota, QuotaBreachAction, ResourceKey, Rule
 from gateway.policy.paths import NormalisedTarget
-from gateway.runtime import Gateway, client_ip, request_id
+from gateway.runtime import Gateway, audit_event
 from gateway.sessions import Session, SessionStoreUnavailable
 
 _NO_RULE = Decision(Outcome.DENY, (Reason.NO_MATCHING_RULE,))
@@ -64,15 +64,11 @@ def current_session(gateway: Gateway, now: float) -> Session | None:
 
 
 def audit_decision(gateway: Gateway, access: Access, method: str, path: str) -> None:
-    identity = access.session.identity if access.session else None
-    gateway.audit.record(
+    audit_event(
+        gateway,
         "decision",
+        identity=access.session.identity if access.session else None,
         now=access.now,
-        request_id=request_id(),
-        client_ip=client_ip(gateway),
-        idnat=identity.idnat if identity else None,
-        method=identity.method.value if identity else None,
-        auth_mode=identity.auth_mode if identity else None,
         http_method=method,
         path=path,
         rule=access.rule.name if access.rule else None,
@@ -104,16 +100,12 @@ def _within_quota(
 def _on_breach(
     gateway: Gateway, rule: Rule, quota: Quota, session: Session, requests: int, distinct: int, now: float
 ) -> None:
-    identity = session.identity
     revoke = quota.on_exceed is QuotaBreachAction.REVOKE_SESSION
-    gateway.audit.record(
+    audit_event(
+        gateway,
         "quota_breach",
+        identity=session.identity,
         now=now,
-        request_id=request_id(),
-        client_ip=client_ip(gateway),
-        idnat=identity.idnat,
-        method=identity.method.value,
-        auth_mode=identity.auth_mode,
         rule=rule.name,
         decision="deny",
         reasons=[Reason.QUOTA_EXCEEDED.value],

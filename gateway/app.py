@@ -20,6 +20,7 @@ from gateway.policy.loader import LoadedPolicies
 from gateway.readiness import NotReady
 from gateway.runtime import (
     LOGIN_COOKIE_NAME,
+    audit_event,
     build_gateway,
     client_ip,
     gateway_of,
@@ -107,14 +108,7 @@ def _refuse_bad_target() -> Response | None:
     problem = request.environ.get(BAD_TARGET_KEY)
     if problem is None:
         return None
-    gateway = gateway_of()
-    gateway.audit.record(
-        "bad_request",
-        request_id=request_id(),
-        client_ip=request.environ.get("REMOTE_ADDR", ""),
-        reasons=[Reason.BAD_REQUEST_PATH.value],
-        detail=problem,
-    )
+    audit_event(gateway_of(), "bad_request", reasons=[Reason.BAD_REQUEST_PATH.value], detail=problem)
     return refuse(Reason.BAD_REQUEST_PATH, next_path="/")
 
 

@@ -13,7 +13,7 @@ from gateway import metrics
 from gateway.identity import Identity
 from gateway.limits import LimitsUnavailable
 from gateway.policy.decision import Reason
-from gateway.runtime import Gateway, client_ip, request_id
+from gateway.runtime import Gateway, audit_event, client_ip
 from gateway.sessions import Session
 
 
@@ -37,14 +37,11 @@ def open_session(
         session = gateway.sessions.create(identity, now, dict(data or {}))
     response = Response(status=303, headers={"Location": next_path})
     set_session_cookie(gateway, response, session.id)
-    gateway.audit.record(
+    audit_event(
+        gateway,
         "login",
+        identity=identity,
         now=now,
-        request_id=request_id(),
-        client_ip=client_ip(gateway),
-        idnat=identity.idnat,
-        method=identity.method.value,
-        auth_mode=identity.auth_mode,
         decision="allow",
         reasons=["authenticated"],
         card_serial=identity.card_serial or None,
@@ -90,10 +87,9 @@ def admit_login_attempt(gateway: Gateway, claimed_identity: str | None) -> None:
         raise LoginRefused(Reason.LIMITS_UNAVAILABLE) from None
     if not verdict.allowed:
         assert verdict.reason is not None
-        gateway.audit.record(
+        audit_event(
+            gateway,
             "login",
-            request_id=request_id(),
-            client_ip=client_ip(gateway),
             decision="deny",
             reasons=[verdict.reason.value],
             claimed_identity=claimed_identity,
@@ -104,14 +100,8 @@ def admit_login_attempt(gateway: Gateway, claimed_identity: str | None) -> None:
 def login_failed(gateway: Gateway, claimed_identity: str | None, reason: Reason, **fields: Any) -> None:
     """Audit a failed login and count it towards a ban (audited when one starts)."""
     ip = client_ip(gateway)
-    gateway.audit.record(
-        "login",
-        request_id=request_id(),
-        client_ip=ip,
-        decision="deny",
-        reasons=[reason.value],
-        claimed_identity=claimed_identity,
-        **fields,
+    audit_event(
+        gateway, "login", decision="deny", reasons=[reason.value], claimed_identity=claimed_identity, **fields
     )
     try:
         ban = gateway.login_throttle.record_failure(ip, claimed_identity, time.time())
@@ -121,10 +111,9 @@ def login_failed(gateway: Gateway, claimed_identity: str | None, reason: Reason,
         for scope, banned in (("ip", ban.banned_ip), ("identity", ban.banned_identity)):
             if banned:
                 metrics.ban(scope)
-        gateway.audit.record(
+        audit_event(
+            gateway,
             "ban",
-            request_id=request_id(),
-            client_ip=ip,
             decision="deny",
             reasons=[Reason.BANNED.value],
             banned_ip=ban.banned_ip,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import secrets
 import sys
 from dataclasses import dataclass, field
+from typing import Any
 
 from flask import Flask, Response, current_app, g, request
 
@@ -13,6 +14,7 @@ from gateway.authn.card.challenge import ChallengeIssuer, NonceStore
 from gateway.authn.card.setup import build_card_login, crls_ready
 from gateway.authn.card.verify import CardVerifier, CrlStore
 from gateway.authn.ecps import ProSanteConnect
+from gateway.identity import Identity
 from gateway.limits import LoginThrottle, QuotaGuard
 from gateway.policy.decision import Reason
 from gateway.policy.engine import PolicySet
@@ -205,6 +207,16 @@ def request_host(gateway: Gateway) -> str | None:
     trusted = in_networks(peer(), gateway.settings.server.trusted_proxies)
     raw = (trusted and request.headers.get("X-Forwarded-Host")) or request.headers.get("Host", "")
     return normalise_host(raw)
+
+
+def audit_event(gateway: Gateway, event: str, *, identity: Identity | None = None, **fields: Any) -> None:
+    """One audit record about the current request: its id and client address always, and the identity's
+    idNat, login method and PSC authMode when there is one (explicit fields win)."""
+    if identity is not None:
+        fields.setdefault("idnat", identity.idnat)
+        fields.setdefault("method", identity.method.value)
+        fields.setdefault("auth_mode", identity.auth_mode)
+    gateway.audit.record(event, request_id=request_id(), client_ip=client_ip(gateway), **fields)
 
 
 def current_next_path() -> str:

@@ -42,6 +42,7 @@ from gateway.runtime import (
     CARD_LOGIN_PATH,
     GATEWAY_PREFIX,
     Gateway,
+    audit_event,
     client_ip,
     gateway_of,
     peer,
@@ -116,27 +117,14 @@ def complete() -> Response:
         )
         session = gateway.sessions.get(session_id, now) if session_id else None
         if session is None:
-            gateway.audit.record(
-                "card_handoff",
-                request_id=request_id(),
-                client_ip=client_ip(gateway),
-                decision="deny",
-                reasons=[Reason.STATE_MISMATCH.value],
-            )
+            audit_event(gateway, "card_handoff", decision="deny", reasons=[Reason.STATE_MISMATCH.value])
             return refuse(Reason.STATE_MISMATCH, next_path=next_path)
         fresh = gateway.sessions.rotate(session.id, session.identity, now)
     except SessionStoreUnavailable:
         return refuse(Reason.SESSION_STORE_UNAVAILABLE, next_path=next_path)
     response = _see_other(next_path)
     set_session_cookie(gateway, response, fresh.id)
-    gateway.audit.record(
-        "card_handoff",
-        request_id=request_id(),
-        client_ip=client_ip(gateway),
-        idnat=fresh.identity.idnat,
-        method=fresh.identity.method.value,
-        decision="allow",
-    )
+    audit_event(gateway, "card_handoff", identity=fresh.identity, decision="allow")
     return _no_store(response)
 
 
@@ -246,23 +234,12 @@ def _audit_denied(gateway: Gateway, reason: Reason, channel: str, detail: str, f
     if reason not in _NOT_COUNTED:
         login_failed(gateway, facts.get("card_serial"), reason, **fields)
         return
-    gateway.audit.record(
-        "login",
-        request_id=request_id(),
-        client_ip=client_ip(gateway),
-        decision="deny",
-        reasons=[reason.value],
-        **fields,
-    )
+    audit_event(gateway, "login", decision="deny", reasons=[reason.value], **fields)
 
 
 def _audit_spoofed(gateway: Gateway) -> None:
-    gateway.audit.record(
-        "spoofed_header",
-        request_id=request_id(),
-        client_ip=client_ip(gateway),
-        reasons=[Reason.SPOOFED_HEADER.value],
-        headers=["X-SSL-Client-Cert"],
+    audit_event(
+        gateway, "spoofed_header", reasons=[Reason.SPOOFED_HEADER.value], headers=["X-SSL-Client-Cert"]
     )
 
 

@@ -21,7 +21,14 @@ from gateway.login import LoginRefused, admit_login_attempt, login_failed, open_
 from gateway.policy.decision import Reason
 from gateway.policy.model import Action
 from gateway.policy.paths import BadPath, normalise_target
-from gateway.runtime import GATEWAY_PREFIX, Gateway, client_ip, gateway_of, refuse, request_host, request_id
+from gateway.runtime import (
+    GATEWAY_PREFIX,
+    Gateway,
+    audit_event,
+    gateway_of,
+    refuse,
+    request_host,
+)
 from gateway.sessions import SessionStoreUnavailable
 
 CALLBACK_PATH = "/ecps/callback"
@@ -125,10 +132,9 @@ def _no_store(response: Response) -> Response:
 
 
 def _audit_refused_login(gateway: Gateway, exc: EcpsError) -> None:
-    gateway.audit.record(
+    audit_event(
+        gateway,
         "login",
-        request_id=request_id(),
-        client_ip=client_ip(gateway),
         method=LoginMethod.ECPS.value,
         decision="deny",
         reasons=[exc.reason.value],
@@ -137,10 +143,9 @@ def _audit_refused_login(gateway: Gateway, exc: EcpsError) -> None:
 
 
 def _audit_logout(gateway: Gateway, idnat: str | None, decision: str, reason: str, **fields: Any) -> None:
-    gateway.audit.record(
+    audit_event(
+        gateway,
         "logout",
-        request_id=request_id(),
-        client_ip=client_ip(gateway),
         idnat=idnat,
         method=LoginMethod.ECPS.value,
         decision=decision,

@@ -21,7 +21,7 @@ from gateway.policy.paths import BadPath, normalise_target
 from gateway.proxy.forward import identity_headers
 from gateway.proxy.headers import in_networks
 from gateway.responses import login_link
-from gateway.runtime import GATEWAY_PREFIX, Gateway, client_ip, gateway_of, peer, request_id
+from gateway.runtime import GATEWAY_PREFIX, Gateway, audit_event, gateway_of, peer
 from gateway.wsgi import normalise_host
 
 ORIGINAL_METHOD = "X-Original-Method"
@@ -100,11 +100,4 @@ def _answer(status: int, reason: Reason) -> Response:
 
 
 def _audit_refusal(gateway: Gateway, event: str, reason: Reason, **fields: Any) -> None:
-    gateway.audit.record(
-        event,
-        request_id=request_id(),
-        client_ip=client_ip(gateway),
-        decision="deny",
-        reasons=[reason.value],
-        **fields,
-    )
+    audit_event(gateway, event, decision="deny", reasons=[reason.value], **fields)

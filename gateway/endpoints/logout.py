@@ -16,7 +16,7 @@ from gateway.identity import LoginMethod
 from gateway.login import clear_session_cookie
 from gateway.policy.decision import Reason
 from gateway.responses import SECURITY_HEADERS, language_of
-from gateway.runtime import GATEWAY_PREFIX, Gateway, client_ip, gateway_of, refuse, request_id
+from gateway.runtime import GATEWAY_PREFIX, Gateway, audit_event, gateway_of, refuse
 from gateway.sessions import Session, SessionStoreUnavailable
 
 LOGOUT_PATH = "/logout"
@@ -128,13 +128,10 @@ def _end_session_url(gateway: Gateway, session: Session) -> str | None:
 
 def _audit(gateway: Gateway, session: Session, decision: str, reason: str) -> None:
     identity = session.identity
-    gateway.audit.record(
+    audit_event(
+        gateway,
         "logout",
-        request_id=request_id(),
-        client_ip=client_ip(gateway),
-        idnat=identity.idnat,
-        method=identity.method.value,
-        auth_mode=identity.auth_mode,
+        identity=identity,
         decision=decision,
         reasons=[reason],
     )

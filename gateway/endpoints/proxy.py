@@ -13,7 +13,15 @@ from gateway.proxy.forward import forward, identity_headers
 from gateway.proxy.headers import filter_request_headers, in_networks
 from gateway.proxy.upstream import UpstreamError
 from gateway.responses import decision_response
-from gateway.runtime import Gateway, client_ip, gateway_of, peer, refuse, request_host, request_id
+from gateway.runtime import (
+    Gateway,
+    audit_event,
+    gateway_of,
+    peer,
+    refuse,
+    request_host,
+    request_id,
+)
 from gateway.wsgi import request_headers, target_of
 
 log = logging.getLogger("gateway.proxy")
@@ -49,12 +57,8 @@ def _forward(gateway: Gateway, target: str, access: Access) -> Response:
         drop_cookies=gateway.protected_cookies,
     )
     if incoming.spoofed:
-        gateway.audit.record(
-            "spoofed_header",
-            request_id=request_id(),
-            client_ip=client_ip(gateway),
-            reasons=[Reason.SPOOFED_HEADER.value],
-            headers=sorted(incoming.spoofed),
+        audit_event(
+            gateway, "spoofed_header", reasons=[Reason.SPOOFED_HEADER.value], headers=sorted(incoming.spoofed)
         )
     extra = [("X-Request-Id", request_id())]
     session, rule = access.session, access.rule
@@ -79,10 +83,5 @@ def _forward(gateway: Gateway, target: str, access: Access) -> Response:
             )
     except UpstreamError as exc:
         log.warning("upstream error (request %s): %s", request_id(), exc.detail)
-        gateway.audit.record(
-            "upstream_error",
-            request_id=request_id(),
-            rule=rule.name if rule else None,
-            reasons=[exc.reason.value],
-        )
+        audit_event(gateway, "upstream_error", rule=rule.name if rule else None, reasons=[exc.reason.value])
         return refuse(exc.reason, next_path=target)
