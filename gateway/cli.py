@@ -255,7 +255,7 @@ def _explain(args: argparse.Namespace) -> int:
             professions=tuple(args.profession),
             auth_mode=args.auth_mode or ("CARD" if args.login == "card" else ""),
         )
-    print(f"request:  {method} {host or '?'} {target.path}" + (f"?{target.query}" if target.query else ""))
+    print(f"request:  {method} {host or '?'} {target.path_and_query}")
     print(f"identity: {_describe(identity, args.auth_age)}")
     rule = policy_set.match(method, host or "", target.path)
     if rule is None:

@@ -58,7 +58,7 @@ def auth_view() -> Response:
     if access.decision.allowed:
         return _allowed(gateway, access)
     if access.decision.outcome is Outcome.LOGIN:
-        next_path = f"{target.path}?{target.query}" if target.query else target.path
+        next_path = target.path_and_query
         response = _answer(401, access.decision.reason)
         response.headers["X-Gateway-Login"] = login_link(f"{GATEWAY_PREFIX}/login", next_path)
         return response

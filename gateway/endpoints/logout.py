@@ -12,6 +12,7 @@ from urllib.parse import urlsplit
 
 from flask import Blueprint, Response, render_template, request
 
+from gateway.access import current_session
 from gateway.identity import LoginMethod
 from gateway.login import clear_session_cookie
 from gateway.policy.decision import Reason
@@ -44,15 +45,10 @@ def blueprint() -> Blueprint:
     return logout
 
 
-def _current_session(gateway: Gateway) -> Session | None:
-    session_id = request.cookies.get(gateway.settings.sessions.cookie_name)
-    return gateway.sessions.get(session_id, time.time()) if session_id else None
-
-
 def confirm_logout() -> Response:
     gateway = gateway_of()
     try:
-        session = _current_session(gateway)
+        session = current_session(gateway, time.time())
     except SessionStoreUnavailable:
         return refuse(Reason.SESSION_STORE_UNAVAILABLE, next_path="/")
     language = language_of(request, gateway.settings.server.language)
@@ -88,7 +84,7 @@ def _end_session_origin(gateway: Gateway, session: Session) -> str | None:
 def log_out() -> Response:
     gateway = gateway_of()
     try:
-        session = _current_session(gateway)
+        session = current_session(gateway, time.time())
     except SessionStoreUnavailable:
         return refuse(Reason.SESSION_STORE_UNAVAILABLE, next_path="/")
     if session is None:

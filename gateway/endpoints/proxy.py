@@ -36,7 +36,7 @@ def proxy_view(path: str = "") -> Response:
     if host is None:
         return refuse(Reason.BAD_HOST)
     access = check_access(gateway, request.method, host, target)
-    next_path = f"{target.path}?{target.query}" if target.query else target.path
+    next_path = target.path_and_query
     if not access.decision.allowed:
         return decision_response(
             access.decision,

@@ -33,6 +33,11 @@ class NormalisedTarget:
     #: The path with every escape decoded (for WSGI's PATH_INFO and Flask routing).
     decoded_path: str
 
+    @property
+    def path_and_query(self) -> str:
+        """What is forwarded, and where a login sends the user back: the normalised path and the query."""
+        return f"{self.path}?{self.query}" if self.query else self.path
+
 
 def normalise_target(raw_target: str) -> NormalisedTarget:
     """Normalise an origin-form request target (``/a/b?c``) or raise :class:`BadPath`."""
