@@ -75,20 +75,6 @@ def custom_card(
     return builder.sign(issuer.key, hashes.SHA256())
 
 
-def key_usage(*, digital_signature: bool = True, key_encipherment: bool = False) -> x509.KeyUsage:
-    return x509.KeyUsage(
-        digital_signature=digital_signature,
-        content_commitment=False,
-        key_encipherment=key_encipherment,
-        data_encipherment=False,
-        key_agreement=False,
-        key_cert_sign=False,
-        crl_sign=False,
-        encipher_only=False,
-        decipher_only=False,
-    )
-
-
 def crl_sources(pki: DevPki) -> list[CrlSource]:
     return [
         CrlSource(str(pki.root.crl_path), pki.root.certificate),

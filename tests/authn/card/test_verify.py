@@ -21,10 +21,10 @@ from gateway.authn.card.verify import (
     CrlStore,
     verify_challenge_signature,
 )
-from gateway.devtools.pki import DevPki, refresh_crls, revoke, sign_crl, write_crl
+from gateway.devtools.pki import DevPki, key_usage, refresh_crls, revoke, sign_crl, write_crl
 from gateway.identity import LoginMethod
 from gateway.policy.decision import Reason
-from tests.support.pki import custom_card, key_usage, software_card, verifier_for
+from tests.support.pki import custom_card, software_card, verifier_for
 from tests.support.softhsm import CardSet
 
 
