@@ -31,8 +31,9 @@ from gateway.identity import Identity, LoginMethod  # noqa: E402
 from gateway.proxy.assertion import generate_key_file  # noqa: E402
 from gateway.sessions import RedisSessionStore  # noqa: E402
 from tests.support.config import write_config  # noqa: E402
+from tests.support.gateways import serve_argv  # noqa: E402
 from tests.support.nginx import FORWARD_AUTH_TEMPLATE, running_nginx  # noqa: E402
-from tests.support.processes import PYTHON, free_port, running  # noqa: E402
+from tests.support.processes import free_port, running  # noqa: E402
 from tests.support.redis import redis_server  # noqa: E402
 from tests.support.upstream import gunicorn_argv  # noqa: E402
 
@@ -85,7 +86,7 @@ def main() -> int:
                 "audit": {"file": str(directory / "audit.log")},
             },
         )
-        serve = [PYTHON, "-m", "gateway.cli", "serve", "--config", str(config)]
+        serve = serve_argv(config)
         stack.enter_context(running(serve, gateway_port, log=directory / "gateway.log"))
 
         plain_template = directory / "plain-proxy.conf"

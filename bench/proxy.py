@@ -21,6 +21,7 @@ from gateway.identity import Identity, LoginMethod
 from gateway.proxy.assertion import generate_key_file
 from gateway.sessions import RedisSessionStore
 from tests.support.config import write_config
+from tests.support.gateways import serve_argv
 from tests.support.processes import free_port, running
 from tests.support.redis import redis_server
 from tests.support.upstream import gunicorn_argv
@@ -103,7 +104,7 @@ def start_everything(stack: contextlib.ExitStack, directory: Path) -> tuple[dict
     )
     stack.enter_context(
         running(
-            [sys.executable, "-m", "gateway.cli", "serve", "--config", str(config)],
+            serve_argv(config),
             gateway_port,
             log=directory / "gateway.log",
         )

@@ -18,8 +18,9 @@ from gateway.runtime import gateway_of
 from gateway.sessions import RedisSessionStore
 from gateway.settings import load_settings
 from tests.support.config import TEST_POLICIES, write_config
+from tests.support.gateways import serve_argv
 from tests.support.nginx import FORWARD_AUTH_TEMPLATE, running_nginx
-from tests.support.processes import PYTHON, free_port, running
+from tests.support.processes import free_port, running
 from tests.support.redis import redis_server
 
 COOKIE = "__Host-gateway-session"
@@ -150,7 +151,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory, upstream_url: str, assertion
                 "forward_auth": {"trusted_nginx": ["127.0.0.1/32"]},
             },
         )
-        argv = [PYTHON, "-m", "gateway.cli", "serve", "--config", str(config)]
+        argv = serve_argv(config)
         with running(argv, gateway_port, log=directory / "gateway.log"):
             values = {"GATEWAY": f"127.0.0.1:{gateway_port}", "PORTAL": upstream_url.removeprefix("http://")}
             with running_nginx(directory / "nginx", FORWARD_AUTH_TEMPLATE, values) as nginx:

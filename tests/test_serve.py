@@ -16,6 +16,7 @@ import pytest
 import requests
 
 from tests.support.config import TEST_POLICIES, write_config
+from tests.support.gateways import serve_argv
 from tests.support.processes import PYTHON, free_port, running
 from tests.support.redis import redis_server
 
@@ -59,7 +60,7 @@ def served(tmp_path: Path, upstream_url: str, assertion_key: Path) -> Iterator[S
                 "metrics": {"listen": f"127.0.0.1:{metrics_port}"},
             },
         )
-        argv = [PYTHON, "-m", "gateway.cli", "serve", "--config", str(config)]
+        argv = serve_argv(config)
         with running(argv, port, log=tmp_path / "gateway.log"):
             served = Served(f"http://127.0.0.1:{port}", config, tmp_path, f"http://127.0.0.1:{metrics_port}")
             wait_until(lambda: _answers(served.metrics_url + "/metrics"))

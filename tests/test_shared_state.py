@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import json
-import sys
 import time
 from collections.abc import Iterator
-from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
@@ -14,8 +12,8 @@ import requests
 
 from gateway.identity import Identity, LoginMethod
 from gateway.sessions import RedisSessionStore
-from tests.support.config import write_config
-from tests.support.processes import REPO_ROOT, free_port, running
+from tests.support.gateways import running_gateways
+from tests.support.processes import REPO_ROOT
 from tests.support.redis import RedisServer
 
 COOKIE = "__Host-gateway-session"
@@ -42,26 +40,16 @@ def gateways(
     directory: Path, redis: RedisServer, upstream_url: str, assertion_key: Path
 ) -> Iterator[list[str]]:
     """Two gateway processes (two workers each) with the example portal policies and one Redis."""
-    urls = []
-    with ExitStack() as stack:
-        for index in range(2):
-            port = free_port()
-            config = write_config(
-                directory / f"gw{index}",
-                upstream_url=upstream_url,
-                assertion_key=assertion_key,
-                listen=f"127.0.0.1:{port}",
-                extra={
-                    "server": {"workers": 2, "threads": 8},
-                    # Revocations made from the test must be seen at once (no per-process session cache).
-                    "sessions": {"store": redis.url, "local_cache_seconds": 0},
-                    "policies": [str(REPO_ROOT / "policies")],
-                    "audit": {"file": str(directory / "audit.log")},
-                },
-            )
-            argv = [sys.executable, "-m", "gateway.cli", "serve", "--config", str(config)]
-            stack.enter_context(running(argv, port, log=directory / f"gw{index}.log"))
-            urls.append(f"http://127.0.0.1:{port}")
+    extra = {
+        "server": {"workers": 2, "threads": 8},
+        # Revocations made from the test must be seen at once (no per-process session cache).
+        "sessions": {"store": redis.url, "local_cache_seconds": 0},
+        "policies": [str(REPO_ROOT / "policies")],
+        "audit": {"file": str(directory / "audit.log")},
+    }
+    with running_gateways(
+        directory, 2, upstream_url=upstream_url, assertion_key=assertion_key, extra=extra
+    ) as urls:
         yield urls
 
 

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Iterator
-from contextlib import ExitStack
 from pathlib import Path
 from urllib.parse import quote
 
@@ -14,9 +12,8 @@ from cryptography.hazmat.primitives.serialization import Encoding
 
 from gateway.devtools.pki import DevPki
 from tests.support.card_stack import card_settings
-from tests.support.config import write_config
+from tests.support.gateways import running_gateways
 from tests.support.pki import software_card
-from tests.support.processes import free_port, running
 from tests.support.redis import RedisServer
 
 
@@ -27,27 +24,17 @@ def two_gateways(
     (tmp_path / "redis").mkdir()
     redis = RedisServer(tmp_path / "redis")
     redis.start()
-    urls = []
+    extra = {
+        # The test plays the TLS terminator: it sends the card header itself.
+        "server": {"tls_terminators": ["127.0.0.1/32"], "workers": 2, "threads": 4},
+        "sessions": {"store": redis.url},
+        "card": card_settings(dev_pki, "https://card.example:8443"),
+        "limits": {"login_requests_per_ip": "8/minute", "ban_after": 3},
+    }
     try:
-        with ExitStack() as stack:
-            for index in range(2):
-                port = free_port()
-                config = write_config(
-                    tmp_path / f"gw{index}",
-                    upstream_url=upstream_url,
-                    assertion_key=assertion_key,
-                    listen=f"127.0.0.1:{port}",
-                    extra={
-                        # The test plays the TLS terminator: it sends the card header itself.
-                        "server": {"tls_terminators": ["127.0.0.1/32"], "workers": 2, "threads": 4},
-                        "sessions": {"store": redis.url},
-                        "card": card_settings(dev_pki, "https://card.example:8443"),
-                        "limits": {"login_requests_per_ip": "8/minute", "ban_after": 3},
-                    },
-                )
-                argv = [sys.executable, "-m", "gateway.cli", "serve", "--config", str(config)]
-                stack.enter_context(running(argv, port, log=tmp_path / f"gw{index}.log"))
-                urls.append(f"http://127.0.0.1:{port}")
+        with running_gateways(
+            tmp_path, 2, upstream_url=upstream_url, assertion_key=assertion_key, extra=extra
+        ) as urls:
             yield urls
     finally:
         redis.stop()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -11,6 +10,7 @@ import pytest
 import requests
 
 from tests.support.config import write_config
+from tests.support.gateways import serve_argv
 from tests.support.processes import free_port, running
 
 GIB = 1024**3
@@ -26,7 +26,7 @@ def gateway(
     config = write_config(
         directory, upstream_url=upstream_url, assertion_key=assertion_key, listen=f"127.0.0.1:{port}"
     )
-    argv = [sys.executable, "-m", "gateway.cli", "serve", "--config", str(config)]
+    argv = serve_argv(config)
     with running(argv, port, log=directory / "gateway.log"):
         yield f"http://127.0.0.1:{port}", config
 

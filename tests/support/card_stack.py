@@ -20,7 +20,8 @@ from gateway.devtools.cards import softhsm_env
 from gateway.devtools.pki import DevPki
 from gateway.pkcs11 import SOFTHSM_MODULE
 from tests.support.config import write_config
-from tests.support.processes import PYTHON, free_port, running
+from tests.support.gateways import serve_argv
+from tests.support.processes import free_port, running
 
 ENGINE = Path("/usr/lib/x86_64-linux-gnu/engines-3/pkcs11.so")
 NGINX_SOURCE_ADDRESS = "127.0.0.2"
@@ -85,7 +86,7 @@ def card_stack(
             },
         },
     )
-    gateway_argv = [PYTHON, "-m", "gateway.cli", "serve", "--config", str(config)]
+    gateway_argv = serve_argv(config)
     (work / "nginx").mkdir()
     with (
         running(gateway_argv, gateway_port, log=work / "gateway.log", env=softhsm_env(pki.base_dir)),

@@ -15,7 +15,8 @@ from urllib.parse import urljoin
 import requests
 
 from tests.support.config import write_config
-from tests.support.processes import PYTHON, free_port, running
+from tests.support.gateways import serve_argv
+from tests.support.processes import free_port, running
 from tests.support.psc import PscServer, running_psc
 
 CLIENT_ID = "gateway"
@@ -132,7 +133,7 @@ def running_ecps_world(
             "TEST_PSC_CLIENT_SECRET": CLIENT_SECRET,
             "TEST_LOGIN_COOKIE_SECRET": LOGIN_COOKIE_SECRET,
         }
-        argv = [PYTHON, "-m", "gateway.cli", "serve", "--config", str(config)]
+        argv = serve_argv(config)
         with running(argv, gateway_port, env=env, log=directory / "gateway.log"):
             yield EcpsWorld(gateway_url=gateway_url, psc=psc, directory=config.parent)
 

@@ -1,0 +1,36 @@
+"""Gateways as real server processes (`gateway serve`), one or several sharing the same settings."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from tests.support.config import write_config
+from tests.support.processes import PYTHON, free_port, running
+
+
+def serve_argv(config: Path) -> list[str]:
+    return [PYTHON, "-m", "gateway.cli", "serve", "--config", str(config)]
+
+
+@contextlib.contextmanager
+def running_gateways(
+    directory: Path, count: int, *, upstream_url: str, assertion_key: Path, extra: dict[str, Any]
+) -> Iterator[list[str]]:
+    """``count`` gateway processes on free ports, each with its own settings file in ``directory/gw<n>``."""
+    urls = []
+    with contextlib.ExitStack() as stack:
+        for index in range(count):
+            port = free_port()
+            config = write_config(
+                directory / f"gw{index}",
+                upstream_url=upstream_url,
+                assertion_key=assertion_key,
+                listen=f"127.0.0.1:{port}",
+                extra=extra,
+            )
+            stack.enter_context(running(serve_argv(config), port, log=directory / f"gw{index}.log"))
+            urls.append(f"http://127.0.0.1:{port}")
+        yield urls
