@@ -16,7 +16,7 @@ import requests
 
 from gateway import pkcs11 as tokens
 from gateway.authn.card.challenge import challenge_message
-from gateway.devtools.cards import softhsm_env
+from gateway.devtools.cards import Card, softhsm_env
 from gateway.devtools.pki import DevPki
 from tests.support.card_stack import CardStack, card_stack, curl_with_card
 from tests.support.processes import PYTHON, REPO_ROOT
@@ -178,19 +178,24 @@ def test_challenge_login_with_the_cli_then_curl_with_the_cookie_jar(
     assert json.loads(page.stdout)["headers"]["x-gateway-subject"] == idnat
 
 
-def test_a_replayed_challenge_is_refused(stack: CardStack, softhsm_cards: CardSet) -> None:
-    card = softhsm_cards["doctor"]
+def signed_challenge(stack: CardStack, card: Card) -> dict[str, str]:
+    """The body of /card/verify: a fresh challenge signed with the key on the SoftHSM card."""
     challenge = requests.post(f"{stack.gateway_url}/.gateway/card/challenge", json={}, timeout=5).json()
     assert challenge["audience"] == stack.gateway_url
     token = tokens.token_certificate(card.label)
     signature = tokens.sign(
         card.label, challenge_message(challenge["audience"], challenge["nonce"]), token.key_id
     )
-    body = {
+    return {
         "nonce": challenge["nonce"],
         "certificate": card.pem_path.read_text(),
         "signature": base64.b64encode(signature).decode(),
     }
+
+
+def test_a_replayed_challenge_is_refused(stack: CardStack, softhsm_cards: CardSet) -> None:
+    card = softhsm_cards["doctor"]
+    body = signed_challenge(stack, card)
     first = requests.post(f"{stack.gateway_url}/.gateway/card/verify", json=body, timeout=5)
     assert first.status_code == 200 and first.json() == {"subject": card.idnat}
     replay = requests.post(f"{stack.gateway_url}/.gateway/card/verify", json=body, timeout=5)
@@ -200,16 +205,6 @@ def test_a_replayed_challenge_is_refused(stack: CardStack, softhsm_cards: CardSe
 
 
 def test_a_revoked_card_is_refused_by_challenge_too(stack: CardStack, softhsm_cards: CardSet) -> None:
-    card = softhsm_cards["revoked"]
-    challenge = requests.post(f"{stack.gateway_url}/.gateway/card/challenge", json={}, timeout=5).json()
-    token = tokens.token_certificate(card.label)
-    signature = tokens.sign(
-        card.label, challenge_message(challenge["audience"], challenge["nonce"]), token.key_id
-    )
-    body = {
-        "nonce": challenge["nonce"],
-        "certificate": card.pem_path.read_text(),
-        "signature": base64.b64encode(signature).decode(),
-    }
+    body = signed_challenge(stack, softhsm_cards["revoked"])
     refused = requests.post(f"{stack.gateway_url}/.gateway/card/verify", json=body, timeout=5)
     assert (refused.status_code, refused.json()["error"]) == (403, "card_revoked")
