@@ -21,6 +21,10 @@ def gateway(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]
     )
 
 
+def explain(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return gateway("policy", "explain", "--config", str(config), *args)
+
+
 @pytest.fixture
 def config(tmp_path: Path, assertion_key: Path) -> Path:
     return write_config(tmp_path, upstream_url="http://127.0.0.1:9", assertion_key=assertion_key)
@@ -73,57 +77,33 @@ def test_serve_refuses_to_start_on_a_bad_policy(tmp_path: Path, assertion_key: P
 
 
 def test_explain_a_protected_route_without_session(config: Path) -> None:
-    result = gateway("policy", "explain", "--config", str(config), "GET", "https://portal.fr/patients/123")
+    result = explain(config, "GET", "https://portal.fr/patients/123")
     assert result.returncode == 0
     assert "rule:     records (" in result.stdout and "test.yaml:5)" in result.stdout
     assert "decision: login" in result.stdout and "reasons:  unauthenticated" in result.stdout
 
 
 def test_explain_with_a_card_session_and_a_profession(config: Path) -> None:
-    result = gateway(
-        "policy",
-        "explain",
-        "--config",
-        str(config),
-        "GET",
-        "/patients/123",
-        "--as",
-        "card",
-        "--profession",
-        "21",
-    )
+    result = explain(config, "GET", "/patients/123", "--as", "card", "--profession", "21")
     assert "decision: allow" in result.stdout and "reasons:  authenticated" in result.stdout
 
 
 def test_explain_step_up(config: Path) -> None:
-    result = gateway(
-        "policy",
-        "explain",
-        "--config",
-        str(config),
-        "GET",
-        "/echo/card/x",
-        "--as",
-        "card",
-        "--auth-age",
-        "11m",
-    )
+    result = explain(config, "GET", "/echo/card/x", "--as", "card", "--auth-age", "11m")
     assert "rule:     card-only" in result.stdout
     assert "decision: login" in result.stdout and "login_too_old" in result.stdout
 
 
 def test_explain_normalises_like_the_proxy(config: Path) -> None:
-    result = gateway(
-        "policy", "explain", "--config", str(config), "GET", "/echo/public/%2e%2e/%2e%2e/patients/1"
-    )
+    result = explain(config, "GET", "/echo/public/%2e%2e/%2e%2e/patients/1")
     assert "request:  GET portal.fr /patients/1" not in result.stdout
     assert "/patients/1" in result.stdout and "rule:     records" in result.stdout
-    refused = gateway("policy", "explain", "--config", str(config), "GET", "/patients%2F1")
+    refused = explain(config, "GET", "/patients%2F1")
     assert "bad_request_path: an encoded slash in the path" in refused.stdout
 
 
 def test_explain_unmatched(config: Path) -> None:
-    result = gateway("policy", "explain", "--config", str(config), "POST", "/nothing")
+    result = explain(config, "POST", "/nothing")
     assert "default deny" in result.stdout and "reasons:  no_matching_rule" in result.stdout
 
 
