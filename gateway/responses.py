@@ -11,7 +11,7 @@ from urllib.parse import quote
 
 from flask import Request, Response, json, render_template
 
-from gateway.policy.decision import Decision, Outcome, Reason
+from gateway.policy.decision import Reason
 
 LANGUAGES = ("fr", "en")
 
@@ -359,11 +359,12 @@ def refusal(
     login: LoginLinks | None = None,
     request_id: str = "",
     retry_after: int | None = None,
-    rule: str | None = None,
+    as_json: bool = False,
 ) -> Response:
+    """The refusal page (or JSON for API clients; always JSON with ``as_json``, for JSON-only endpoints)."""
     page = page_for(reason)
     language = language_of(request, default_language)
-    if wants_html(request):
+    if not as_json and wants_html(request):
         body = render_template(
             "page.html",
             lang=language,
@@ -391,12 +392,6 @@ def refusal(
     response.headers["X-Gateway-Reason"] = reason.value
     response.headers.extend(SECURITY_HEADERS)
     return response
-
-
-def decision_response(decision: Decision, request: Request, **kwargs: object) -> Response:
-    if decision.outcome is Outcome.ALLOW:
-        raise ValueError("an allowed request is forwarded, not answered")
-    return refusal(decision.reason, request, **kwargs)  # type: ignore[arg-type]
 
 
 def login_link(base: str, next_path: str) -> str:

@@ -225,7 +225,9 @@ def current_next_path() -> str:
     return f"{request.path}?{query}" if query else request.path
 
 
-def refuse(reason: Reason, *, retry_after: int | None = None, next_path: str | None = None) -> Response:
+def refuse(
+    reason: Reason, *, retry_after: int | None = None, next_path: str | None = None, as_json: bool = False
+) -> Response:
     gateway = gateway_of()
     return refusal(
         reason,
@@ -234,4 +236,5 @@ def refuse(reason: Reason, *, retry_after: int | None = None, next_path: str | N
         login=gateway.login_links(next_path or current_next_path()),
         request_id=request_id(),
         retry_after=retry_after,
+        as_json=as_json,
     )

@@ -37,7 +37,7 @@ from gateway.login import (
     set_session_cookie,
 )
 from gateway.policy.decision import Reason
-from gateway.responses import SECURITY_HEADERS, page_for
+from gateway.responses import SECURITY_HEADERS
 from gateway.runtime import (
     CARD_LOGIN_PATH,
     GATEWAY_PREFIX,
@@ -264,14 +264,8 @@ def _json(payload: dict[str, Any], status: int) -> Response:
 
 
 def _json_refusal(reason: Reason, retry_after: int | None = None) -> Response:
-    page = page_for(reason)
-    response = _json(
-        {"error": reason.value, "message": page.message("en"), "request_id": request_id()}, page.status
-    )
-    response.headers["X-Gateway-Reason"] = reason.value
-    if retry_after is not None:
-        response.headers["Retry-After"] = str(max(1, retry_after))
-    return response
+    """The challenge endpoints speak JSON only, whatever the client's Accept header says."""
+    return refuse(reason, retry_after=retry_after, next_path="/", as_json=True)
 
 
 def _no_store(response: Response) -> Response:

@@ -12,7 +12,6 @@ from gateway.policy.decision import Reason
 from gateway.proxy.forward import forward, identity_headers
 from gateway.proxy.headers import filter_request_headers, in_networks
 from gateway.proxy.upstream import UpstreamError
-from gateway.responses import decision_response
 from gateway.runtime import (
     Gateway,
     audit_event,
@@ -38,14 +37,7 @@ def proxy_view(path: str = "") -> Response:
     access = check_access(gateway, request.method, host, target)
     next_path = target.path_and_query
     if not access.decision.allowed:
-        return decision_response(
-            access.decision,
-            request,
-            default_language=gateway.settings.server.language,
-            login=gateway.login_links(next_path),
-            request_id=request_id(),
-            retry_after=access.retry_after,
-        )
+        return refuse(access.decision.reason, retry_after=access.retry_after, next_path=next_path)
     return _forward(gateway, next_path, access)
 
 
