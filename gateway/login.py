@@ -13,7 +13,7 @@ from gateway import metrics
 from gateway.identity import Identity
 from gateway.limits import LimitsUnavailable
 from gateway.policy.decision import Reason
-from gateway.runtime import Gateway, audit_event, client_ip
+from gateway.runtime import Gateway, audit_event, client_ip, see_other
 from gateway.sessions import Session
 
 
@@ -35,7 +35,7 @@ def open_session(
         session = gateway.sessions.rotate(old_id, identity, now, data=dict(data or {}))
     else:
         session = gateway.sessions.create(identity, now, dict(data or {}))
-    response = Response(status=303, headers={"Location": next_path})
+    response = see_other(next_path)
     set_session_cookie(gateway, response, session.id)
     audit_event(
         gateway,

@@ -225,6 +225,11 @@ def current_next_path() -> str:
     return f"{request.path}?{query}" if query else request.path
 
 
+def see_other(location: str) -> Response:
+    """303: after a login or logout, the browser goes on with a GET to ``location``."""
+    return Response(status=303, headers={"Location": location})
+
+
 def refuse(
     reason: Reason, *, retry_after: int | None = None, next_path: str | None = None, as_json: bool = False
 ) -> Response:

@@ -48,6 +48,7 @@ from gateway.runtime import (
     peer,
     refuse,
     request_id,
+    see_other,
 )
 from gateway.sessions import SessionStoreUnavailable
 
@@ -101,7 +102,7 @@ def tls_login() -> Response:
         return refuse(Reason.SESSION_STORE_UNAVAILABLE, next_path=next_path)
     origin = gateway.settings.server.public_origin
     target = f"{origin}{COMPLETE_PATH}?handoff={token}&next={quote(next_path, safe='/')}"
-    return _no_store(_see_other(target))
+    return _no_store(see_other(target))
 
 
 def complete() -> Response:
@@ -122,7 +123,7 @@ def complete() -> Response:
         fresh = gateway.sessions.rotate(session.id, session.identity, now)
     except SessionStoreUnavailable:
         return refuse(Reason.SESSION_STORE_UNAVAILABLE, next_path=next_path)
-    response = _see_other(next_path)
+    response = see_other(next_path)
     set_session_cookie(gateway, response, fresh.id)
     audit_event(gateway, "card_handoff", identity=fresh.identity, decision="allow")
     return _no_store(response)
@@ -253,10 +254,6 @@ def _deny(
 ) -> Response:
     _audit_denied(gateway, reason, channel, detail, facts or {})
     return refuse(reason, next_path=next_path)
-
-
-def _see_other(location: str) -> Response:
-    return Response(status=303, headers={"Location": location})
 
 
 def _json(payload: dict[str, Any], status: int) -> Response:

@@ -17,7 +17,7 @@ from gateway.identity import LoginMethod
 from gateway.login import clear_session_cookie
 from gateway.policy.decision import Reason
 from gateway.responses import SECURITY_HEADERS, language_of
-from gateway.runtime import GATEWAY_PREFIX, Gateway, audit_event, gateway_of, refuse
+from gateway.runtime import GATEWAY_PREFIX, Gateway, audit_event, gateway_of, refuse, see_other
 from gateway.sessions import Session, SessionStoreUnavailable
 
 LOGOUT_PATH = "/logout"
@@ -89,7 +89,7 @@ def log_out() -> Response:
         return refuse(Reason.SESSION_STORE_UNAVAILABLE, next_path="/")
     if session is None:
         # Nothing to end (expired, or already logged out): just make sure the browser forgets the cookie.
-        response = _see_other("/")
+        response = see_other("/")
         clear_session_cookie(gateway, response)
         return response
     if not hmac.compare_digest(request.form.get("csrf_token", ""), session.csrf_token):
@@ -100,14 +100,10 @@ def log_out() -> Response:
     except SessionStoreUnavailable:
         return refuse(Reason.SESSION_STORE_UNAVAILABLE, next_path="/")
     _audit(gateway, session, "allow", "logout")
-    response = _see_other(_after_logout_url(gateway, session))
+    response = see_other(_after_logout_url(gateway, session))
     clear_session_cookie(gateway, response)
     response.headers["Cache-Control"] = "no-store"
     return response
-
-
-def _see_other(location: str) -> Response:
-    return Response(status=303, headers={"Location": location})
 
 
 def _after_logout_url(gateway: Gateway, session: Session) -> str:
