@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import http.server
 import json
-import string
-import subprocess
 import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -17,16 +15,13 @@ import pytest
 
 from gateway.authn.card.headers import client_certificate_from_headers, parse_networks
 from gateway.authn.card.verify import CardError
-from gateway.devtools.cards import softhsm_env
+from gateway.devtools.card_host import card_host_nginx_argv
 from gateway.devtools.pki import DevPki
-from gateway.pkcs11 import SOFTHSM_MODULE
 from gateway.policy.decision import Reason
+from tests.support.card_stack import curl_with_card
 from tests.support.pki import verifier_for
-from tests.support.processes import REPO_ROOT, free_port, running
+from tests.support.processes import free_port, running
 from tests.support.softhsm import PIN, CardSet
-
-TEMPLATE = REPO_ROOT / "deploy" / "nginx" / "card-login.conf.template"
-ENGINE = Path("/usr/lib/x86_64-linux-gnu/engines-3/pkcs11.so")
 
 
 class _EchoHeaders(http.server.BaseHTTPRequestHandler):
@@ -57,50 +52,15 @@ def upstream() -> Iterator[int]:
 def nginx(dev_pki: DevPki, upstream: int, tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
     work = tmp_path_factory.mktemp("nginx")
     port = free_port()
-    server_block = string.Template(TEMPLATE.read_text()).safe_substitute(
-        CARD_LOGIN_HOST="127.0.0.1",
-        LISTEN_ADDRESS=f"127.0.0.1:{port}",
-        SERVER_CERT=dev_pki.server.cert_path,
-        SERVER_KEY=dev_pki.base_dir / "server.key",
-        CARD_CA_CHAIN=dev_pki.ca_chain_path,
-        GATEWAY_UPSTREAM=f"127.0.0.1:{upstream}",
-    )
-    assert "${" not in server_block
-    (work / "card-login.conf").write_text(server_block)
-    temp = "\n".join(
-        f"{kind}_temp_path {work}/{kind};" for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
-    )
-    (work / "nginx.conf").write_text(
-        f"daemon off;\nworker_processes 1;\npid {work}/nginx.pid;\nerror_log {work}/error.log warn;\n"
-        f"events {{}}\nhttp {{\naccess_log off;\n{temp}\ninclude {work}/card-login.conf;\n}}\n"
-    )
-    argv = ["nginx", "-p", str(work), "-e", str(work / "error.log"), "-c", str(work / "nginx.conf")]
+    argv = card_host_nginx_argv(work, dev_pki, listen=f"127.0.0.1:{port}", gateway=f"127.0.0.1:{upstream}")
     with running(argv, port, log=work / "stdout.log"):
         yield port
 
 
-def _curl(base_dir: Path, port: int, card_label: str | None, extra: list[str], tmp: Path) -> dict[str, str]:
-    env = softhsm_env(base_dir)
-    argv = ["curl", "-sS", "--max-time", "10", "--cacert", str(base_dir / "server-ca.pem"), *extra]
-    if card_label:
-        conf = tmp / "openssl.cnf"
-        conf.write_text(
-            "openssl_conf = init\n[init]\nengines = engines\n[engines]\npkcs11 = pkcs11\n"
-            f"[pkcs11]\ndynamic_path = {ENGINE}\nMODULE_PATH = {SOFTHSM_MODULE}\ninit = 0\n"
-        )
-        env["OPENSSL_CONF"] = str(conf)
-        key_object = quote(f"{card_label} authentication key")
-        key_uri = f"pkcs11:token={quote(card_label)};object={key_object};type=private"
-        argv += ["--engine", "pkcs11", "--key-type", "ENG", "--key", f"{key_uri}?pin-value={PIN}"]
-        argv += ["--cert", str(base_dir / "softhsm" / f"{card_label}.pem")]
-    result = subprocess.run(
-        [*argv, f"https://127.0.0.1:{port}/.gateway/card/tls"],
-        env=env,
-        capture_output=True,
-        text=True,
-        stdin=subprocess.DEVNULL,
-        timeout=20,
-        check=False,
+def _curl(pki: DevPki, port: int, card_label: str | None, extra: list[str], tmp: Path) -> dict[str, str]:
+    """The headers nginx forwarded for a curl request presenting ``card_label`` (or no card)."""
+    result = curl_with_card(
+        pki, card_label, f"https://127.0.0.1:{port}/.gateway/card/tls", extra, tmp, pin=PIN
     )
     assert result.returncode == 0, result.stderr
     return dict(json.loads(result.stdout))
@@ -112,7 +72,7 @@ TRUSTED = parse_networks(["127.0.0.1/32"])
 def test_card_through_nginx_is_verified_by_the_gateway(
     nginx: int, dev_pki: DevPki, softhsm_cards: CardSet, tmp_path: Path
 ) -> None:
-    headers = _curl(dev_pki.base_dir, nginx, "test-doctor", [], tmp_path)
+    headers = _curl(dev_pki, nginx, "test-doctor", [], tmp_path)
     forwarded = client_certificate_from_headers(headers, "127.0.0.1", TRUSTED)
     assert forwarded.terminator_verify == "SUCCESS"
     assert forwarded.certificate is not None
@@ -123,7 +83,7 @@ def test_card_through_nginx_is_verified_by_the_gateway(
 def test_revoked_card_reaches_the_gateway_which_names_the_reason(
     nginx: int, dev_pki: DevPki, softhsm_cards: CardSet, tmp_path: Path
 ) -> None:
-    headers = _curl(dev_pki.base_dir, nginx, "test-revoked", [], tmp_path)
+    headers = _curl(dev_pki, nginx, "test-revoked", [], tmp_path)
     forwarded = client_certificate_from_headers(headers, "127.0.0.1", TRUSTED)
     assert forwarded.certificate is not None  # optional_no_ca: nginx did not answer its own 400
     verifier, _ = verifier_for(dev_pki)
@@ -137,7 +97,7 @@ def test_nginx_overwrites_a_forged_certificate_header(
 ) -> None:
     forged = quote(softhsm_cards["doctor"].pem_path.read_text(), safe="")
     headers = _curl(
-        dev_pki.base_dir,
+        dev_pki,
         nginx,
         None,
         ["-H", f"X-SSL-Client-Cert: {forged}", "-H", "X-SSL-Client-Verify: SUCCESS"],
