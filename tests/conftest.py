@@ -6,6 +6,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from flask import Flask
 
 from tests.support.processes import free_port, running
 from tests.support.upstream import gunicorn_argv
@@ -27,3 +28,18 @@ def assertion_key(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("keys") / "assertion-key.pem"
     generate_key_file(path)
     return path
+
+
+@pytest.fixture
+def app(tmp_path: Path, upstream_url: str, assertion_key: Path) -> Iterator[Flask]:
+    """The gateway in-process (Flask test client) with the test policies, in front of the real upstream."""
+    from gateway.app import create_app
+    from gateway.runtime import gateway_of
+    from gateway.settings import load_settings
+    from tests.support.config import write_config
+
+    application = create_app(
+        load_settings(write_config(tmp_path, upstream_url=upstream_url, assertion_key=assertion_key))
+    )
+    yield application
+    gateway_of(application).upstream.close()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -20,14 +19,6 @@ from gateway.settings import load_settings
 from tests.support.config import write_config
 
 COOKIE = "__Host-gateway-session"
-
-
-@pytest.fixture
-def app(tmp_path: Path, upstream_url: str, assertion_key: Path) -> Iterator[Flask]:
-    config = write_config(tmp_path, upstream_url=upstream_url, assertion_key=assertion_key)
-    application = create_app(load_settings(config))
-    yield application
-    gateway_of(application).upstream.close()
 
 
 @pytest.fixture

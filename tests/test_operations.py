@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -15,14 +14,6 @@ from gateway.settings import load_settings
 from tests.support.config import write_config
 from tests.support.processes import free_port
 from tests.support.redis import redis_server
-
-
-@pytest.fixture
-def app(tmp_path: Path, upstream_url: str, assertion_key: Path) -> Iterator[Flask]:
-    config = write_config(tmp_path, upstream_url=upstream_url, assertion_key=assertion_key)
-    application = create_app(load_settings(config))
-    yield application
-    gateway_of(application).upstream.close()
 
 
 def test_ready_when_store_and_portal_answer(app: Flask) -> None:
