@@ -60,6 +60,17 @@ def _paths_relative_to_settings(*names: str) -> Callable[..., Any]:
     return field_validator(*names, mode="before")(resolve)
 
 
+def _files_must_exist(*names: str) -> Callable[..., Any]:
+    """The named path fields, when given, name existing files (unless the context says they are coming)."""
+
+    def check(value: Path | None, info: pydantic.ValidationInfo) -> Path | None:
+        if value is not None:
+            _require_file(value, info)
+        return value
+
+    return field_validator(*names, mode="after")(check)
+
+
 def _check_listen(value: str) -> str:
     host, sep, port = value.rpartition(":")
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
@@ -134,13 +145,7 @@ class UpstreamSettings(_Section):
     ca_file: Path | None = Field(None, description="CA bundle to verify an https portal (default: system).")
 
     _resolve_paths = _paths_relative_to_settings("ca_file")
-
-    @field_validator("ca_file", mode="after")
-    @classmethod
-    def _ca_exists(cls, value: Path | None, info: pydantic.ValidationInfo) -> Path | None:
-        if value is not None:
-            _require_file(value, info)
-        return value
+    _files_exist = _files_must_exist("ca_file")
 
     @field_validator("url")
     @classmethod
@@ -157,12 +162,7 @@ class AssertionSettings(_Section):
     audience: str = Field("portal", description="`aud` of the assertion: the portal checks it.")
 
     _resolve_paths = _paths_relative_to_settings("key_file")
-
-    @field_validator("key_file", mode="after")
-    @classmethod
-    def _key_exists(cls, value: Path, info: pydantic.ValidationInfo) -> Path:
-        _require_file(value, info)
-        return value
+    _files_exist = _files_must_exist("key_file")
 
 
 class SessionSettings(_Section):
@@ -307,13 +307,7 @@ class EcpsSettings(_Section):
     )
 
     _resolve_paths = _paths_relative_to_settings("private_key_file")
-
-    @field_validator("private_key_file", mode="after")
-    @classmethod
-    def _key_exists(cls, value: Path | None, info: pydantic.ValidationInfo) -> Path | None:
-        if value is not None:
-            _require_file(value, info)
-        return value
+    _files_exist = _files_must_exist("private_key_file")
 
     @field_validator("metadata_url", "redirect_uri", "post_logout_redirect_uri")
     @classmethod
