@@ -119,6 +119,13 @@ def _too_many_requests(error: Exception) -> Response:
     limiter = current_app.extensions.get(_LIMITER)
     limit = limiter.current_limit if limiter is not None else None
     retry_after = max(1, math.ceil(limit.reset_at - time.time())) if limit is not None else 60
+    audit_event(
+        gateway_of(),
+        "rate_limited",
+        decision="deny",
+        reasons=[Reason.RATE_LIMITED.value],
+        endpoint=request.endpoint,
+    )
     return refuse(Reason.RATE_LIMITED, retry_after=retry_after)
 
 

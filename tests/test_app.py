@@ -209,10 +209,12 @@ def test_upstream_slow_gives_504_and_the_gateway_keeps_serving(client: FlaskClie
     assert client.get("/hello").status_code == 200
 
 
-def test_bad_host_header(client: FlaskClient) -> None:
+def test_bad_host_header(client: FlaskClient, tmp_path: Path) -> None:
     response = client.get("/hello", headers={"Host": "bad host!"})
     assert response.status_code == 400
     assert response.headers["X-Gateway-Reason"] == "bad_host"
+    event = audit_events(tmp_path)[-1]
+    assert (event["event"], event["reasons"], event["host"]) == ("bad_request", ["bad_host"], "bad host!")
 
 
 def test_unknown_gateway_paths_never_reach_the_portal(client: FlaskClient) -> None:

@@ -53,6 +53,7 @@ def auth_view() -> Response:
         return _answer(400, Reason.BAD_REQUEST_PATH)
     host = normalise_host(request.headers.get("X-Forwarded-Host") or request.headers.get("Host", ""))
     if host is None:
+        _audit_refusal(gateway, "bad_request", Reason.BAD_HOST, host=request.headers.get("Host", ""))
         return _answer(400, Reason.BAD_HOST)
     access = check_access(gateway, method, host, target)
     if access.decision.allowed:

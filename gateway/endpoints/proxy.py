@@ -33,6 +33,9 @@ def proxy_view(path: str = "") -> Response:
     target = target_of(request.environ)
     host = request_host(gateway)
     if host is None:
+        audit_event(
+            gateway, "bad_request", reasons=[Reason.BAD_HOST.value], host=request.headers.get("Host", "")
+        )
         return refuse(Reason.BAD_HOST)
     access = check_access(gateway, request.method, host, target)
     next_path = target.path_and_query

@@ -192,5 +192,7 @@ def test_login_endpoints_are_rate_limited_per_ip(
     refused = client.post("/.gateway/card/challenge", json={})
     assert refused.json is not None and refused.json["error"] == "rate_limited"
     assert 0 < int(refused.headers["Retry-After"]) <= 60
+    limited = [event for event in _audit(tmp_path) if event["event"] == "rate_limited"]
+    assert [event["endpoint"] for event in limited] == ["gateway_card.challenge"] * 2
     assert client.get("/hello").status_code == 200  # the portal's routes are not login endpoints
     gateway_of(app).crl_store.stop()  # type: ignore[union-attr]
