@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import signal
@@ -16,7 +17,7 @@ import pytest
 import requests
 
 from tests.support.config import TEST_POLICIES, write_config
-from tests.support.gateways import serve_argv
+from tests.support.gateways import running_gateways, serve_argv
 from tests.support.processes import PYTHON, free_port, running
 from tests.support.redis import redis_server
 
@@ -154,3 +155,27 @@ def test_broken_policy_is_refused_and_the_old_policy_stays_in_force(served: Serv
         assert requests.get(served.base_url + "/hello", timeout=5).status_code == 200
     text = requests.get(served.metrics_url + "/metrics", timeout=5).text
     assert metric_value(text, "gateway_config_reloads_total", outcome="refused") == 1
+
+
+def test_an_idle_kept_alive_connection_does_not_hold_the_only_thread(
+    tmp_path: Path, upstream_url: str, assertion_key: Path
+) -> None:
+    extra = {"server": {"workers": 1, "threads": 1}}
+    with running_gateways(
+        tmp_path, 1, upstream_url=upstream_url, assertion_key=assertion_key, extra=extra
+    ) as (url,):
+        host, port = url.removeprefix("http://").split(":")
+        idle = http.client.HTTPConnection(host, int(port), timeout=5)
+        for _ in range(20):  # requests that follow each other on one connection keep its thread
+            idle.request("GET", "/hello")
+            assert idle.getresponse().read().startswith(b"<!doctype html>")
+        # The connection now sits idle, kept alive: another client must still be served by the one thread.
+        started = time.monotonic()
+        other = http.client.HTTPConnection(host, int(port), timeout=5)
+        other.request("GET", "/hello")
+        assert other.getresponse().status == 200
+        assert time.monotonic() - started < 2
+        idle.request("GET", "/hello")  # and the idle connection was kept, not dropped
+        assert idle.getresponse().status == 200
+        idle.close()
+        other.close()
