@@ -6,9 +6,11 @@ import contextlib
 import math
 import time
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import parse_qs
 
 from flask import request
+from werkzeug.http import parse_cookie
 
 from gateway import metrics
 from gateway.limits import LimitsUnavailable, QuotaSpec
@@ -16,7 +18,7 @@ from gateway.policy.decision import Decision, Outcome, Reason
 from gateway.policy.engine import decide_rule
 from gateway.policy.model import Action, Quota, QuotaBreachAction, ResourceKey, Rule
 from gateway.policy.paths import NormalisedTarget
-from gateway.runtime import Gateway, audit_event
+from gateway.runtime import Gateway, audit_request_event
 from gateway.sessions import Session, SessionStoreUnavailable
 
 _NO_RULE = Decision(Outcome.DENY, (Reason.NO_MATCHING_RULE,))
@@ -31,7 +33,11 @@ class Access:
     retry_after: int | None = None
 
 
-def check_access(gateway: Gateway, method: str, host: str, target: NormalisedTarget) -> Access:
+def check_access(
+    gateway: Gateway, environ: dict[str, Any], method: str, host: str, target: NormalisedTarget
+) -> Access:
+    """The decision on ``method host target`` for the request in ``environ`` (its session cookie, its client
+    for the audit record)."""
     now = time.time()
     rule = gateway.policies.match(method, host, target.path)
     if rule is None:
@@ -41,7 +47,7 @@ def check_access(gateway: Gateway, method: str, host: str, target: NormalisedTar
         access = Access(decide_rule(rule, None, now), rule, None, now)
     else:
         try:
-            session = current_session(gateway, now)
+            session = session_of(gateway, environ, now)
         except SessionStoreUnavailable:
             decision = Decision(Outcome.DENY, (Reason.SESSION_STORE_UNAVAILABLE,), rule)
             access = Access(decision, rule, None, now)
@@ -49,23 +55,30 @@ def check_access(gateway: Gateway, method: str, host: str, target: NormalisedTar
             decision = decide_rule(rule, session.identity if session else None, now)
             access = Access(decision, rule, session, now)
             if decision.allowed and rule.quota is not None and session is not None:
-                access = _within_quota(gateway, access, rule, rule.quota, session, target)
+                access = _within_quota(gateway, environ, access, rule, rule.quota, session, target)
     if rule is None or rule.action is not Action.PUBLIC:
-        audit_decision(gateway, access, method, target.path)
+        audit_decision(gateway, environ, access, method, target.path)
     metrics.request_decided(access.decision)
     return access
 
 
-def current_session(gateway: Gateway, now: float) -> Session | None:
-    session_id = request.cookies.get(gateway.settings.sessions.cookie_name)
+def session_of(gateway: Gateway, environ: dict[str, Any], now: float) -> Session | None:
+    cookies = parse_cookie(environ.get("HTTP_COOKIE"))
+    session_id = cookies.get(gateway.settings.sessions.cookie_name)
     if not session_id:
         return None
     return gateway.sessions.get(session_id, now)
 
 
-def audit_decision(gateway: Gateway, access: Access, method: str, path: str) -> None:
-    audit_event(
+def current_session(gateway: Gateway, now: float) -> Session | None:
+    """The session of the Flask request being served."""
+    return session_of(gateway, request.environ, now)
+
+
+def audit_decision(gateway: Gateway, environ: dict[str, Any], access: Access, method: str, path: str) -> None:
+    audit_request_event(
         gateway,
+        environ,
         "decision",
         identity=access.session.identity if access.session else None,
         now=access.now,
@@ -78,7 +91,13 @@ def audit_decision(gateway: Gateway, access: Access, method: str, path: str) -> 
 
 
 def _within_quota(
-    gateway: Gateway, access: Access, rule: Rule, quota: Quota, session: Session, target: NormalisedTarget
+    gateway: Gateway,
+    environ: dict[str, Any],
+    access: Access,
+    rule: Rule,
+    quota: Quota,
+    session: Session,
+    target: NormalisedTarget,
 ) -> Access:
     """The bulk-access guard: count this read and refuse once the identity's quota is spent."""
     spec = QuotaSpec(quota.max_requests, quota.max_distinct, max(1, math.ceil(quota.window)))
@@ -92,17 +111,25 @@ def _within_quota(
     if verdict.allowed:
         return access
     if verdict.breach_started:
-        _on_breach(gateway, rule, quota, session, verdict.requests, verdict.distinct, access.now)
+        _on_breach(gateway, environ, rule, quota, session, verdict.requests, verdict.distinct, access.now)
     decision = Decision(Outcome.DENY, (Reason.QUOTA_EXCEEDED,), rule)
     return Access(decision, rule, session, access.now, retry_after=verdict.retry_after)
 
 
 def _on_breach(
-    gateway: Gateway, rule: Rule, quota: Quota, session: Session, requests: int, distinct: int, now: float
+    gateway: Gateway,
+    environ: dict[str, Any],
+    rule: Rule,
+    quota: Quota,
+    session: Session,
+    requests: int,
+    distinct: int,
+    now: float,
 ) -> None:
     revoke = quota.on_exceed is QuotaBreachAction.REVOKE_SESSION
-    audit_event(
+    audit_request_event(
         gateway,
+        environ,
         "quota_breach",
         identity=session.identity,
         now=now,

@@ -8,13 +8,12 @@ import time
 from collections.abc import Callable
 
 from flask import Flask, Response, current_app, request
-from werkzeug.exceptions import HTTPException
 
 from gateway.audit import AuditLog
 from gateway.authn.ecps import EcpsError, ProSanteConnect
 from gateway.endpoints import card, ecps, forward_auth, logout, operations, pages
-from gateway.endpoints.proxy import ALL_METHODS, proxy_view
-from gateway.limits import STORAGE_ERRORS, build_limiter
+from gateway.endpoints.proxy import ProxyApp
+from gateway.limits import build_limiter
 from gateway.policy.decision import Reason
 from gateway.policy.loader import LoadedPolicies
 from gateway.readiness import NotReady
@@ -26,7 +25,7 @@ from gateway.runtime import (
     gateway_of,
     read_policies,
     refuse,
-    request_id,
+    unexpected_error,
 )
 from gateway.sessions import SessionStore
 from gateway.settings import Settings
@@ -57,8 +56,6 @@ def create_app(
     app.register_blueprint(logout.blueprint())
     limiter = build_limiter(app, settings.limits_storage, lambda: client_ip(gateway_of()), key_prefix="gw:rl")
     app.extensions[_LIMITER] = limiter
-    # Only login endpoints carry limits: the portal's traffic skips flask-limiter's bookkeeping entirely.
-    limiter.request_filter(lambda: request.endpoint == "proxy")
     login_rate = limiter.limit(
         settings.limits.login_requests_per_ip,
         # PSC's own server calls the back-channel endpoint: never rate-limit a logout.
@@ -76,18 +73,10 @@ def create_app(
         login_rate(card_routes)
         app.register_blueprint(card_routes)
     app.register_error_handler(429, _too_many_requests)
-    for rule in ("/", "/<path:path>"):
-        app.add_url_rule(
-            rule,
-            "proxy",
-            proxy_view,
-            methods=ALL_METHODS,
-            provide_automatic_options=False,
-            strict_slashes=False,
-        )
     app.before_request(_refuse_bad_target)
-    app.register_error_handler(Exception, _unexpected_error)
-    app.wsgi_app = NormalisedTargetMiddleware(app.wsgi_app)  # type: ignore[method-assign]
+    app.register_error_handler(Exception, unexpected_error)
+    # Portal requests never enter Flask (see endpoints/proxy.py); both see the one normalised target.
+    app.wsgi_app = NormalisedTargetMiddleware(ProxyApp(app, app.wsgi_app))  # type: ignore[method-assign]
     return app
 
 
@@ -127,16 +116,6 @@ def _too_many_requests(error: Exception) -> Response:
         endpoint=request.endpoint,
     )
     return refuse(Reason.RATE_LIMITED, retry_after=retry_after)
-
-
-def _unexpected_error(error: Exception) -> Response:
-    if isinstance(error, HTTPException):
-        return error  # type: ignore[return-value]
-    if isinstance(error, STORAGE_ERRORS):
-        log.warning("limits storage unavailable (request %s): %s", request_id(), type(error).__name__)
-        return refuse(Reason.LIMITS_UNAVAILABLE, next_path="/")
-    log.exception("unexpected error (request %s)", request_id())
-    return refuse(Reason.INTERNAL_ERROR, next_path="/")
 
 
 def _psc_metadata_check(client: ProSanteConnect) -> Callable[[], None]:

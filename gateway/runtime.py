@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 import secrets
 import sys
 from dataclasses import dataclass, field
 from typing import Any
 
-from flask import Flask, Response, current_app, g, request
+from flask import Flask, Response, current_app, request
+from werkzeug.exceptions import HTTPException
 
 from gateway.audit import AuditLog
 from gateway.authn.card.challenge import ChallengeIssuer, NonceStore
@@ -15,7 +17,7 @@ from gateway.authn.card.setup import build_card_login, crls_ready
 from gateway.authn.card.verify import CardVerifier, CrlStore
 from gateway.authn.ecps import ProSanteConnect
 from gateway.identity import Identity
-from gateway.limits import LoginThrottle, QuotaGuard
+from gateway.limits import STORAGE_ERRORS, LoginThrottle, QuotaGuard
 from gateway.policy.decision import Reason
 from gateway.policy.engine import PolicySet
 from gateway.policy.loader import LoadedPolicies, load_policies
@@ -27,6 +29,8 @@ from gateway.responses import LoginLinks, login_link, refusal
 from gateway.sessions import CachedSessionStore, MemorySessionStore, RedisSessionStore, SessionStore
 from gateway.settings import EcpsSettings, Settings, policy_files
 from gateway.wsgi import normalise_host
+
+log = logging.getLogger("gateway")
 
 GATEWAY_PREFIX = "/.gateway"
 ECPS_LOGIN_PATH = GATEWAY_PREFIX + "/login/ecps"
@@ -185,38 +189,66 @@ def gateway_of(app: Flask | None = None) -> Gateway:
 
 
 # --- Request-scoped facts -------------------------------------------------------------------------------
+# Each fact is read from the WSGI environ, so the proxy's hot path (plain WSGI, see endpoints/proxy.py) and
+# Flask views share them; the argument-less forms are for code running inside a Flask request.
+
+REQUEST_ID_KEY = "gateway.request_id"
 
 
-def request_id() -> str:
-    value = g.get("request_id")
+def request_id_of(environ: dict[str, Any]) -> str:
+    value = environ.get(REQUEST_ID_KEY)
     if value is None:
-        value = g.request_id = secrets.token_hex(8)
+        value = environ[REQUEST_ID_KEY] = secrets.token_hex(8)
     return value
 
 
-def peer() -> str:
-    return request.environ.get("REMOTE_ADDR", "")
+def peer_of(environ: dict[str, Any]) -> str:
+    return environ.get("REMOTE_ADDR", "")
 
 
-def client_ip(gateway: Gateway) -> str:
+def client_ip_of(gateway: Gateway, environ: dict[str, Any]) -> str:
     trusted = gateway.settings.server.trusted_proxies
-    return client_address(peer(), request.headers.get("X-Forwarded-For"), trusted)
+    return client_address(peer_of(environ), environ.get("HTTP_X_FORWARDED_FOR"), trusted)
 
 
-def request_host(gateway: Gateway) -> str | None:
-    trusted = in_networks(peer(), gateway.settings.server.trusted_proxies)
-    raw = (trusted and request.headers.get("X-Forwarded-Host")) or request.headers.get("Host", "")
+def request_host_of(gateway: Gateway, environ: dict[str, Any]) -> str | None:
+    trusted = in_networks(peer_of(environ), gateway.settings.server.trusted_proxies)
+    raw = (trusted and environ.get("HTTP_X_FORWARDED_HOST")) or environ.get("HTTP_HOST", "")
     return normalise_host(raw)
 
 
-def audit_event(gateway: Gateway, event: str, *, identity: Identity | None = None, **fields: Any) -> None:
-    """One audit record about the current request: its id and client address always, and the identity's
-    idNat, login method and PSC authMode when there is one (explicit fields win)."""
+def audit_request_event(
+    gateway: Gateway, environ: dict[str, Any], event: str, *, identity: Identity | None = None, **fields: Any
+) -> None:
+    """One audit record about a request: its id and client address always, and the identity's idNat, login
+    method and PSC authMode when there is one (explicit fields win)."""
     if identity is not None:
         fields.setdefault("idnat", identity.idnat)
         fields.setdefault("method", identity.method.value)
         fields.setdefault("auth_mode", identity.auth_mode)
-    gateway.audit.record(event, request_id=request_id(), client_ip=client_ip(gateway), **fields)
+    gateway.audit.record(
+        event, request_id=request_id_of(environ), client_ip=client_ip_of(gateway, environ), **fields
+    )
+
+
+def request_id() -> str:
+    return request_id_of(request.environ)
+
+
+def peer() -> str:
+    return peer_of(request.environ)
+
+
+def client_ip(gateway: Gateway) -> str:
+    return client_ip_of(gateway, request.environ)
+
+
+def request_host(gateway: Gateway) -> str | None:
+    return request_host_of(gateway, request.environ)
+
+
+def audit_event(gateway: Gateway, event: str, *, identity: Identity | None = None, **fields: Any) -> None:
+    audit_request_event(gateway, request.environ, event, identity=identity, **fields)
 
 
 def current_next_path() -> str:
@@ -228,6 +260,17 @@ def current_next_path() -> str:
 def see_other(location: str) -> Response:
     """303: after a login or logout, the browser goes on with a GET to ``location``."""
     return Response(status=303, headers={"Location": location})
+
+
+def unexpected_error(error: Exception) -> Response:
+    """Flask's error handler (and the proxy's): HTTP errors as they are, anything else a page, never a trace."""
+    if isinstance(error, HTTPException):
+        return error  # type: ignore[return-value]
+    if isinstance(error, STORAGE_ERRORS):
+        log.warning("limits storage unavailable (request %s): %s", request_id(), type(error).__name__)
+        return refuse(Reason.LIMITS_UNAVAILABLE, next_path="/")
+    log.exception("unexpected error (request %s)", request_id())
+    return refuse(Reason.INTERNAL_ERROR, next_path="/")
 
 
 def refuse(

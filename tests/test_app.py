@@ -132,6 +132,14 @@ def test_deny_rule(client: FlaskClient) -> None:
     assert response.headers["X-Gateway-Reason"] == "denied_by_rule"
 
 
+def test_methods_outside_http_semantics_answer_405_and_never_reach_the_portal(client: FlaskClient) -> None:
+    for method in ("TRACE", "CONNECT", "PROPFIND"):
+        response = client.open("/echo/public/x", method=method)
+        assert response.status_code == 405, method
+        assert "GET" in response.headers["Allow"]
+        assert b"raw_uri" not in response.data
+
+
 @pytest.mark.parametrize(
     "raw",
     ["/echo/public/..%2f..%2fprotected/x", "/echo/public/%2e%2e/%2e%2e/protected/x/..%5c", "/echo/public;/x"],

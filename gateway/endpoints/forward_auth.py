@@ -55,7 +55,7 @@ def auth_view() -> Response:
     if host is None:
         _audit_refusal(gateway, "bad_request", Reason.BAD_HOST, host=request.headers.get("Host", ""))
         return _answer(400, Reason.BAD_HOST)
-    access = check_access(gateway, method, host, target)
+    access = check_access(gateway, request.environ, method, host, target)
     if access.decision.allowed:
         return _allowed(gateway, access)
     if access.decision.outcome is Outcome.LOGIN:

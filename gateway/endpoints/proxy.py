@@ -1,82 +1,139 @@
-"""Everything outside /.gateway/: judged by the policies, then forwarded to the portal or refused."""
+"""Everything outside /.gateway/: judged by the policies, then forwarded to the portal or refused.
+
+This is plain WSGI in front of the Flask app, not a Flask view: on the path every portal request takes,
+Flask's request context, routing and flask-limiter's hooks cost about 0.15 ms of CPU per request (README,
+"Performance"). Refusals, rare by comparison, are rendered inside a Flask request context like every other
+page; the gateway's own routes (/.gateway/...) and malformed request targets go to Flask untouched.
+"""
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Iterable
+from functools import partial
+from typing import Any
 
-from flask import Response, request
+from flask import Flask
+from werkzeug.exceptions import MethodNotAllowed
+from werkzeug.wrappers import Response
 
 from gateway import metrics
 from gateway.access import Access, check_access
 from gateway.policy.decision import Reason
+from gateway.policy.paths import NormalisedTarget
 from gateway.proxy.forward import forward, identity_headers
 from gateway.proxy.headers import filter_request_headers, in_networks
 from gateway.proxy.upstream import UpstreamError
 from gateway.runtime import (
-    Gateway,
-    audit_event,
+    GATEWAY_PREFIX,
+    audit_request_event,
     gateway_of,
-    peer,
+    peer_of,
     refuse,
-    request_host,
-    request_id,
+    request_host_of,
+    request_id_of,
+    unexpected_error,
 )
-from gateway.wsgi import request_headers, target_of
+from gateway.wsgi import TARGET_KEY, WsgiApp, request_headers
 
 log = logging.getLogger("gateway.proxy")
 
-ALL_METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
+ALL_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
+_OWN_PATHS = GATEWAY_PREFIX + "/"
 
 
-def proxy_view(path: str = "") -> Response:
-    gateway = gateway_of()
-    target = target_of(request.environ)
-    host = request_host(gateway)
-    if host is None:
-        audit_event(
-            gateway, "bad_request", reasons=[Reason.BAD_HOST.value], host=request.headers.get("Host", "")
+class ProxyApp:
+    """WSGI: portal requests are decided and forwarded here; the rest goes to ``gateway_routes`` (Flask)."""
+
+    def __init__(self, app: Flask, gateway_routes: WsgiApp) -> None:
+        self.app = app
+        self.gateway_routes = gateway_routes
+        self.gateway = gateway_of(app)
+
+    def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        target = environ.get(TARGET_KEY)
+        if target is None or target.decoded_path.startswith(_OWN_PATHS):
+            return self.gateway_routes(environ, start_response)
+        if environ["REQUEST_METHOD"] not in ALL_METHODS:
+            return MethodNotAllowed(valid_methods=ALL_METHODS)(environ, start_response)
+        try:
+            response = self._proxy(environ, target)
+        except Exception as exc:  # what Flask's error handler does for the gateway's own routes
+            response = self._in_flask(environ, partial(unexpected_error, exc))
+        return response(environ, start_response)
+
+    def _proxy(self, environ: dict[str, Any], target: NormalisedTarget) -> Response:
+        gateway = self.gateway
+        host = request_host_of(gateway, environ)
+        if host is None:
+            audit_request_event(
+                gateway,
+                environ,
+                "bad_request",
+                reasons=[Reason.BAD_HOST.value],
+                host=environ.get("HTTP_HOST", ""),
+            )
+            return self._in_flask(environ, partial(refuse, Reason.BAD_HOST))
+        access = check_access(gateway, environ, environ["REQUEST_METHOD"], host, target)
+        next_path = target.path_and_query
+        if not access.decision.allowed:
+            refusal = partial(
+                refuse, access.decision.reason, retry_after=access.retry_after, next_path=next_path
+            )
+            return self._in_flask(environ, refusal)
+        try:
+            return self._forward(environ, next_path, access)
+        except UpstreamError as exc:
+            log.warning("upstream error (request %s): %s", request_id_of(environ), exc.detail)
+            rule = access.rule
+            audit_request_event(
+                gateway,
+                environ,
+                "upstream_error",
+                rule=rule.name if rule else None,
+                reasons=[exc.reason.value],
+            )
+            return self._in_flask(environ, partial(refuse, exc.reason, next_path=next_path))
+
+    def _forward(self, environ: dict[str, Any], target: str, access: Access) -> Response:
+        gateway = self.gateway
+        server = gateway.settings.server
+        peer = peer_of(environ)
+        incoming = filter_request_headers(
+            request_headers(environ),
+            from_tls_terminator=in_networks(peer, server.tls_terminators),
+            drop_cookies=gateway.protected_cookies,
         )
-        return refuse(Reason.BAD_HOST)
-    access = check_access(gateway, request.method, host, target)
-    next_path = target.path_and_query
-    if not access.decision.allowed:
-        return refuse(access.decision.reason, retry_after=access.retry_after, next_path=next_path)
-    return _forward(gateway, next_path, access)
-
-
-def _forward(gateway: Gateway, target: str, access: Access) -> Response:
-    server = gateway.settings.server
-    incoming = filter_request_headers(
-        request_headers(request.environ),
-        from_tls_terminator=in_networks(peer(), server.tls_terminators),
-        drop_cookies=gateway.protected_cookies,
-    )
-    if incoming.spoofed:
-        audit_event(
-            gateway, "spoofed_header", reasons=[Reason.SPOOFED_HEADER.value], headers=sorted(incoming.spoofed)
-        )
-    extra = [("X-Request-Id", request_id())]
-    session, rule = access.session, access.rule
-    if session is not None and rule is not None:
-        assertion = gateway.signer.assertion(session.identity, session.id, rule.name, access.now)
-        extra.extend(identity_headers(session.identity, assertion))
-    client_host = request.headers.get("Host", "")
-    preserve = gateway.settings.upstream.host_header == "preserve"
-    try:
+        if incoming.spoofed:
+            audit_request_event(
+                gateway,
+                environ,
+                "spoofed_header",
+                reasons=[Reason.SPOOFED_HEADER.value],
+                headers=sorted(incoming.spoofed),
+            )
+        extra = [("X-Request-Id", request_id_of(environ))]
+        session, rule = access.session, access.rule
+        if session is not None and rule is not None:
+            assertion = gateway.signer.assertion(session.identity, session.id, rule.name, access.now)
+            extra.extend(identity_headers(session.identity, assertion))
+        client_host = environ.get("HTTP_HOST", "")
+        preserve = gateway.settings.upstream.host_header == "preserve"
         with metrics.upstream_timer():
             return forward(
                 gateway.upstream,
-                request,
+                environ,
                 target=target,
                 headers=incoming.forwardable,
-                peer=peer(),
+                peer=peer,
                 host=client_host,
-                from_trusted_proxy=in_networks(peer(), server.trusted_proxies),
+                from_trusted_proxy=in_networks(peer, server.trusted_proxies),
                 host_header=client_host if preserve else gateway.upstream.host_header,
                 extra_headers=extra,
                 protected_cookies=gateway.protected_cookies,
             )
-    except UpstreamError as exc:
-        log.warning("upstream error (request %s): %s", request_id(), exc.detail)
-        audit_event(gateway, "upstream_error", rule=rule.name if rule else None, reasons=[exc.reason.value])
-        return refuse(exc.reason, next_path=target)
+
+    def _in_flask(self, environ: dict[str, Any], render: Callable[[], Response]) -> Response:
+        """A page rendered by the Flask app (templates, language negotiation) for this request."""
+        with self.app.request_context(environ):
+            return render()

@@ -1,10 +1,12 @@
-"""Forward an allowed request to the portal and stream the answer back (Flask view side)."""
+"""Forward an allowed request to the portal and stream the answer back (as a WSGI response)."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
-from flask import Request, Response
+from werkzeug.wrappers import Response
+from werkzeug.wsgi import get_input_stream
 
 from gateway.identity import Identity
 from gateway.proxy.headers import filter_response_headers, forwarded_headers
@@ -28,7 +30,7 @@ def identity_headers(identity: Identity, assertion: str) -> list[tuple[str, str]
 
 def forward(
     upstream: Upstream,
-    request: Request,
+    environ: dict[str, Any],
     *,
     target: str,
     headers: Sequence[tuple[str, str]],
@@ -40,8 +42,8 @@ def forward(
     protected_cookies: frozenset[str],
 ) -> Response:
     """Send the request on; UpstreamError propagates for the caller to render (502/504)."""
-    environ = request.environ
-    body, chunked, length = request_body(environ, request.stream)
+    # The body stream stops at Content-Length (or at the end of a chunked body the server decoded).
+    body, chunked, length = request_body(environ, get_input_stream(environ))
     outgoing = list(headers)
     outgoing.append(("Host", host_header))
     if length is not None:
@@ -57,7 +59,7 @@ def forward(
         )
     )
     outgoing.extend(extra_headers)
-    upstream_response = upstream.send(request.method, target, outgoing, body, chunked=chunked)
+    upstream_response = upstream.send(environ["REQUEST_METHOD"], target, outgoing, body, chunked=chunked)
     response_headers = filter_response_headers(
         upstream_response.headers.items(), protected_cookies=protected_cookies
     )
@@ -69,7 +71,7 @@ def forward(
     )
 
 
-def _forwarded_values(environ: dict[str, str]) -> dict[str, str]:
+def _forwarded_values(environ: dict[str, Any]) -> dict[str, str]:
     return {
         "for": environ.get("HTTP_X_FORWARDED_FOR", ""),
         "proto": environ.get("HTTP_X_FORWARDED_PROTO", ""),
