@@ -15,7 +15,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import Load, median_load, nginx_argv, print_table, wrk
+from common import REPO, Load, median_load, nginx_argv, print_table, wrk
 
 from gateway.identity import Identity, LoginMethod
 from gateway.proxy.assertion import generate_key_file
@@ -37,6 +37,7 @@ rules:
     login: { professions: [10] }
 """
 WORKERS, THREADS = 2, 16
+GATEWAY_WORKER = "gateway.server.LingeringThreadWorker"
 
 
 def main() -> int:
@@ -112,8 +113,15 @@ def start_everything(stack: contextlib.ExitStack, directory: Path) -> tuple[dict
     here = str(Path(__file__).parent)
     naive = gunicorn_argv(naive_port, WORKERS, THREADS, app="naive_proxy:app", chdir=here)
     stack.enter_context(running(naive, naive_port, env={"NAIVE_UPSTREAM": upstream, "PATH": "/usr/bin:/bin"}))
-    minimal = gunicorn_argv(minimal_port, WORKERS, THREADS, app="minimal_proxy:app", chdir=here)
-    env = {"MINIMAL_UPSTREAM": f"127.0.0.1:{upstream_port}", "PATH": "/usr/bin:/bin"}
+    # The floor runs under the very server the gateway uses: the difference is the gateway's own work.
+    minimal = gunicorn_argv(
+        minimal_port, WORKERS, THREADS, app="minimal_proxy:app", chdir=here, worker_class=GATEWAY_WORKER
+    )
+    env = {
+        "MINIMAL_UPSTREAM": f"127.0.0.1:{upstream_port}",
+        "PATH": "/usr/bin:/bin",
+        "PYTHONPATH": str(REPO),
+    }
     stack.enter_context(running(minimal, minimal_port, env=env))
     store = RedisSessionStore(redis.url)
     identity = Identity("810001234567", LoginMethod.CARD, time.time(), professions=("10",), auth_mode="CARD")

@@ -29,6 +29,11 @@ def granian_argv(port: int, threads: int = 16) -> list[str]:
     ]  # fmt: skip
 
 
+def lingering_argv(port: int) -> list[str]:
+    """gunicorn with the gateway's worker class (gthread whose threads linger on kept-alive connections)."""
+    return gunicorn_argv(port, worker_class="gateway.server.LingeringThreadWorker")
+
+
 def raw_target_seen(port: int) -> str:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/echo/a%2Fb", timeout=5) as answer:
         seen = json.load(answer)
@@ -40,7 +45,11 @@ def main() -> int:
     parser.add_argument("--seconds", type=int, default=4)
     parser.add_argument("--runs", type=int, default=3)
     args = parser.parse_args()
-    servers = {"gunicorn gthread": gunicorn_argv, "granian": granian_argv}
+    servers = {
+        "gunicorn gthread": gunicorn_argv,
+        "gunicorn, gateway's worker": lingering_argv,
+        "granian": granian_argv,
+    }
     throughput: dict[str, list[Load]] = {name: [] for name in servers}
     latency: dict[str, list[Load]] = {name: [] for name in servers}
     with contextlib.ExitStack() as stack:

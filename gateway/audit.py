@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import enum
 import fcntl
+import functools
 import hashlib
 import io
 import json
@@ -64,6 +65,7 @@ class AuditError(Exception):
     code = "audit_error"
 
 
+@functools.lru_cache(maxsize=4096)  # records reuse a handful of field names
 def is_secret_key(key: str) -> bool:
     """True for keys that name a secret: ``id_token``, ``idToken``, ``user_pin``, ``Set-Cookie``..."""
     words = [w for w in _WORD_SPLIT.split(_CAMEL.sub("_", key).lower()) if w]

@@ -86,11 +86,12 @@ def gunicorn_argv(
     threads: int = 16,
     app: str = "tests.support.upstream:app",
     chdir: str | None = None,
+    worker_class: str = "gthread",
 ) -> list[str]:
     """gunicorn (threaded workers, keep-alive) serving ``app`` on 127.0.0.1:``port``."""
     where = ["--chdir", chdir] if chdir else []
     return [
-        sys.executable, "-m", "gunicorn", "--no-control-socket", "-k", "gthread",
+        sys.executable, "-m", "gunicorn", "--no-control-socket", "-k", worker_class,
         "--workers", str(workers), "--threads", str(threads), "--bind", f"127.0.0.1:{port}",
         "--keep-alive", "75", *where, app,
     ]  # fmt: skip
