@@ -1,4 +1,4 @@
-"""The floor: a WSGI proxy with no logic at all (urllib3 pool, buffered), under the gateway's gunicorn settings.
+"""The floor: a WSGI proxy with no logic at all (urllib3 pool, buffered), under the gateway's server and worker.
 
 What the gateway adds beyond this is the cost of its own work: normalisation, policy, session, audit,
 assertion, header rules, streaming.

@@ -1,4 +1,4 @@
-"""The WSGI server choice: gunicorn (gthread) vs granian, same app, same load, interleaved runs.
+"""The WSGI server choice: gunicorn (gthread, and the gateway's worker class) vs granian, same app and load.
 
     .venv/bin/python bench/servers.py [--seconds 4] [--runs 3]
 
