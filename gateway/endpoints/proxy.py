@@ -1,7 +1,7 @@
 """Everything outside /.gateway/: judged by the policies, then forwarded to the portal or refused.
 
 This is plain WSGI in front of the Flask app, not a Flask view: on the path every portal request takes,
-Flask's request context, routing and flask-limiter's hooks cost about 0.15 ms of CPU per request (README,
+Flask's request context, routing and flask-limiter's hooks cost about 0.3 ms of CPU per request (README,
 "Performance"). Refusals, rare by comparison, are rendered inside a Flask request context like every other
 page; the gateway's own routes (/.gateway/...) and malformed request targets go to Flask untouched.
 """
