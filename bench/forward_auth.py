@@ -7,7 +7,8 @@ Both setups are measured 3 times, interleaved, and the medians printed with the 
 The route is authenticated, without quota (``/patients/<id>``, GET): after the first request of a
 session nginx answers from its few-second decision cache, which is what the target (>= 50% of plain
 nginx throughput) relies on. A second line measures the same route with the cache disabled (every request
-asks the gateway) to show what the cache buys.
+asks the gateway) to show what the cache buys. A last table gives p50 at one connection, added over the
+portal reached directly (the latency budget of the issue).
 """
 
 from __future__ import annotations
@@ -55,7 +56,8 @@ server {
 
 
 def wrk(url: str, *, seconds: int, connections: int, headers: dict[str, str]) -> Load:
-    return common_wrk(url, seconds=seconds, connections=connections, threads=2, headers=headers)
+    threads = min(2, connections)
+    return common_wrk(url, seconds=seconds, connections=connections, threads=threads, headers=headers)
 
 
 def main() -> int:
@@ -110,7 +112,9 @@ def main() -> int:
             "nginx forward-auth (decision cache)": cached.base_url + ROUTE,
             "nginx forward-auth (no cache)": uncached.base_url + ROUTE,
         }
+        direct = f"http://{portal}{ROUTE}"
         runs: dict[str, list[Load]] = {name: [] for name in targets}
+        one: dict[str, list[Load]] = {name: [] for name in ["portal, direct", *targets]}
         for url in targets.values():  # warm-up: connections, workers, caches
             wrk(url, seconds=1, connections=args.connections, headers=headers)
         for _ in range(args.rounds):
@@ -118,6 +122,8 @@ def main() -> int:
                 runs[name].append(
                     wrk(url, seconds=args.seconds, connections=args.connections, headers=headers)
                 )
+            for name, url in [("portal, direct", direct), *targets.items()]:
+                one[name].append(wrk(url, seconds=args.seconds, connections=1, headers=headers))
 
     results = {name: median(loads) for name, loads in runs.items()}
     baseline = results["nginx plain proxy"]
@@ -129,6 +135,12 @@ def main() -> int:
         print(
             f"{name:<40}{load.requests_per_second:>10.0f}{load.p50_ms:>9.2f}{load.p99_ms:>9.2f}{ratio:>9.2f}"
         )
+    latency = {name: median(loads) for name, loads in one.items()}
+    floor = latency["portal, direct"].p50_ms
+    print(f"\none connection (wrk -t1 -c1), median of {args.rounds} interleaved runs")
+    print(f"{'setup':<40}{'p50 ms':>9}{'p99 ms':>9}{'added p50':>11}")
+    for name, load in latency.items():
+        print(f"{name:<40}{load.p50_ms:>9.2f}{load.p99_ms:>9.2f}{load.p50_ms - floor:>+11.2f}")
     return 0
 
 
