@@ -52,7 +52,6 @@ def create_app(
 
     app.register_blueprint(pages.blueprint())
     app.register_blueprint(operations.blueprint())
-    app.register_blueprint(forward_auth.blueprint())
     app.register_blueprint(logout.blueprint())
     limiter = build_limiter(app, settings.limits_storage, lambda: client_ip(gateway_of()), key_prefix="gw:rl")
     app.extensions[_LIMITER] = limiter
@@ -75,8 +74,10 @@ def create_app(
     app.register_error_handler(429, _too_many_requests)
     app.before_request(_refuse_bad_target)
     app.register_error_handler(Exception, unexpected_error)
-    # Portal requests never enter Flask (see endpoints/proxy.py); both see the one normalised target.
-    app.wsgi_app = NormalisedTargetMiddleware(ProxyApp(app, app.wsgi_app))  # type: ignore[method-assign]
+    # Portal requests and forward-auth decisions never enter Flask (see endpoints/proxy.py); all see the one
+    # normalised target.
+    hot_paths = ProxyApp(app, app.wsgi_app, hot_routes={forward_auth.AUTH_PATH: forward_auth.decide})
+    app.wsgi_app = NormalisedTargetMiddleware(hot_paths)  # type: ignore[method-assign]
     return app
 
 

@@ -12,18 +12,18 @@ from __future__ import annotations
 
 from typing import Any
 
-from flask import Blueprint, Response, request
+from werkzeug.wrappers import Response
 
 from gateway.access import Access, check_access
-from gateway.endpoints.proxy import ALL_METHODS
 from gateway.policy.decision import Outcome, Reason
 from gateway.policy.paths import BadPath, normalise_target
 from gateway.proxy.forward import identity_headers
 from gateway.proxy.headers import in_networks
 from gateway.responses import login_link
-from gateway.runtime import GATEWAY_PREFIX, Gateway, audit_event, gateway_of, peer
+from gateway.runtime import GATEWAY_PREFIX, Gateway, audit_request_event, peer_of
 from gateway.wsgi import normalise_host
 
+AUTH_PATH = GATEWAY_PREFIX + "/auth"
 ORIGINAL_METHOD = "X-Original-Method"
 ORIGINAL_URI = "X-Original-URI"
 #: "1" when nginx may cache this answer for a few seconds: allowed, and the rule counts no quota (a cached
@@ -31,31 +31,23 @@ ORIGINAL_URI = "X-Original-URI"
 CACHEABLE = "X-Gateway-Cacheable"
 
 
-def blueprint() -> Blueprint:
-    forward_auth = Blueprint("gateway_forward_auth", __name__, url_prefix=GATEWAY_PREFIX)
-    # Any method: nginx sends the sub-request with the original one unless told `proxy_method GET`.
-    forward_auth.add_url_rule(
-        "/auth", "auth", auth_view, methods=ALL_METHODS, provide_automatic_options=False
-    )
-    return forward_auth
-
-
-def auth_view() -> Response:
-    gateway = gateway_of()
-    if not in_networks(peer(), gateway.settings.forward_auth.trusted_nginx):
-        return _untrusted_peer(gateway)
-    method = (request.headers.get(ORIGINAL_METHOD) or "GET").upper()
-    raw_uri = request.headers.get(ORIGINAL_URI, "")
+def decide(gateway: Gateway, environ: dict[str, Any]) -> Response:
+    """The answer to one nginx sub-request. Plain WSGI like the proxy (endpoints/proxy.py dispatches here):
+    routes with a quota ask on every request."""
+    if not in_networks(peer_of(environ), gateway.settings.forward_auth.trusted_nginx):
+        return _untrusted_peer(gateway, environ)
+    method = (environ.get("HTTP_X_ORIGINAL_METHOD") or "GET").upper()
+    raw_uri = environ.get("HTTP_X_ORIGINAL_URI", "")
     try:
         target = normalise_target(raw_uri)
     except BadPath as exc:
-        _audit_refusal(gateway, "bad_request", Reason.BAD_REQUEST_PATH, detail=str(exc))
+        _audit_refusal(gateway, environ, "bad_request", Reason.BAD_REQUEST_PATH, detail=str(exc))
         return _answer(400, Reason.BAD_REQUEST_PATH)
-    host = normalise_host(request.headers.get("X-Forwarded-Host") or request.headers.get("Host", ""))
+    host = normalise_host(environ.get("HTTP_X_FORWARDED_HOST") or environ.get("HTTP_HOST", ""))
     if host is None:
-        _audit_refusal(gateway, "bad_request", Reason.BAD_HOST, host=request.headers.get("Host", ""))
+        _audit_refusal(gateway, environ, "bad_request", Reason.BAD_HOST, host=environ.get("HTTP_HOST", ""))
         return _answer(400, Reason.BAD_HOST)
-    access = check_access(gateway, request.environ, method, host, target)
+    access = check_access(gateway, environ, method, host, target)
     if access.decision.allowed:
         return _allowed(gateway, access)
     if access.decision.outcome is Outcome.LOGIN:
@@ -81,13 +73,9 @@ def _allowed(gateway: Gateway, access: Access) -> Response:
     return response
 
 
-def _untrusted_peer(gateway: Gateway) -> Response:
-    _audit_refusal(
-        gateway,
-        "spoofed_header",
-        Reason.SPOOFED_HEADER,
-        headers=sorted(h for h in (ORIGINAL_METHOD, ORIGINAL_URI) if h in request.headers),
-    )
+def _untrusted_peer(gateway: Gateway, environ: dict[str, Any]) -> Response:
+    sent = [name for name in (ORIGINAL_METHOD, ORIGINAL_URI) if _environ_key(name) in environ]
+    _audit_refusal(gateway, environ, "spoofed_header", Reason.SPOOFED_HEADER, headers=sorted(sent))
     return _answer(403, Reason.SPOOFED_HEADER)
 
 
@@ -100,5 +88,11 @@ def _answer(status: int, reason: Reason) -> Response:
     return response
 
 
-def _audit_refusal(gateway: Gateway, event: str, reason: Reason, **fields: Any) -> None:
-    audit_event(gateway, event, decision="deny", reasons=[reason.value], **fields)
+def _audit_refusal(
+    gateway: Gateway, environ: dict[str, Any], event: str, reason: Reason, **fields: Any
+) -> None:
+    audit_request_event(gateway, environ, event, decision="deny", reasons=[reason.value], **fields)
+
+
+def _environ_key(header: str) -> str:
+    return "HTTP_" + header.upper().replace("-", "_")

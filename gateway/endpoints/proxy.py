@@ -3,13 +3,14 @@
 This is plain WSGI in front of the Flask app, not a Flask view: on the path every portal request takes,
 Flask's request context, routing and flask-limiter's hooks cost about 0.3 ms of CPU per request (README,
 "Performance"). Refusals, rare by comparison, are rendered inside a Flask request context like every other
-page; the gateway's own routes (/.gateway/...) and malformed request targets go to Flask untouched.
+page. The gateway's own routes (/.gateway/...) and malformed request targets go to Flask untouched, except
+the few named in ``hot_routes`` (the forward-auth decision, asked on every request nginx forwards).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from functools import partial
 from typing import Any
 
@@ -26,6 +27,7 @@ from gateway.proxy.headers import filter_request_headers, in_networks
 from gateway.proxy.upstream import UpstreamError
 from gateway.runtime import (
     GATEWAY_PREFIX,
+    Gateway,
     audit_request_event,
     gateway_of,
     peer_of,
@@ -42,22 +44,38 @@ ALL_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
 _OWN_PATHS = GATEWAY_PREFIX + "/"
 
 
-class ProxyApp:
-    """WSGI: portal requests are decided and forwarded here; the rest goes to ``gateway_routes`` (Flask)."""
+#: A /.gateway/ route answered without Flask: (gateway, environ) -> response.
+HotRoute = Callable[[Gateway, dict[str, Any]], Response]
 
-    def __init__(self, app: Flask, gateway_routes: WsgiApp) -> None:
+
+class ProxyApp:
+    """WSGI: portal requests are decided and forwarded here, ``hot_routes`` answered; the rest goes to
+    ``gateway_routes`` (Flask)."""
+
+    def __init__(
+        self, app: Flask, gateway_routes: WsgiApp, *, hot_routes: Mapping[str, HotRoute] | None = None
+    ) -> None:
         self.app = app
         self.gateway_routes = gateway_routes
         self.gateway = gateway_of(app)
+        self.hot_routes = dict(hot_routes or {})
 
     def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
         target = environ.get(TARGET_KEY)
-        if target is None or target.decoded_path.startswith(_OWN_PATHS):
+        if target is None:
             return self.gateway_routes(environ, start_response)
+        answer: Callable[[], Response]
+        if target.decoded_path.startswith(_OWN_PATHS):
+            hot_route = self.hot_routes.get(target.decoded_path)
+            if hot_route is None:
+                return self.gateway_routes(environ, start_response)
+            answer = partial(hot_route, self.gateway, environ)
+        else:
+            answer = partial(self._proxy, environ, target)
         if environ["REQUEST_METHOD"] not in ALL_METHODS:
             return MethodNotAllowed(valid_methods=ALL_METHODS)(environ, start_response)
         try:
-            response = self._proxy(environ, target)
+            response = answer()
         except Exception as exc:  # what Flask's error handler does for the gateway's own routes
             response = self._in_flask(environ, partial(unexpected_error, exc))
         return response(environ, start_response)
