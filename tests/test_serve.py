@@ -18,6 +18,7 @@ import requests
 
 from tests.support.config import TEST_POLICIES, write_config
 from tests.support.gateways import running_gateways, serve_argv
+from tests.support.metrics import metric_value
 from tests.support.processes import PYTHON, free_port, running
 from tests.support.redis import redis_server
 
@@ -81,15 +82,6 @@ def wait_until(condition: Callable[[], bool], timeout: float = 15.0) -> None:
         if time.monotonic() > deadline:
             raise TimeoutError("condition not met in time")
         time.sleep(0.05)
-
-
-def metric_value(text: str, name: str, **labels: str) -> float:
-    total = 0.0
-    for line in text.splitlines():
-        named = line.startswith((name + "{", name + " "))
-        if named and all(f'{k}="{v}"' in line for k, v in labels.items()):
-            total += float(line.rsplit(" ", 1)[1])
-    return total
 
 
 def test_metrics_are_served_on_their_own_listener_aggregated_over_workers(served: Served) -> None:

@@ -21,7 +21,8 @@ from gateway.devtools.pki import DevPki
 from gateway.pkcs11 import SOFTHSM_MODULE
 from tests.support.config import write_config
 from tests.support.gateways import serve_argv
-from tests.support.processes import free_port, running
+from tests.support.metrics import scraped_value
+from tests.support.processes import free_port, running, wait_for_port
 
 ENGINE = Path("/usr/lib/x86_64-linux-gnu/engines-3/pkcs11.so")
 NGINX_SOURCE_ADDRESS = "127.0.0.2"
@@ -33,6 +34,11 @@ class CardStack:
     card_origin: str  # nginx's card-login host
     audit_file: Path
     pki: DevPki
+    metrics_url: str
+
+    def login_attempts(self, outcome: str) -> float:
+        """gateway_login_attempts_total for card logins with this outcome (success or a reason code)."""
+        return scraped_value(self.metrics_url, "gateway_login_attempts_total", method="card", outcome=outcome)
 
     def audit(self) -> list[dict[str, Any]]:
         lines = self.audit_file.read_text().splitlines() if self.audit_file.exists() else []
@@ -67,7 +73,7 @@ def card_stack(
     work: Path, pki: DevPki, upstream_url: str, assertion_key: Path, limits: dict[str, Any] | None = None
 ) -> Iterator[CardStack]:
     """nginx (card host) + the gateway as real processes; login limits generous unless ``limits`` says so."""
-    gateway_port, nginx_port = free_port(), free_port()
+    gateway_port, nginx_port, metrics_port = free_port(), free_port(), free_port()
     card_origin = f"https://127.0.0.1:{nginx_port}"
     terminator = f"{NGINX_SOURCE_ADDRESS}/32"
     config = write_config(
@@ -78,6 +84,7 @@ def card_stack(
         extra={
             "server": {"tls_terminators": [terminator], "trusted_proxies": [terminator], "workers": 1},
             "card": card_settings(pki, card_origin),
+            "metrics": {"listen": f"127.0.0.1:{metrics_port}"},
             "limits": limits
             or {
                 "ban_after": 1000,
@@ -89,12 +96,21 @@ def card_stack(
     gateway_argv = serve_argv(config)
     (work / "nginx").mkdir()
     with (
-        running(gateway_argv, gateway_port, log=work / "gateway.log", env=softhsm_env(pki.base_dir)),
+        running(
+            gateway_argv, gateway_port, log=work / "gateway.log", env=softhsm_env(pki.base_dir)
+        ) as gateway,
         running(
             nginx_config(work / "nginx", pki, nginx_port, gateway_port), nginx_port, log=work / "nginx.log"
         ),
     ):
-        yield CardStack(f"http://127.0.0.1:{gateway_port}", card_origin, work / "gateway" / "audit.log", pki)
+        wait_for_port(metrics_port, gateway)  # the master opens it once its workers are up
+        yield CardStack(
+            f"http://127.0.0.1:{gateway_port}",
+            card_origin,
+            work / "gateway" / "audit.log",
+            pki,
+            f"http://127.0.0.1:{metrics_port}",
+        )
 
 
 def curl_with_card(

@@ -16,7 +16,8 @@ import requests
 
 from tests.support.config import write_config
 from tests.support.gateways import serve_argv
-from tests.support.processes import free_port, running
+from tests.support.metrics import scraped_value
+from tests.support.processes import free_port, running, wait_for_port
 from tests.support.psc import PscServer, running_psc
 
 CLIENT_ID = "gateway"
@@ -76,6 +77,11 @@ class EcpsWorld:
     gateway_url: str
     psc: PscServer
     directory: Path
+    metrics_url: str
+
+    def login_attempts(self, outcome: str) -> float:
+        """gateway_login_attempts_total for e-CPS logins with this outcome (success or a reason code)."""
+        return scraped_value(self.metrics_url, "gateway_login_attempts_total", method="ecps", outcome=outcome)
 
     def audit_events(self) -> list[dict[str, Any]]:
         lines = (self.directory / "audit.log").read_text(encoding="utf-8").splitlines()
@@ -93,7 +99,7 @@ def running_ecps_world(
 
     Login limits are generous unless ``limits`` says otherwise: these tests fail logins on purpose.
     """
-    gateway_port = free_port()
+    gateway_port, metrics_port = free_port(), free_port()
     gateway_url = f"http://127.0.0.1:{gateway_port}"
     client = {
         "client_id": CLIENT_ID,
@@ -111,6 +117,7 @@ def running_ecps_world(
             listen=f"127.0.0.1:{gateway_port}",
             extra={
                 "server": {"workers": 1, "threads": 8},
+                "metrics": {"listen": f"127.0.0.1:{metrics_port}"},
                 "limits": limits
                 or {
                     "ban_after": 1000,
@@ -134,8 +141,9 @@ def running_ecps_world(
             "TEST_LOGIN_COOKIE_SECRET": LOGIN_COOKIE_SECRET,
         }
         argv = serve_argv(config)
-        with running(argv, gateway_port, env=env, log=directory / "gateway.log"):
-            yield EcpsWorld(gateway_url=gateway_url, psc=psc, directory=config.parent)
+        with running(argv, gateway_port, env=env, log=directory / "gateway.log") as gateway:
+            wait_for_port(metrics_port, gateway)  # the master opens it once its workers are up
+            yield EcpsWorld(gateway_url, psc, config.parent, f"http://127.0.0.1:{metrics_port}")
 
 
 class Browser:
