@@ -6,7 +6,11 @@ from __future__ import annotations
 
 import base64
 import json
+import os
+import pty
+import select
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import quote
@@ -180,6 +184,53 @@ def test_challenge_login_with_the_cli_then_curl_with_the_cookie_jar(
         check=False,
     )
     assert json.loads(page.stdout)["headers"]["x-gateway-subject"] == idnat
+
+
+def test_pin_dash_asks_on_the_terminal_without_echo(
+    stack: CardStack, softhsm_cards: CardSet, tmp_path: Path
+) -> None:
+    argv = [
+        *(PYTHON, "-m", "gateway.cli", "card", "login", "--url", stack.gateway_url),
+        *("--token-label", "test-pharmacist-ec", "--pin", "-", "--cookie-jar", str(tmp_path / "jar.txt")),
+    ]
+    pid, terminal = pty.fork()  # the child gets the pseudo-terminal as its controlling terminal
+    if pid == 0:  # the child: become the CLI, never return into pytest
+        try:
+            os.chdir(REPO_ROOT)
+            os.execve(PYTHON, argv, softhsm_env(stack.pki.base_dir))  # noqa: S606 - an argv, no shell
+        finally:
+            os._exit(127)
+    try:
+        shown = _read_terminal(terminal, until=b"PIN of the card test-pharmacist-ec: ")
+        os.write(terminal, PIN.encode() + b"\n")
+        shown += _read_terminal(terminal)
+    finally:
+        _, status = os.waitpid(pid, 0)
+        os.close(terminal)
+    text = shown.decode(errors="replace")
+    assert os.waitstatus_to_exitcode(status) == 0, text
+    typed_line = text.split("PIN of the card test-pharmacist-ec: ", 1)[1].split("\n", 1)[0]
+    assert typed_line.strip() == "", f"the PIN was echoed: {typed_line!r}"
+    assert softhsm_cards["pharmacist-ec"].idnat in text
+
+
+def _read_terminal(terminal: int, until: bytes | None = None, timeout: float = 30.0) -> bytes:
+    """What the child writes to its terminal, up to ``until`` (or to its exit)."""
+    shown = b""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and (until is None or until not in shown):
+        ready, _, _ = select.select([terminal], [], [], 0.2)
+        if not ready:
+            continue
+        try:
+            chunk = os.read(terminal, 4096)
+        except OSError:  # EIO: the child closed the terminal (it exited)
+            break
+        if not chunk:
+            break
+        shown += chunk
+    assert until is None or until in shown, shown
+    return shown
 
 
 def signed_challenge(stack: CardStack, card: Card) -> dict[str, str]:
