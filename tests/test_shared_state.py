@@ -139,3 +139,25 @@ def test_breach_replay(gateways: list[str], redis: RedisServer, directory: Path)
     audit_log = directory / "audit.log"
     breaches = [json.loads(line) for line in audit_log.read_text().splitlines() if '"quota_breach"' in line]
     assert {b["idnat"] for b in breaches} >= {f"8100000{i:05d}" for i in range(BREACH_IDENTITIES)}
+
+
+def test_an_instance_that_cached_a_session_sees_its_revocation_within_the_cache_time(
+    tmp_path: Path, redis: RedisServer, upstream_url: str, assertion_key: Path
+) -> None:
+    extra = {
+        "server": {"workers": 1},
+        "sessions": {"store": redis.url, "local_cache_seconds": 1},
+        "policies": [str(REPO_ROOT / "policies")],
+    }
+    with running_gateways(
+        tmp_path, 1, upstream_url=upstream_url, assertion_key=assertion_key, extra=extra
+    ) as (url,):
+        record = f"{url}/patients/180017512345678"
+        session_id = stolen_session(redis, "810000000150")
+        assert get(record, session_id).status_code == 200  # the process now holds the session for 1 s
+        assert RedisSessionStore(redis.url).delete_all_for("810000000150") == 1
+        revoked = time.monotonic()
+        while get(record, session_id).status_code == 200:
+            assert time.monotonic() - revoked < 5, "the revocation never reached the instance"
+            time.sleep(0.05)
+        assert time.monotonic() - revoked < 1 + 0.75  # local_cache_seconds, plus a request's time
