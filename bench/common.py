@@ -8,10 +8,14 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
+
+from gateway.proxy.assertion import generate_key_file  # noqa: E402
+from tests.support.config import write_config  # noqa: E402
 
 _UNITS = {"us": 0.001, "ms": 1.0, "s": 1000.0}
 
@@ -96,6 +100,18 @@ def nginx_argv(directory: Path, port: int, upstream_port: int) -> list[str]:
     conf = directory / "nginx.conf"
     conf.write_text(NGINX_PROXY_CONF.format(dir=directory, port=port, upstream_port=upstream_port))
     return ["nginx", "-p", str(directory), "-c", str(conf), "-g", "daemon off;"]
+
+
+def gateway_config(directory: Path, upstream_url: str, redis_url: str, **options: Any) -> Path:
+    """Settings for a benchmarked gateway in ``directory/gateway``: a fresh assertion key, Redis sessions;
+    ``options`` as tests.support.config.write_config takes them."""
+    key = directory / "assertion.pem"
+    generate_key_file(key)
+    extra = options.pop("extra", {})
+    extra.setdefault("sessions", {}).setdefault("store", redis_url)
+    return write_config(
+        directory / "gateway", upstream_url=upstream_url, assertion_key=key, extra=extra, **options
+    )
 
 
 def print_table(title: str, rows: list[tuple[str, Load]], baselines: dict[str, Load]) -> None:

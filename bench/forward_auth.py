@@ -20,7 +20,7 @@ import time
 from contextlib import ExitStack
 from pathlib import Path
 
-from common import Load
+from common import Load, gateway_config
 from common import median_load as median
 from common import wrk as common_wrk
 
@@ -29,9 +29,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from gateway.identity import Identity, LoginMethod  # noqa: E402
-from gateway.proxy.assertion import generate_key_file  # noqa: E402
 from gateway.sessions import RedisSessionStore  # noqa: E402
-from tests.support.config import write_config  # noqa: E402
 from tests.support.gateways import serve_argv  # noqa: E402
 from tests.support.nginx import FORWARD_AUTH_TEMPLATE, running_nginx  # noqa: E402
 from tests.support.processes import free_port, running  # noqa: E402
@@ -74,16 +72,13 @@ def main() -> int:
         stack.enter_context(running(gunicorn_argv(upstream_port, workers=2), upstream_port))
         portal = f"127.0.0.1:{upstream_port}"
         redis = stack.enter_context(redis_server())
-        key = directory / "assertion-key.pem"
-        generate_key_file(key)
-        config = write_config(
-            directory / "gateway",
-            upstream_url=f"http://{portal}",
-            assertion_key=key,
+        config = gateway_config(
+            directory,
+            f"http://{portal}",
+            redis.url,
             listen=f"127.0.0.1:{gateway_port}",
             extra={
                 "server": {"workers": args.gateway_workers, "threads": 16},
-                "sessions": {"store": redis.url},
                 "forward_auth": {"trusted_nginx": ["127.0.0.1/32"]},
                 "audit": {"file": str(directory / "audit.log")},
             },

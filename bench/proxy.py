@@ -15,12 +15,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import REPO, Load, median_load, nginx_argv, print_table, wrk
+from common import REPO, Load, gateway_config, median_load, nginx_argv, print_table, wrk
 
 from gateway.identity import Identity, LoginMethod
-from gateway.proxy.assertion import generate_key_file
 from gateway.sessions import RedisSessionStore
-from tests.support.config import write_config
 from tests.support.gateways import serve_argv
 from tests.support.processes import free_port, running
 from tests.support.redis import redis_server
@@ -93,15 +91,13 @@ def start_everything(stack: contextlib.ExitStack, directory: Path) -> tuple[dict
     upstream = f"http://127.0.0.1:{upstream_port}"
     stack.enter_context(running(nginx_argv(directory / "nginx", nginx_port, upstream_port), nginx_port))
     redis = stack.enter_context(redis_server())
-    key = directory / "assertion.pem"
-    generate_key_file(key)
-    config = write_config(
-        directory / "gateway",
-        upstream_url=upstream,
-        assertion_key=key,
+    config = gateway_config(
+        directory,
+        upstream,
+        redis.url,
         policies=POLICIES,
         listen=f"127.0.0.1:{gateway_port}",
-        extra={"server": {"workers": WORKERS, "threads": THREADS}, "sessions": {"store": redis.url}},
+        extra={"server": {"workers": WORKERS, "threads": THREADS}},
     )
     stack.enter_context(
         running(
