@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -17,6 +16,7 @@ from gateway.policy.model import ResourceKey
 from gateway.policy.paths import normalise_target
 from gateway.runtime import gateway_of
 from gateway.settings import load_settings
+from tests.support.audit import audit_records
 from tests.support.config import write_config
 
 POLICIES = """\
@@ -47,8 +47,7 @@ def logged_in(app: Flask, idnat: str = "810001234567") -> FlaskClient:
 
 
 def audit(tmp_path: Path, event: str) -> list[dict]:
-    lines = (tmp_path / "audit.log").read_text().splitlines()
-    return [record for record in map(json.loads, lines) if record["event"] == event]
+    return audit_records(tmp_path / "audit.log", event)
 
 
 def test_distinct_records_stop_at_the_quota_and_the_session_is_revoked(app: Flask, tmp_path: Path) -> None:

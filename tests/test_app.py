@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -16,6 +15,7 @@ from gateway.app import create_app
 from gateway.identity import Identity, LoginMethod
 from gateway.runtime import gateway_of
 from gateway.settings import load_settings
+from tests.support.audit import audit_records
 from tests.support.config import write_config
 
 COOKIE = "__Host-gateway-session"
@@ -43,7 +43,7 @@ def login(app: Flask, client: FlaskClient, **fields: object) -> str:
 
 
 def audit_events(tmp_path: Path) -> list[dict]:
-    return [json.loads(line) for line in (tmp_path / "audit.log").read_text().splitlines()]
+    return audit_records(tmp_path / "audit.log")
 
 
 def test_public_route_is_forwarded(client: FlaskClient) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,6 +16,7 @@ from gateway.identity import Identity, LoginMethod
 from gateway.runtime import gateway_of
 from gateway.sessions import RedisSessionStore
 from gateway.settings import load_settings
+from tests.support.audit import audit_records
 from tests.support.config import TEST_POLICIES, write_config
 from tests.support.gateways import serve_argv
 from tests.support.nginx import FORWARD_AUTH_TEMPLATE, running_nginx
@@ -71,7 +71,7 @@ def ask(client: FlaskClient, uri: str, *, method: str = "GET", peer: str = NGINX
 
 
 def audit_events(tmp_path: Path) -> list[dict]:
-    return [json.loads(line) for line in (tmp_path / "audit.log").read_text().splitlines()]
+    return audit_records(tmp_path / "audit.log")
 
 
 def test_public_route_is_allowed_and_cacheable(app: Flask) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import http.client
-import json
 import os
 import signal
 import subprocess
@@ -16,6 +15,7 @@ from pathlib import Path
 import pytest
 import requests
 
+from tests.support.audit import audit_records
 from tests.support.config import TEST_POLICIES, write_config
 from tests.support.gateways import running_gateways, serve_argv
 from tests.support.metrics import metric_value
@@ -35,9 +35,7 @@ class Served:
     metrics_url: str
 
     def audit_events(self, event: str) -> list[dict]:
-        path = self.directory / "audit.log"
-        lines = path.read_text().splitlines() if path.exists() else []
-        return [record for record in map(json.loads, lines) if record["event"] == event]
+        return audit_records(self.directory / "audit.log", event)
 
     def master_pid(self) -> int:
         return int((self.directory / "gateway.pid").read_text().strip())

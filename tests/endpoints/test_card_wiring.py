@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,6 +16,7 @@ from gateway.config_source import ConfigErrors
 from gateway.devtools.pki import DevPki
 from gateway.runtime import gateway_of
 from gateway.settings import documented_keys, load_settings
+from tests.support.audit import audit_records
 from tests.support.card_stack import card_settings
 from tests.support.config import write_config
 from tests.support.pki import software_card
@@ -61,7 +61,7 @@ def _forwarded(pem: bytes) -> dict[str, str]:
 
 
 def _audit(tmp_path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in (tmp_path / "audit.log").read_text().splitlines()]
+    return audit_records(tmp_path / "audit.log")
 
 
 def test_every_card_key_is_documented() -> None:

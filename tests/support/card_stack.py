@@ -7,7 +7,6 @@ and trusted proxy: a request sent straight to the gateway from 127.0.0.1 is "not
 from __future__ import annotations
 
 import contextlib
-import json
 import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -19,6 +18,7 @@ from gateway.devtools.card_host import card_host_nginx_argv
 from gateway.devtools.cards import softhsm_env
 from gateway.devtools.pki import DevPki
 from gateway.pkcs11 import SOFTHSM_MODULE
+from tests.support.audit import audit_records
 from tests.support.config import write_config
 from tests.support.gateways import serve_argv
 from tests.support.metrics import scraped_value
@@ -41,8 +41,7 @@ class CardStack:
         return scraped_value(self.metrics_url, "gateway_login_attempts_total", method="card", outcome=outcome)
 
     def audit(self) -> list[dict[str, Any]]:
-        lines = self.audit_file.read_text().splitlines() if self.audit_file.exists() else []
-        return [json.loads(line) for line in lines]
+        return audit_records(self.audit_file)
 
 
 def card_settings(pki: DevPki, login_origin: str) -> dict[str, Any]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -14,6 +13,7 @@ from urllib.parse import urljoin
 
 import requests
 
+from tests.support.audit import audit_records
 from tests.support.config import write_config
 from tests.support.gateways import serve_argv
 from tests.support.metrics import scraped_value
@@ -84,8 +84,7 @@ class EcpsWorld:
         return scraped_value(self.metrics_url, "gateway_login_attempts_total", method="ecps", outcome=outcome)
 
     def audit_events(self) -> list[dict[str, Any]]:
-        lines = (self.directory / "audit.log").read_text(encoding="utf-8").splitlines()
-        return [json.loads(line) for line in lines]
+        return audit_records(self.directory / "audit.log")
 
     def last_audit(self, event: str) -> dict[str, Any]:
         return next(e for e in reversed(self.audit_events()) if e["event"] == event)
