@@ -23,6 +23,7 @@ from gateway.authn.card.challenge import challenge_message
 from gateway.devtools.cards import Card, softhsm_env
 from gateway.devtools.pki import DevPki
 from tests.support.card_stack import CardStack, card_stack, curl_with_card
+from tests.support.metrics import login_attempts
 from tests.support.processes import PYTHON, REPO_ROOT
 from tests.support.softhsm import PIN, CardSet
 
@@ -73,10 +74,10 @@ def _events(stack: CardStack, event: str) -> list[dict[str, object]]:
 def test_card_login_on_the_card_host_opens_a_session_on_the_main_host(
     stack: CardStack, softhsm_cards: CardSet, tmp_path: Path
 ) -> None:
-    successes = stack.login_attempts("success")
+    successes = login_attempts(stack.metrics_url, "card", "success")
     status, location, _ = _card_host_login(stack, "test-doctor", tmp_path)
     assert status == 303
-    assert stack.login_attempts("success") == successes + 1
+    assert login_attempts(stack.metrics_url, "card", "success") == successes + 1
     assert location.startswith(f"{stack.gateway_url}/.gateway/card/complete?handoff=")
     assert location.endswith(f"&next={CARD_ROUTE}")
 
@@ -111,10 +112,10 @@ def test_card_login_on_the_card_host_opens_a_session_on_the_main_host(
 def test_refused_cards_get_the_precise_reason_and_an_audit_record(
     stack: CardStack, softhsm_cards: CardSet, tmp_path: Path, card: str, reason: str, status: int
 ) -> None:
-    refusals = stack.login_attempts(reason)
+    refusals = login_attempts(stack.metrics_url, "card", reason)
     got_status, location, headers = _card_host_login(stack, f"test-{card}", tmp_path)
     assert (got_status, headers.get("x-gateway-reason")) == (status, reason)
-    assert stack.login_attempts(reason) == refusals + 1
+    assert login_attempts(stack.metrics_url, "card", reason) == refusals + 1
     assert location == "" and "set-cookie" not in headers
     serial = format(softhsm_cards[card].certificate.serial_number, "X")
     denied = [e for e in _events(stack, "login") if e.get("card_serial") == serial]

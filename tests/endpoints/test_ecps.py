@@ -20,6 +20,7 @@ from tests.support.ecps import (
     EcpsWorld,
     running_ecps_world,
 )
+from tests.support.metrics import login_attempts
 from tests.support.psc import query_of
 
 
@@ -68,10 +69,10 @@ def assert_refused(answer: requests.Response, status: int, reason: str, text: st
 
 def test_login_reaches_the_protected_page_with_the_identity(world: EcpsWorld) -> None:
     browser = Browser()
-    successes = world.login_attempts("success")
+    successes = login_attempts(world.metrics_url, "ecps", "success")
     page = log_in(world, browser, "/echo/protected/dossier?x=1")
     assert page.status_code == 200
-    assert world.login_attempts("success") == successes + 1
+    assert login_attempts(world.metrics_url, "ecps", "success") == successes + 1
     echoed = page.json()
     assert echoed["path"] == "/echo/protected/dossier" and echoed["query"] == "x=1"
     assert echoed["headers"]["x-gateway-subject"] == DOCTOR
@@ -100,11 +101,11 @@ def test_open_redirects_are_refused(world: EcpsWorld) -> None:
 
 def test_user_refusing_on_the_phone(world: EcpsWorld) -> None:
     browser = Browser()
-    cancelled = world.login_attempts("login_cancelled")
+    cancelled = login_attempts(world.metrics_url, "ecps", "login_cancelled")
     callback = world.psc.refuse(start_login(world, browser, "/echo/protected/x"))
     assert_refused(browser.get(callback), 401, "login_cancelled", "Identification annulée")
     assert world.last_audit("login")["reasons"] == ["login_cancelled"]
-    assert world.login_attempts("login_cancelled") == cancelled + 1
+    assert login_attempts(world.metrics_url, "ecps", "login_cancelled") == cancelled + 1
 
 
 def test_replayed_callback_is_refused(world: EcpsWorld) -> None:

@@ -21,7 +21,6 @@ from gateway.pkcs11 import SOFTHSM_MODULE
 from tests.support.audit import audit_records
 from tests.support.config import write_config
 from tests.support.gateways import serve_argv
-from tests.support.metrics import scraped_value
 from tests.support.processes import free_port, running, wait_for_port
 
 ENGINE = Path("/usr/lib/x86_64-linux-gnu/engines-3/pkcs11.so")
@@ -35,10 +34,6 @@ class CardStack:
     audit_file: Path
     pki: DevPki
     metrics_url: str
-
-    def login_attempts(self, outcome: str) -> float:
-        """gateway_login_attempts_total for card logins with this outcome (success or a reason code)."""
-        return scraped_value(self.metrics_url, "gateway_login_attempts_total", method="card", outcome=outcome)
 
     def audit(self) -> list[dict[str, Any]]:
         return audit_records(self.audit_file)

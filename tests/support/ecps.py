@@ -16,7 +16,6 @@ import requests
 from tests.support.audit import audit_records
 from tests.support.config import write_config
 from tests.support.gateways import serve_argv
-from tests.support.metrics import scraped_value
 from tests.support.processes import free_port, running, wait_for_port
 from tests.support.psc import PscServer, running_psc
 
@@ -78,10 +77,6 @@ class EcpsWorld:
     psc: PscServer
     directory: Path
     metrics_url: str
-
-    def login_attempts(self, outcome: str) -> float:
-        """gateway_login_attempts_total for e-CPS logins with this outcome (success or a reason code)."""
-        return scraped_value(self.metrics_url, "gateway_login_attempts_total", method="ecps", outcome=outcome)
 
     def audit_events(self) -> list[dict[str, Any]]:
         return audit_records(self.directory / "audit.log")

@@ -17,3 +17,8 @@ def metric_value(text: str, name: str, **labels: str) -> float:
 
 def scraped_value(metrics_url: str, name: str, **labels: str) -> float:
     return metric_value(requests.get(metrics_url + "/metrics", timeout=5).text, name, **labels)
+
+
+def login_attempts(metrics_url: str, method: str, outcome: str) -> float:
+    """gateway_login_attempts_total for one login method (card, ecps) and outcome (success or a reason code)."""
+    return scraped_value(metrics_url, "gateway_login_attempts_total", method=method, outcome=outcome)
