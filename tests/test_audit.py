@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.audit import ZERO_HASH, AuditLog, is_secret_key, verify_audit_file
+from gateway.audit import ZERO_HASH, AuditLog, _sha256, canonical, is_secret_key, verify_audit_file
 from gateway.policy.decision import Reason
 from tests.support.processes import REPO_ROOT
 
@@ -38,6 +38,12 @@ def write_log(path: Path, count: int = 6) -> list[bytes]:
 
 def rewrite(path: Path, lines: list[bytes]) -> None:
     path.write_bytes(b"".join(lines))
+
+
+def resealed_line(record: dict) -> bytes:
+    """The line a forger would write: ``record`` with its own hash recomputed, as the log computes it."""
+    unsealed = {key: value for key, value in record.items() if key != "hash"}
+    return canonical({**unsealed, "hash": _sha256(canonical(unsealed))}) + b"\n"
 
 
 def test_records_have_the_documented_shape_and_the_chain_verifies(tmp_path: Path) -> None:
@@ -79,15 +85,9 @@ def test_edit_is_detected_on_the_edited_line(tmp_path: Path, line: int) -> None:
 
 
 def test_edit_with_recomputed_hash_is_detected_on_the_edited_line(tmp_path: Path) -> None:
-    from gateway.audit import _sha256, canonical
-
     log_path = tmp_path / "audit.jsonl"
     lines = write_log(log_path)
-    record = json.loads(lines[2])
-    record["idnat"] = "899999999999"
-    del record["hash"]
-    record["hash"] = _sha256(canonical(record))
-    lines[2] = canonical(record) + b"\n"
+    lines[2] = resealed_line({**json.loads(lines[2]), "idnat": "899999999999"})
     rewrite(log_path, lines)
     result = verify_audit_file(log_path)
     assert (result.first_broken_line, result.problem) == (3, "edited")
@@ -135,8 +135,6 @@ def test_reordering_is_detected(tmp_path: Path, first: int, second: int) -> None
 
 def test_forged_insertion_is_detected_on_the_inserted_line(tmp_path: Path) -> None:
     """The forger knows the format: right seq, right prev, valid own hash."""
-    from gateway.audit import _sha256, canonical
-
     log_path = tmp_path / "audit.jsonl"
     lines = write_log(log_path)
     forged = {
@@ -145,9 +143,7 @@ def test_forged_insertion_is_detected_on_the_inserted_line(tmp_path: Path) -> No
         "seq": 4,
         "prev": _sha256(lines[2].rstrip(b"\n")),
     }
-    del forged["hash"]
-    forged["hash"] = _sha256(canonical(forged))
-    lines.insert(3, canonical(forged) + b"\n")
+    lines.insert(3, resealed_line(forged))
     rewrite(log_path, lines)
     result = verify_audit_file(log_path)
     assert (result.first_broken_line, result.problem) == (4, "inserted")
@@ -155,14 +151,9 @@ def test_forged_insertion_is_detected_on_the_inserted_line(tmp_path: Path) -> No
 
 @pytest.mark.parametrize("seq", [99, 2])
 def test_insertion_with_any_sequence_number_is_detected(tmp_path: Path, seq: int) -> None:
-    from gateway.audit import _sha256, canonical
-
     log_path = tmp_path / "audit.jsonl"
     lines = write_log(log_path)
-    forged = {**json.loads(lines[2]), "seq": seq, "prev": "ab" * 32}
-    del forged["hash"]
-    forged["hash"] = _sha256(canonical(forged))
-    lines.insert(3, canonical(forged) + b"\n")
+    lines.insert(3, resealed_line({**json.loads(lines[2]), "seq": seq, "prev": "ab" * 32}))
     rewrite(log_path, lines)
     result = verify_audit_file(log_path)
     assert (result.first_broken_line, result.problem) == (4, "inserted")
