@@ -18,7 +18,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -31,11 +31,11 @@ from gateway.app import create_app
 from gateway.identity import Identity, LoginMethod
 from gateway.sessions import RedisSessionStore
 from gateway.settings import load_settings
+from gateway.wsgi import WsgiApp
 from tests.support.processes import free_port, running
 from tests.support.redis import redis_server
 from tests.support.upstream import gunicorn_argv
 
-WsgiApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
 RECORD = "/patients/180017512345678"
 
 
