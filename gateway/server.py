@@ -23,6 +23,7 @@ from typing import Any
 from flask import Flask
 from gunicorn.app.base import BaseApplication
 from gunicorn.arbiter import Arbiter
+from gunicorn.workers.base import Worker
 from gunicorn.workers.gthread import ThreadWorker
 
 from gateway.config_source import ConfigErrors
@@ -76,6 +77,14 @@ class LingeringThreadWorker(ThreadWorker):
         # Connections submitted to the pool and not yet picked up by a thread.
         self._queued = 0
         self._queued_lock = threading.Lock()
+
+    def handle_quit(self, sig: int, frame: Any) -> None:
+        # Ctrl-C / SIGQUIT. gthread's handler first calls the pool's shutdown(), which takes the pool's lock;
+        # when the signal lands while this (main) thread is inside submit() holding that lock, the worker
+        # deadlocks until the arbiter's SIGKILL (seen in tests/devtools/test_demo.py). The base handler only
+        # marks the worker stopped and exits; interpreter exit then shuts the pool down (and lingering
+        # threads stop as soon as they see ``alive`` false).
+        Worker.handle_quit(self, sig, frame)
 
     def enqueue_req(self, conn: Any) -> None:
         with self._queued_lock:
