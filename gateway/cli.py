@@ -287,7 +287,7 @@ def _settings_keys(args: argparse.Namespace) -> int:
 
 def _session_revoke(args: argparse.Namespace) -> int:
     from gateway.runtime import build_audit_log, build_session_store
-    from gateway.sessions import SessionStoreUnavailable
+    from gateway.sessions import SessionStoreUnavailable, idnat_tag
 
     settings = _load(args)
     if settings.sessions.store.startswith("memory://"):
@@ -297,7 +297,7 @@ def _session_revoke(args: argparse.Namespace) -> int:
         )
         return EXIT_USAGE
     try:
-        count = build_session_store(settings).delete_all_for(args.idnat)
+        count = build_session_store(settings).delete_tagged(idnat_tag(args.idnat))
     except SessionStoreUnavailable:
         print("the session store is unavailable: nothing was revoked", file=sys.stderr)
         return 1

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from flask import Response, request
@@ -23,18 +23,20 @@ def open_session(
     next_path: str,
     *,
     data: Mapping[str, str] | None = None,
+    tags: Iterable[str] = (),
     audit_fields: Mapping[str, Any] | None = None,
 ) -> tuple[Response, Session]:
     """Create the session (a NEW id: any previous one is discarded), set the cookie, go back to ``next_path``.
+    ``tags`` index the session for :meth:`SessionStore.delete_tagged` (the ``idnat:`` tag is always added).
 
     Raises SessionStoreUnavailable for the caller to render (fail closed).
     """
     now = time.time()
     old_id = request.cookies.get(gateway.settings.sessions.cookie_name)
     if old_id:
-        session = gateway.sessions.rotate(old_id, identity, now, data=dict(data or {}))
+        session = gateway.sessions.rotate(old_id, identity, now, data=dict(data or {}), tags=tags)
     else:
-        session = gateway.sessions.create(identity, now, dict(data or {}))
+        session = gateway.sessions.create(identity, now, dict(data or {}), tags)
     response = see_other(next_path)
     set_session_cookie(gateway, response, session.id)
     audit_event(

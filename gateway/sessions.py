@@ -6,6 +6,10 @@ app reads the cookie and passes ``now``; this module only keeps, expires and rot
 
 Session ids are secrets. They are never logged and never stored as such: the store key is the SHA-256 of
 the id, so a copy of the store (Redis dump, debugger) does not hand out live sessions.
+
+A session carries tags, and both stores index them so :meth:`SessionStore.delete_tagged` ends every live
+session with a tag at once: ``idnat:<idNat>`` (every session has it: log out everywhere), ``card:<...>`` (the
+card that opened it: revocation), ``psc-sid:<sid>`` and ``psc-sub:<sub>`` (PSC back-channel logout).
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ import json
 import math
 import secrets
 import threading
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import Any, Protocol
@@ -33,6 +37,25 @@ DEFAULT_ABSOLUTE_TIMEOUT = 4 * 3600.0
 DEFAULT_TOUCH_INTERVAL = 5.0
 #: Short socket timeouts: a stuck Redis must turn into a quick 503, not into hung gateway workers.
 DEFAULT_REDIS_TIMEOUT = 0.5
+
+IDNAT_TAG_PREFIX = "idnat:"
+PSC_SID_TAG_PREFIX = "psc-sid:"
+PSC_SUB_TAG_PREFIX = "psc-sub:"
+
+
+def idnat_tag(idnat: str) -> str:
+    """The tag every session of this professional carries (log out everywhere)."""
+    return IDNAT_TAG_PREFIX + idnat
+
+
+def psc_sid_tag(sid: str) -> str:
+    """The tag of the e-CPS sessions opened within one PSC session (back-channel logout by ``sid``)."""
+    return PSC_SID_TAG_PREFIX + sid
+
+
+def psc_sub_tag(sub: str) -> str:
+    """The tag of the e-CPS sessions of one PSC subject (back-channel logout without ``sid``)."""
+    return PSC_SUB_TAG_PREFIX + sub
 
 
 class SessionStoreUnavailable(Exception):
@@ -54,6 +77,8 @@ class Session:
     csrf_token: str = field(repr=False)
     #: Small string data the login flows need later, e.g. the PSC id_token (logout hint) and sid.
     data: Mapping[str, str] = field(default_factory=dict, repr=False)
+    #: Index entries for :meth:`SessionStore.delete_tagged`; always holds the identity's ``idnat:`` tag.
+    tags: frozenset[str] = frozenset()
 
     def to_json(self) -> str:
         """The stored form (no id: the key stands for it). JSON only, never pickle."""
@@ -64,6 +89,7 @@ class Session:
                 "last_seen": self.last_seen,
                 "csrf_token": self.csrf_token,
                 "data": dict(self.data),
+                "tags": sorted(self.tags),
             },
             separators=(",", ":"),
         )
@@ -78,6 +104,7 @@ class Session:
             last_seen=float(doc["last_seen"]),
             csrf_token=str(doc["csrf_token"]),
             data=MappingProxyType({str(k): str(v) for k, v in dict(doc.get("data", {})).items()}),
+            tags=frozenset(str(tag) for tag in doc.get("tags", ())),
         )
 
 
@@ -85,24 +112,39 @@ class SessionStore(Protocol):
     idle_timeout: float
     absolute_timeout: float
 
-    def create(self, identity: Identity, now: float, data: Mapping[str, str] | None = None) -> Session: ...
+    def create(
+        self,
+        identity: Identity,
+        now: float,
+        data: Mapping[str, str] | None = None,
+        tags: Iterable[str] = (),
+    ) -> Session:
+        """A new session with ``tags`` plus the identity's ``idnat:`` tag."""
+        ...
 
     def get(self, session_id: str, now: float) -> Session | None:
         """The live session, or None if unknown or expired (an expired one is deleted)."""
         ...
 
     def rotate(
-        self, session_id: str, identity: Identity, now: float, data: Mapping[str, str] | None = None
+        self,
+        session_id: str,
+        identity: Identity,
+        now: float,
+        data: Mapping[str, str] | None = None,
+        tags: Iterable[str] | None = None,
     ) -> Session:
         """A fresh session (new id, new csrf token, new lifetime) replacing ``session_id`` (at each login and
-        step-up, against session fixation). ``data=None`` carries the old session's data over; an unknown or
-        expired old id is fine (first login)."""
+        step-up, against session fixation). ``data=None`` and ``tags=None`` carry the old session's data and
+        tags over (the ``idnat:`` tag always follows ``identity``); an unknown or expired old id is fine
+        (first login)."""
         ...
 
     def delete(self, session_id: str) -> None: ...
 
-    def delete_all_for(self, idnat: str) -> int:
-        """Log a professional out everywhere; returns how many live sessions were deleted."""
+    def delete_tagged(self, tag: str) -> int:
+        """End every live session carrying ``tag`` (``delete_tagged(idnat_tag(idnat))`` logs a professional
+        out everywhere); returns how many were deleted."""
         ...
 
     def ping(self) -> None:
@@ -119,7 +161,7 @@ def _key_of(session_id: str) -> str:
 
 
 class _Timeouts:
-    """Timeout rules shared by both stores."""
+    """Timeout rules, and session making, shared by both stores."""
 
     def __init__(self, idle_timeout: float, absolute_timeout: float, touch_interval: float) -> None:
         if idle_timeout <= 0 or absolute_timeout <= 0:
@@ -146,7 +188,23 @@ class _Timeouts:
     def needs_touch(self, session: Session, now: float) -> bool:
         return now - session.last_seen >= self.touch_interval
 
-    def new_session(self, identity: Identity, now: float, data: Mapping[str, str] | None) -> Session:
+    def create(
+        self,
+        identity: Identity,
+        now: float,
+        data: Mapping[str, str] | None = None,
+        tags: Iterable[str] = (),
+    ) -> Session:
+        session = self.new_session(identity, now, data, tags)
+        self._insert(session, now)
+        return session
+
+    def _insert(self, session: Session, now: float) -> None:
+        raise NotImplementedError
+
+    def new_session(
+        self, identity: Identity, now: float, data: Mapping[str, str] | None, tags: Iterable[str]
+    ) -> Session:
         return Session(
             id=new_session_id(),
             identity=identity,
@@ -155,7 +213,31 @@ class _Timeouts:
             csrf_token=secrets.token_urlsafe(32),
             # Read-only view of a private copy: a frozen Session must not change under the caller's feet.
             data=MappingProxyType({str(k): str(v) for k, v in (data or {}).items()}),
+            tags=_tags_for(identity, tags),
         )
+
+    def successor(
+        self,
+        old: Session | None,
+        identity: Identity,
+        now: float,
+        data: Mapping[str, str] | None,
+        tags: Iterable[str] | None,
+    ) -> Session:
+        """The session replacing ``old`` (None: unknown or expired) at a rotation."""
+        if old is not None and self.expired(old, now):
+            old = None
+        if data is None:
+            data = old.data if old is not None else {}
+        if tags is None:
+            tags = old.tags if old is not None else ()
+        return self.new_session(identity, now, data, tags)
+
+
+def _tags_for(identity: Identity, tags: Iterable[str]) -> frozenset[str]:
+    # Another identity's idnat tag must not ride along a rotation: log-out-everywhere would end this session.
+    kept = {str(tag) for tag in tags if not str(tag).startswith(IDNAT_TAG_PREFIX)}
+    return frozenset({*kept, idnat_tag(identity.idnat)})
 
 
 class MemorySessionStore(_Timeouts):
@@ -173,18 +255,16 @@ class MemorySessionStore(_Timeouts):
         self._purge_interval = purge_interval
         self._lock = threading.Lock()
         self._sessions: dict[str, Session] = {}
-        self._by_idnat: dict[str, set[str]] = {}
+        self._by_tag: dict[str, set[str]] = {}
         self._last_purge = -math.inf
 
     def __len__(self) -> int:
         return len(self._sessions)
 
-    def create(self, identity: Identity, now: float, data: Mapping[str, str] | None = None) -> Session:
-        session = self.new_session(identity, now, data)
+    def _insert(self, session: Session, now: float) -> None:
         with self._lock:
             self._purge_if_due(now)
             self._put(session)
-        return session
 
     def get(self, session_id: str, now: float) -> Session | None:
         key = _key_of(session_id)
@@ -203,14 +283,16 @@ class MemorySessionStore(_Timeouts):
         return replace(session, id=session_id)
 
     def rotate(
-        self, session_id: str, identity: Identity, now: float, data: Mapping[str, str] | None = None
+        self,
+        session_id: str,
+        identity: Identity,
+        now: float,
+        data: Mapping[str, str] | None = None,
+        tags: Iterable[str] | None = None,
     ) -> Session:
-        old_key = _key_of(session_id)
         with self._lock:
-            old = self._remove(old_key)
-            if data is None and old is not None and not self.expired(old, now):
-                data = old.data
-            session = self.new_session(identity, now, data)
+            old = self._remove(_key_of(session_id))
+            session = self.successor(old, identity, now, data, tags)
             self._put(session)
         return session
 
@@ -218,9 +300,9 @@ class MemorySessionStore(_Timeouts):
         with self._lock:
             self._remove(_key_of(session_id))
 
-    def delete_all_for(self, idnat: str) -> int:
+    def delete_tagged(self, tag: str) -> int:
         with self._lock:
-            keys = list(self._by_idnat.get(idnat, ()))
+            keys = list(self._by_tag.get(tag, ()))
             return sum(1 for key in keys if self._remove(key) is not None)
 
     def ping(self) -> None:
@@ -236,16 +318,17 @@ class MemorySessionStore(_Timeouts):
         key = _key_of(session.id)
         # Keep only the key: the store never holds usable ids.
         self._sessions[key] = replace(session, id="")
-        self._by_idnat.setdefault(session.identity.idnat, set()).add(key)
+        for tag in session.tags:
+            self._by_tag.setdefault(tag, set()).add(key)
 
     def _remove(self, key: str) -> Session | None:
         session = self._sessions.pop(key, None)
-        if session is not None:
-            keys = self._by_idnat.get(session.identity.idnat)
+        for tag in session.tags if session is not None else ():
+            keys = self._by_tag.get(tag)
             if keys is not None:
                 keys.discard(key)
                 if not keys:
-                    del self._by_idnat[session.identity.idnat]
+                    del self._by_tag[tag]
         return session
 
     def _purge_if_due(self, now: float) -> None:
@@ -264,8 +347,8 @@ class RedisSessionStore(_Timeouts):
     """Sessions shared by every gateway process. Layout under ``key_prefix``:
 
     - ``s:<sha256(id)>``: the session as JSON, TTL = time left (min of idle and absolute limits);
-    - ``u:<idnat>``: set of session keys of one professional (log out everywhere), TTL = absolute timeout,
-      refreshed at each login; members whose session expired are harmless and cleaned on delete_all_for.
+    - ``t:<tag>``: set of the session keys carrying the tag, TTL = absolute timeout, refreshed at each login;
+      members whose session expired or was deleted are harmless (a session key is never reused).
 
     Any Redis error raises :class:`SessionStoreUnavailable`; the connection pool reconnects by itself on a
     later call once Redis is back.
@@ -297,21 +380,19 @@ class RedisSessionStore(_Timeouts):
     def _session_key(self, key: str) -> str:
         return f"{self._prefix}s:{key}"
 
-    def _index_key(self, idnat: str) -> str:
-        return f"{self._prefix}u:{idnat}"
+    def _tag_key(self, tag: str) -> str:
+        return f"{self._prefix}t:{tag}"
 
     def _ttl_ms(self, session: Session, now: float) -> int:
         return max(1, math.ceil(self.remaining(session, now) * 1000))
 
-    def create(self, identity: Identity, now: float, data: Mapping[str, str] | None = None) -> Session:
-        session = self.new_session(identity, now, data)
+    def _insert(self, session: Session, now: float) -> None:
         try:
             with self._redis.pipeline(transaction=True) as pipe:
                 self._queue_put(pipe, session, now)
                 pipe.execute()
         except redis.RedisError as exc:
             raise _unavailable(exc) from None
-        return session
 
     def get(self, session_id: str, now: float) -> Session | None:
         key = self._session_key(_key_of(session_id))
@@ -337,17 +418,22 @@ class RedisSessionStore(_Timeouts):
             raise _unavailable(exc) from None
 
     def rotate(
-        self, session_id: str, identity: Identity, now: float, data: Mapping[str, str] | None = None
+        self,
+        session_id: str,
+        identity: Identity,
+        now: float,
+        data: Mapping[str, str] | None = None,
+        tags: Iterable[str] | None = None,
     ) -> Session:
         old_key = _key_of(session_id)
         try:
-            old = self.get(session_id, now) if data is None else None
-            session = self.new_session(identity, now, old.data if old is not None else data)
+            old = self.get(session_id, now)
+            session = self.successor(old, identity, now, data, tags)
             # One MULTI/EXEC: other processes never see both ids live or neither.
             with self._redis.pipeline(transaction=True) as pipe:
                 pipe.delete(self._session_key(old_key))
-                if old is not None:
-                    pipe.srem(self._index_key(old.identity.idnat), old_key)
+                for tag in old.tags if old is not None else ():
+                    pipe.srem(self._tag_key(tag), old_key)
                 self._queue_put(pipe, session, now)
                 pipe.execute()
         except redis.RedisError as exc:
@@ -360,25 +446,26 @@ class RedisSessionStore(_Timeouts):
             raw = self._redis.get(self._session_key(key))
             with self._redis.pipeline(transaction=True) as pipe:
                 pipe.delete(self._session_key(key))
-                idnat = _idnat_of(raw)
-                if idnat:
-                    pipe.srem(self._index_key(idnat), key)
+                for tag in _tags_of(raw):
+                    pipe.srem(self._tag_key(tag), key)
                 pipe.execute()
         except redis.RedisError as exc:
             raise _unavailable(exc) from None
 
-    def delete_all_for(self, idnat: str) -> int:
-        index = self._index_key(idnat)
+    def delete_tagged(self, tag: str) -> int:
+        index = self._tag_key(tag)
         try:
             keys = [k.decode() if isinstance(k, bytes) else str(k) for k in self._redis.smembers(index)]
+            if not keys:
+                return 0
             with self._redis.pipeline(transaction=True) as pipe:
-                if keys:
-                    pipe.delete(*[self._session_key(k) for k in keys])
-                pipe.delete(index)
+                pipe.delete(*[self._session_key(k) for k in keys])
+                # SREM what was read, not DEL: a session tagged since the SMEMBERS keeps its index entry.
+                pipe.srem(index, *keys)
                 results = pipe.execute()
         except redis.RedisError as exc:
             raise _unavailable(exc) from None
-        return int(results[0]) if keys else 0
+        return int(results[0])
 
     def ping(self) -> None:
         try:
@@ -388,18 +475,19 @@ class RedisSessionStore(_Timeouts):
 
     def _queue_put(self, pipe: Any, session: Session, now: float) -> None:
         key = _key_of(session.id)
-        index = self._index_key(session.identity.idnat)
         pipe.set(self._session_key(key), session.to_json(), px=self._ttl_ms(session, now))
-        pipe.sadd(index, key)
-        # The index outlives every session it lists (each lives at most absolute_timeout from now).
-        pipe.pexpire(index, math.ceil(self.absolute_timeout * 1000))
+        for tag in session.tags:
+            index = self._tag_key(tag)
+            pipe.sadd(index, key)
+            # The index outlives every session it lists (each lives at most absolute_timeout from now).
+            pipe.pexpire(index, math.ceil(self.absolute_timeout * 1000))
 
 
-def _idnat_of(raw: Any) -> str:
+def _tags_of(raw: Any) -> list[str]:
     try:
-        return str(json.loads(raw)["identity"]["idnat"])
-    except (TypeError, ValueError, KeyError):
-        return ""
+        return [str(tag) for tag in json.loads(raw).get("tags", ())]
+    except (TypeError, ValueError, AttributeError):
+        return []
 
 
 def _unavailable(exc: Exception) -> SessionStoreUnavailable:
@@ -428,8 +516,14 @@ class CachedSessionStore:
         self._entries: dict[str, tuple[Session, float]] = {}
         self._lock = threading.Lock()
 
-    def create(self, identity: Identity, now: float, data: Mapping[str, str] | None = None) -> Session:
-        return self._inner.create(identity, now, data)
+    def create(
+        self,
+        identity: Identity,
+        now: float,
+        data: Mapping[str, str] | None = None,
+        tags: Iterable[str] = (),
+    ) -> Session:
+        return self._inner.create(identity, now, data, tags)
 
     def get(self, session_id: str, now: float) -> Session | None:
         entry = self._entries.get(session_id)
@@ -447,20 +541,25 @@ class CachedSessionStore:
         return session
 
     def rotate(
-        self, session_id: str, identity: Identity, now: float, data: Mapping[str, str] | None = None
+        self,
+        session_id: str,
+        identity: Identity,
+        now: float,
+        data: Mapping[str, str] | None = None,
+        tags: Iterable[str] | None = None,
     ) -> Session:
         self._forget(session_id)
-        return self._inner.rotate(session_id, identity, now, data)
+        return self._inner.rotate(session_id, identity, now, data, tags)
 
     def delete(self, session_id: str) -> None:
         self._forget(session_id)
         self._inner.delete(session_id)
 
-    def delete_all_for(self, idnat: str) -> int:
+    def delete_tagged(self, tag: str) -> int:
         with self._lock:
-            for key in [k for k, (s, _) in self._entries.items() if s.identity.idnat == idnat]:
+            for key in [k for k, (s, _) in self._entries.items() if tag in s.tags]:
                 del self._entries[key]
-        return self._inner.delete_all_for(idnat)
+        return self._inner.delete_tagged(tag)
 
     def ping(self) -> None:
         self._inner.ping()

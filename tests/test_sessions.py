@@ -17,6 +17,9 @@ from gateway.sessions import (
     RedisSessionStore,
     SessionStore,
     SessionStoreUnavailable,
+    idnat_tag,
+    psc_sid_tag,
+    psc_sub_tag,
 )
 from tests.support.redis import RedisServer, redis_server
 
@@ -151,14 +154,63 @@ def test_delete(store: SessionStore) -> None:
     store.delete(session.id)  # idempotent
 
 
-def test_delete_all_for_logs_out_everywhere_and_only_that_person(store: SessionStore) -> None:
+def test_the_idnat_tag_logs_out_everywhere_and_only_that_person(store: SessionStore) -> None:
     mine = [store.create(identity("810000000001"), T0) for _ in range(3)]
     rotated = store.rotate(mine[0].id, identity("810000000001"), T0 + 1)
     other = store.create(identity("810000000002"), T0)
-    assert store.delete_all_for("810000000001") == 3
+    assert store.delete_tagged(idnat_tag("810000000001")) == 3
     assert all(store.get(s.id, T0 + 2) is None for s in [*mine, rotated])
     assert store.get(other.id, T0 + 2) is not None
-    assert store.delete_all_for("810000000001") == 0
+    assert store.delete_tagged(idnat_tag("810000000001")) == 0
+
+
+def test_every_session_carries_its_idnat_tag_and_the_tags_it_was_given(store: SessionStore) -> None:
+    session = store.create(identity("810000000001"), T0, tags=[psc_sid_tag("s1"), psc_sub_tag("f:1")])
+    expected = {idnat_tag("810000000001"), psc_sid_tag("s1"), psc_sub_tag("f:1")}
+    assert session.tags == expected
+    got = store.get(session.id, T0 + 1)
+    assert got is not None and got.tags == expected
+
+
+def test_delete_tagged_ends_only_the_sessions_with_that_tag(store: SessionStore) -> None:
+    psc_a = [store.create(identity("810000000001"), T0, tags=[psc_sid_tag("a")]) for _ in range(2)]
+    psc_b = store.create(identity("810000000001"), T0, tags=[psc_sid_tag("b")])
+    card = store.create(identity("810000000001"), T0, tags=["card:00ff"])
+    assert store.delete_tagged(psc_sid_tag("a")) == 2
+    assert all(store.get(s.id, T0 + 1) is None for s in psc_a)
+    assert store.get(psc_b.id, T0 + 1) is not None
+    assert store.get(card.id, T0 + 1) is not None
+    assert store.delete_tagged(psc_sid_tag("a")) == 0
+    assert store.delete_tagged("card:00ff") == 1
+    assert store.delete_tagged(idnat_tag("810000000001")) == 1, "only psc_b is left"
+
+
+def test_rotation_carries_tags_over_or_replaces_them(store: SessionStore) -> None:
+    old = store.create(identity("810000000001"), T0, tags=["card:00ff"])
+    carried = store.rotate(old.id, identity("810000000001"), T0 + 1)
+    assert carried.tags == {idnat_tag("810000000001"), "card:00ff"}
+    assert store.delete_tagged("card:00ff") == 1
+    assert store.get(carried.id, T0 + 2) is None
+    again = store.create(identity("810000000001"), T0, tags=["card:00ff"])
+    replaced = store.rotate(again.id, identity("810000000001"), T0 + 1, data={}, tags=[psc_sid_tag("x")])
+    assert replaced.tags == {idnat_tag("810000000001"), psc_sid_tag("x")}
+    assert store.delete_tagged("card:00ff") == 0, "the rotated-away session left the card's index"
+    assert store.get(replaced.id, T0 + 2) is not None
+
+
+def test_a_rotation_to_another_identity_drops_the_old_idnat_tag(store: SessionStore) -> None:
+    old = store.create(identity("810000000001"), T0)
+    new = store.rotate(old.id, identity("810000000002"), T0 + 1)
+    assert new.tags == {idnat_tag("810000000002")}
+    assert store.delete_tagged(idnat_tag("810000000001")) == 0
+    assert store.get(new.id, T0 + 2) is not None
+
+
+def test_a_deleted_session_leaves_its_tags_indexes(store: SessionStore) -> None:
+    session = store.create(identity("810000000001"), T0, tags=["card:00ff"])
+    store.delete(session.id)
+    assert store.delete_tagged("card:00ff") == 0
+    assert store.delete_tagged(idnat_tag("810000000001")) == 0
 
 
 def test_ping(store: SessionStore) -> None:
@@ -172,7 +224,7 @@ def test_memory_store_purges_expired_entries() -> None:
     assert len(store) == 100
     store.create(identity(), T0 + 120)
     assert len(store) == 1
-    assert store.delete_all_for("810000000000") == 0
+    assert store.delete_tagged(idnat_tag("810000000000")) == 0
 
 
 def test_redis_keys_hold_no_session_id_and_json_only(redis_srv: RedisServer) -> None:
@@ -202,7 +254,7 @@ def test_redis_down_fails_closed_then_recovers_without_restart() -> None:
                 lambda: store.create(identity(), T0),
                 lambda: store.rotate(session.id, identity(), T0),
                 lambda: store.delete(session.id),
-                lambda: store.delete_all_for("810002813839"),
+                lambda: store.delete_tagged(idnat_tag("810002813839")),
                 store.ping,
             ):
                 with pytest.raises(SessionStoreUnavailable) as err:
@@ -262,7 +314,7 @@ def test_memory_store_is_thread_safe() -> None:
     for thread in threads:
         thread.join()
     assert len(store) == 800
-    assert sum(store.delete_all_for(f"81000000{n:04d}") for n in range(4)) == 800
+    assert sum(store.delete_tagged(idnat_tag(f"81000000{n:04d}")) for n in range(4)) == 800
     assert len(store) == 0
 
 
@@ -272,7 +324,7 @@ def test_local_cache_sees_other_instances_revocations_within_its_ttl(redis_srv: 
     elsewhere = RedisSessionStore(redis_srv.url, key_prefix=prefix)
     session = here.create(identity(), T0)
     assert here.get(session.id, T0 + 1) is not None  # read once: now cached
-    elsewhere.delete_all_for(session.identity.idnat)
+    elsewhere.delete_tagged(idnat_tag(session.identity.idnat))
     assert here.get(session.id, T0 + 1.5) is not None  # within the cache's second
     assert here.get(session.id, T0 + 2.1) is None  # past it: the revocation is seen
 
@@ -285,5 +337,5 @@ def test_local_cache_forgets_at_once_what_this_process_deletes(redis_srv: RedisS
     assert here.get(session.id, T0 + 0.1) is None
     again = here.create(identity(), T0)
     assert here.get(again.id, T0) is not None
-    here.delete_all_for(again.identity.idnat)
+    here.delete_tagged(idnat_tag(again.identity.idnat))
     assert here.get(again.id, T0 + 0.1) is None

@@ -11,7 +11,7 @@ import pytest
 import requests
 
 from gateway.identity import Identity, LoginMethod
-from gateway.sessions import RedisSessionStore
+from gateway.sessions import RedisSessionStore, idnat_tag
 from tests.support.gateways import running_gateways
 from tests.support.processes import REPO_ROOT
 from tests.support.redis import RedisServer
@@ -71,7 +71,7 @@ def test_a_session_is_valid_on_every_instance_and_logout_everywhere_ends_it(
     for url in gateways:
         answer = get(f"{url}/patients/180017512345678", session_id)
         assert answer.status_code == 200, answer.text
-    assert RedisSessionStore(redis.url).delete_all_for("810000000100") == 1
+    assert RedisSessionStore(redis.url).delete_tagged(idnat_tag("810000000100")) == 1
     for url in gateways:
         assert get(f"{url}/patients/180017512345678", session_id).status_code == 401
 
@@ -155,7 +155,7 @@ def test_an_instance_that_cached_a_session_sees_its_revocation_within_the_cache_
         record = f"{url}/patients/180017512345678"
         session_id = stolen_session(redis, "810000000150")
         assert get(record, session_id).status_code == 200  # the process now holds the session for 1 s
-        assert RedisSessionStore(redis.url).delete_all_for("810000000150") == 1
+        assert RedisSessionStore(redis.url).delete_tagged(idnat_tag("810000000150")) == 1
         revoked = time.monotonic()
         while get(record, session_id).status_code == 200:
             assert time.monotonic() - revoked < 5, "the revocation never reached the instance"

@@ -29,7 +29,7 @@ from gateway.runtime import (
     refuse,
     request_host,
 )
-from gateway.sessions import SessionStoreUnavailable
+from gateway.sessions import SessionStoreUnavailable, idnat_tag
 
 CALLBACK_PATH = "/ecps/callback"
 BACKCHANNEL_LOGOUT_PATH = "/ecps/backchannel-logout"
@@ -117,7 +117,7 @@ def backchannel_logout() -> Response:
         _audit_logout(gateway, None, "deny", Reason.TOKEN_INVALID.value, detail="logout token without sub")
         return _no_store(Response("", 400))
     try:
-        ended = gateway.sessions.delete_all_for(logout.idnat)
+        ended = gateway.sessions.delete_tagged(idnat_tag(logout.idnat))
     except SessionStoreUnavailable:
         # 503: PSC may deliver again; the session must not outlive the PSC session silently.
         _audit_logout(gateway, logout.idnat, "deny", Reason.SESSION_STORE_UNAVAILABLE.value)
