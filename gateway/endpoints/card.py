@@ -22,7 +22,7 @@ import redis
 from flask import Blueprint, Response, request
 
 from gateway import metrics
-from gateway.authn.card.certificate import CardError
+from gateway.authn.card.certificate import CardError, format_serial
 from gateway.authn.card.challenge import NonceStore, verify_challenge_login
 from gateway.authn.card.headers import client_certificate_from_headers
 from gateway.authn.card.verify import load_certificate
@@ -212,7 +212,7 @@ def _card_facts(certificate: bytes | str) -> dict[str, str]:
     try:
         parsed = load_certificate(certificate)
         return {
-            "card_serial": format(parsed.serial_number, "X"),
+            "card_serial": format_serial(parsed.serial_number),
             "card_issuer": parsed.issuer.rfc4514_string(),
         }
     except (CardError, ValueError):

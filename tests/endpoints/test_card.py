@@ -19,6 +19,7 @@ import pytest
 import requests
 
 from gateway import pkcs11 as tokens
+from gateway.authn.card.certificate import format_serial
 from gateway.authn.card.challenge import challenge_message
 from gateway.devtools.cards import Card, softhsm_env
 from gateway.devtools.pki import DevPki
@@ -117,7 +118,7 @@ def test_refused_cards_get_the_precise_reason_and_an_audit_record(
     assert (got_status, headers.get("x-gateway-reason")) == (status, reason)
     assert login_attempts(stack.metrics_url, "card", reason) == refusals + 1
     assert location == "" and "set-cookie" not in headers
-    serial = format(softhsm_cards[card].certificate.serial_number, "X")
+    serial = format_serial(softhsm_cards[card].certificate.serial_number)
     denied = [e for e in _events(stack, "login") if e.get("card_serial") == serial]
     assert denied and denied[-1]["decision"] == "deny" and denied[-1]["reasons"] == [reason]
     assert "IGC-SANTE" in str(denied[-1]["card_issuer"])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,7 @@ from flask import Flask
 from flask.testing import FlaskClient
 
 from gateway.app import create_app
+from gateway.authn.card.certificate import format_serial
 from gateway.config_source import ConfigErrors
 from gateway.devtools.pki import DevPki
 from gateway.runtime import gateway_of
@@ -19,6 +21,7 @@ from gateway.settings import documented_keys, load_settings
 from tests.support.audit import audit_records
 from tests.support.card_stack import card_settings
 from tests.support.config import write_config
+from tests.support.openssl_pki import OpensslPki, printed_serial
 from tests.support.pki import software_card
 
 CARD_ORIGIN = "https://card.example:8443"
@@ -177,7 +180,7 @@ def test_repeated_refused_cards_are_banned(
     banned = client.get("/.gateway/login/card", headers=headers)
     assert banned.status_code == 429 and int(banned.headers["Retry-After"]) > 800
     (ban,) = [event for event in _audit(tmp_path) if event["event"] == "ban"]
-    assert ban["banned_identity"] == format(expired.serial_number, "X")
+    assert ban["banned_identity"] == format_serial(expired.serial_number)
     gateway_of(app).crl_store.stop()  # type: ignore[union-attr]
 
 
@@ -196,3 +199,38 @@ def test_login_endpoints_are_rate_limited_per_ip(
     assert [event["endpoint"] for event in limited] == ["gateway_card.challenge"] * 2
     assert client.get("/hello").status_code == 200  # the portal's routes are not login endpoints
     gateway_of(app).crl_store.stop()  # type: ignore[union-attr]
+
+
+def test_audit_bans_and_sessions_print_serials_as_openssl_does(
+    tmp_path: Path, upstream_url: str, assertion_key: Path, own_tool_pki: OpensslPki
+) -> None:
+    # Serials with a leading zero nibble, from openssl: `E1530D2A...` for `0E1530D2A...` would send an
+    # operator grepping the audit for what `openssl x509 -serial` printed to nothing.
+    pki = own_tool_pki
+    revoked = pki.software_card("cps", "0x0E1530D2A1B2C3D4", tmp_path / "revoked.pem")
+    valid = pki.software_card("cps", "0x0B0C", tmp_path / "valid.pem")
+    pki.people.revoke(revoked)
+    pki.people.write_crl(pki.people_crl)
+    limits = {"ban_after": 2, "ban_window": "10m", "ban_duration": "15m"}
+    app = _app(tmp_path / "gw", upstream_url, assertion_key, pki.card_settings(CARD_ORIGIN), limits)
+    client = app.test_client()
+    try:
+        handoff = client.get("/.gateway/login/card", headers=_forwarded(valid.read_bytes()))
+        complete = client.get(handoff.headers["Location"].replace("http://127.0.0.1:8080", ""))
+        session_id = complete.headers["Set-Cookie"].split("=", 1)[1].split(";", 1)[0]
+        session = gateway_of(app).sessions.get(session_id, time.time())
+        refused = [
+            client.get("/.gateway/login/card", headers=_forwarded(revoked.read_bytes())) for _ in range(2)
+        ]
+        assert [r.headers["X-Gateway-Reason"] for r in refused] == ["card_revoked"] * 2
+    finally:
+        gateway_of(app).crl_store.stop()  # type: ignore[union-attr]
+    records = _audit(tmp_path / "gw")
+    denied = [e for e in records if e["event"] == "login" and e["decision"] == "deny"]
+    assert [e["card_serial"] for e in denied] == [printed_serial(revoked)] * 2 == ["0E1530D2A1B2C3D4"] * 2
+    assert all(printed_serial(revoked) in e["detail"] for e in denied)
+    (ban,) = [e for e in records if e["event"] == "ban"]
+    assert ban["banned_identity"] == printed_serial(revoked)
+    (allowed,) = [e for e in records if e["event"] == "login" and e["decision"] == "allow"]
+    assert allowed["card_serial"] == printed_serial(valid) == "0B0C"
+    assert session is not None and session.identity.card_serial == "0B0C"

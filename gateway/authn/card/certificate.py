@@ -36,6 +36,17 @@ PROFESSION_LABELS: dict[str, str] = PROFESSIONS
 _IDNAT = re.compile(r"^[0-9][0-9A-Za-z/]{1,63}$")
 
 
+def format_serial(serial: int) -> str:
+    """A certificate serial as openssl prints it (``openssl x509 -serial``): uppercase hex, whole bytes, so a
+    leading zero stays (``0E1530D2A1``, never ``E1530D2A1``), ``-`` before a negative one.
+
+    The ONE form of a serial in the audit, bans, sessions and logs: an operator can grep the audit for what
+    ``openssl x509 -noout -serial`` or ``openssl crl -text`` shows.
+    """
+    digits = format(abs(serial), "X")
+    return ("-" if serial < 0 else "") + digits.zfill(len(digits) + len(digits) % 2)
+
+
 def normalise_label(label: str) -> str:
     """Compare labels without accents, case, or hyphen/space differences ("sage femme" == "Sage-Femme")."""
     decomposed = unicodedata.normalize("NFKD", label)
@@ -112,7 +123,7 @@ def parse_card_certificate(certificate: x509.Certificate) -> CardHolder:
         surname = _single(subject, NameOID.SURNAME, "SN")
         given_name = _single(subject, NameOID.GIVEN_NAME, "GN")
         issuer = certificate.issuer.rfc4514_string()
-        serial_hex = format(certificate.serial_number, "X")
+        serial_hex = format_serial(certificate.serial_number)
         not_before, not_after = certificate.not_valid_before_utc, certificate.not_valid_after_utc
     except CardError:
         raise

@@ -30,7 +30,7 @@ from cryptography.x509.verification import (
     VerificationError,
 )
 
-from gateway.authn.card.certificate import CardError, parse_card_certificate
+from gateway.authn.card.certificate import CardError, format_serial, parse_card_certificate
 from gateway.identity import Identity, LoginMethod
 from gateway.policy.decision import Reason
 
@@ -376,7 +376,7 @@ class CardVerifier:
                     f"stale CRL of {issuer.subject.rfc4514_string()}: {snapshot.next_update:%Y-%m-%d %H:%M}Z",
                 )
             if subject.serial_number in snapshot.revoked_serials:
-                raise CardError(Reason.CARD_REVOKED, f"serial {subject.serial_number:X} revoked")
+                raise CardError(Reason.CARD_REVOKED, f"serial {format_serial(subject.serial_number)} revoked")
 
     def verify(self, certificate: x509.Certificate | bytes | str, now: datetime) -> Identity:
         """An :class:`Identity` for a trusted, valid, unrevoked card; :class:`CardError` otherwise."""

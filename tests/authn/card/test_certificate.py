@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from cryptography import x509
 from cryptography.x509.oid import NameOID
@@ -7,11 +9,13 @@ from cryptography.x509.oid import NameOID
 from gateway.authn.card.certificate import (
     PROFESSION_LABELS,
     CardError,
+    format_serial,
     parse_card_certificate,
     profession_code,
 )
 from gateway.devtools.pki import DevPki, card_subject
 from gateway.policy.decision import Reason
+from tests.support.openssl_pki import OpensslPki, printed_serial
 from tests.support.pki import custom_card, software_card
 
 
@@ -26,7 +30,7 @@ def test_current_card_with_multi_valued_rdn(dev_pki: DevPki) -> None:
     holder = parse_card_certificate(cert)
     assert (holder.idnat, holder.surname, holder.given_name) == ("810002813839", "DUPONT", "JEAN")
     assert holder.professions == ("10",)
-    assert holder.serial_hex == format(cert.serial_number, "X")
+    assert holder.serial_hex == format_serial(cert.serial_number)
     assert "TEST AC IGC-SANTE ELEMENTAIRE PERSONNES" in holder.issuer
     assert holder.not_after == cert.not_valid_after_utc
     assert not holder.is_staff_or_organisation
@@ -104,3 +108,16 @@ def test_malformed_subjects(dev_pki: DevPki, subject: x509.Name) -> None:
     with pytest.raises(CardError) as caught:
         parse_card_certificate(custom_card(dev_pki, subject))
     assert caught.value.reason is Reason.CARD_MALFORMED
+
+
+@pytest.mark.parametrize("serial", ["0x0E1530D2A1B2C3D4", "0x0A", "0x8A01", "0x7F", "0x00FF00", "0x01"])
+def test_serials_read_as_openssl_prints_them(tool_pki: OpensslPki, tmp_path: Path, serial: str) -> None:
+    # Leading zero kept, whole bytes, uppercase: what an operator greps for after `openssl x509 -serial`.
+    path = tool_pki.software_card("cps", serial, tmp_path / "card.pem")
+    certificate = x509.load_pem_x509_certificate(path.read_bytes())
+    assert parse_card_certificate(certificate).serial_hex == printed_serial(path)
+
+
+def test_zero_and_negative_serials_keep_openssl_form() -> None:
+    # What `openssl x509 -serial` printed for certificates made with -set_serial 0 and -set_serial -5.
+    assert (format_serial(0), format_serial(-5), format_serial(-0x1FF)) == ("00", "-05", "-01FF")
