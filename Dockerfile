@@ -18,6 +18,9 @@ RUN groupadd --system --gid 10001 gateway \
 WORKDIR /opt/gateway
 COPY pyproject.toml README.md ./
 COPY gateway ./gateway
+# gateway/default/policies and gateway/devtools/card-login.conf.template are symlinks into these two:
+COPY policies ./policies
+COPY deploy/nginx ./deploy/nginx
 RUN pip install . \
  && rm -rf /opt/gateway/build
 

@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import getpass
 import os
+import shutil
 import signal
 import sys
 import time
@@ -44,6 +45,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         for error in exc.errors:
             print(f"  {error}", file=sys.stderr)
+        if _uses_embedded_default(args) and any("not found" in error.message for error in exc.errors):
+            print(
+                f"The embedded default (the demo) reads its files from the working directory ({Path.cwd()}):"
+                f" run `{_command_name()} dev init` there first.",
+                file=sys.stderr,
+            )
         return EXIT_CONFIG_ERROR
     except KeyboardInterrupt:
         return 130
@@ -139,6 +146,25 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _uses_embedded_default(args: argparse.Namespace) -> bool:
+    config = getattr(args, "config", None)
+    return config is not None and config.resolve() == DEFAULT_SETTINGS_FILE.resolve()
+
+
+def _command_name() -> str:
+    """How to type this very ``gateway`` command here: its name if the shell finds it, else its path."""
+    script = Path(sys.argv[0])
+    found = shutil.which("gateway")
+    if script.name == "gateway" and found and Path(found).resolve() == script.resolve():
+        return "gateway"
+    installed = Path(sys.executable).parent / "gateway"
+    if not installed.exists():
+        return f"{sys.executable} -m gateway.cli"
+    with contextlib.suppress(ValueError):
+        return str(installed.relative_to(Path.cwd()))
+    return str(installed)
+
+
 def _config_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--config",
@@ -217,7 +243,7 @@ def _check(args: argparse.Namespace) -> int:
         with contextlib.suppress(ConfigErrors):
             settings = load_settings(args.config, require_files=False)
     loaded = None
-    if settings is not None:
+    if settings is not None and all(entry.exists() for entry in settings.policies):
         try:
             loaded = read_policies(settings)
         except ConfigErrors as exc:
@@ -326,11 +352,25 @@ def _dev_init(args: argparse.Namespace) -> int:
     from gateway.proxy.assertion import generate_key_file
 
     settings = load_settings(args.config, require_files=False)
+    for entry in settings.policies:
+        if not entry.exists():
+            _copy_example_policies(entry)
     generate_key_file(settings.assertion.key_file)
     print(f"assertion key: {settings.assertion.key_file}")
     if settings.card is not None:
         _dev_init_pki(settings.card.trust_anchors[0].parent)
     return EXIT_OK
+
+
+#: The example policies shipped in the package (policies/ of the source checkout).
+EXAMPLE_POLICIES = Path(__file__).parent / "default" / "policies"
+
+
+def _copy_example_policies(directory: Path) -> None:
+    directory.mkdir(parents=True)
+    for policy in sorted(EXAMPLE_POLICIES.glob("*.yaml")):
+        shutil.copyfile(policy, directory / policy.name)
+    print(f"example policies: {directory}")
 
 
 def _dev_init_pki(directory: Path) -> None:

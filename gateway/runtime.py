@@ -16,6 +16,7 @@ from gateway.authn.card.challenge import ChallengeIssuer, NonceStore
 from gateway.authn.card.setup import build_card_login, crls_ready
 from gateway.authn.card.verify import CardVerifier, CrlStore
 from gateway.authn.ecps import ProSanteConnect
+from gateway.config_source import ConfigError, ConfigErrors
 from gateway.identity import Identity
 from gateway.limits import STORAGE_ERRORS, LoginThrottle, QuotaGuard
 from gateway.policy.decision import Reason
@@ -73,7 +74,15 @@ class Gateway:
 
 
 def read_policies(settings: Settings) -> LoadedPolicies:
-    sources = {str(path): path.read_text(encoding="utf-8") for path in policy_files(settings)}
+    sources, errors = {}, []
+    for path in policy_files(settings):
+        try:
+            sources[str(path)] = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+            errors.append(ConfigError(str(path), None, "", f"cannot read the policy file: {reason}"))
+    if errors:
+        raise ConfigErrors(errors)
     return load_policies(sources)
 
 

@@ -1,7 +1,10 @@
 """Typed, frozen settings from one YAML file (+ ``${ENV}`` references), validated all at once.
 
 Every key is documented here field by field; README.md's configuration table is generated from the same
-descriptions (``gateway settings keys``). Relative paths are relative to the settings file.
+descriptions (``gateway settings keys``). Relative paths are relative to the settings file, except in the
+embedded default (the demo), whose paths are relative to the working directory: it runs from an installed
+package as well as from the source checkout, and keeps what it generates (``gateway dev init``: dev PKI,
+assertion key, example policies; the audit log) where it is run.
 """
 
 from __future__ import annotations
@@ -467,11 +470,11 @@ class Settings(_Section):
 
     @field_validator("policies", mode="after")
     @classmethod
-    def _policies(cls, value: list[Path]) -> list[Path]:
+    def _policies(cls, value: list[Path], info: pydantic.ValidationInfo) -> list[Path]:
         if not value:
             raise ValueError("name at least one policy file or directory")
         missing = [str(p) for p in value if not p.exists()]
-        if missing:
+        if missing and (info.context or {}).get("require_files", True):
             raise ValueError(f"not found: {', '.join(missing)}")
         return value
 
@@ -481,7 +484,7 @@ def load_settings(
 ) -> Settings:
     """Read, substitute ``${ENV}`` references, validate; raise ConfigErrors with every error at once.
 
-    ``require_files=False`` accepts missing key files (``gateway dev init`` is about to create them).
+    ``require_files=False`` accepts missing key and policy files (``gateway dev init`` is about to create them).
     """
     file = str(path)
     try:
@@ -492,8 +495,15 @@ def load_settings(
         ) from None
     document = parse_yaml(text, file)
     document = _substitute_environment(document, os.environ if environ is None else environ)
-    context = {"base_dir": str(path.parent.resolve()), "require_files": require_files}
+    context = {"base_dir": str(settings_base_dir(path)), "require_files": require_files}
     return validate(Settings, document, context=context)
+
+
+def settings_base_dir(path: Path) -> Path:
+    """What relative paths in the settings file ``path`` are relative to (see the module's docstring)."""
+    if path.resolve() == DEFAULT_SETTINGS_FILE.resolve():
+        return Path.cwd()
+    return path.parent.resolve()
 
 
 def _substitute_environment(document: LocatedDocument, environ: Any) -> LocatedDocument:

@@ -13,7 +13,8 @@ from pathlib import Path
 
 from gateway.devtools.pki import DevPki
 
-TEMPLATE = Path(__file__).resolve().parents[2] / "deploy" / "nginx" / "card-login.conf.template"
+#: deploy/nginx/card-login.conf.template (a symlink here, so that the installed package carries it too).
+TEMPLATE = Path(__file__).parent / "card-login.conf.template"
 
 
 def card_host_nginx_argv(

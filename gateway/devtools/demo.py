@@ -16,9 +16,6 @@ from gateway.devtools.card_host import card_host_nginx_argv
 from gateway.devtools.pki import ensure_dev_pki
 from gateway.settings import DEFAULT_SETTINGS_FILE, Settings, load_settings
 
-_REPO = Path(__file__).resolve().parents[2]
-DEV_PKI_DIR = _REPO / "certs" / "dev"
-VAR_DIR = _REPO / "var"
 #: nginx reaches the demo gateway from this loopback address, its only trusted TLS terminator.
 CARD_HOST_SOURCE = "127.0.0.2"
 
@@ -86,10 +83,10 @@ def _card_host_note(settings: Settings) -> str:
 def card_host_argv(settings: Settings) -> list[str]:
     """nginx with the shipped card-login template and the dev PKI, in front of the demo gateway."""
     assert settings.card is not None
-    pki = ensure_dev_pki(DEV_PKI_DIR)
+    pki = ensure_dev_pki(settings.card.trust_anchors[0].parent)  # where `gateway dev init` created it
     listen = settings.card.login_origin.split("://", 1)[1]
     return card_host_nginx_argv(
-        VAR_DIR / "card-host",
+        Path("var", "card-host").resolve(),
         pki,
         listen=listen,
         gateway=settings.server.listen,

@@ -6,24 +6,14 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import time
 from pathlib import Path
 
 import requests
 
+from tests.support.demo import DEMO_PORTS, ORIGIN, demo_ports, listening
 from tests.support.processes import PYTHON, REPO_ROOT
-
-ORIGIN = "http://127.0.0.1:8080"
-#: The embedded default's listeners: gateway, demo portal, Pro Santé Connect stand-in, nginx card host.
-DEMO_PORTS = {"gateway": 8080, "demo portal": 8081, "PSC stand-in": 8082, "card host": 8443}
-
-
-def listening(port: int) -> bool:
-    with socket.socket() as probe:
-        probe.settimeout(0.5)
-        return probe.connect_ex(("127.0.0.1", port)) == 0
 
 
 def wait_until_ready(demo: subprocess.Popen[bytes], log: Path, timeout: float = 90.0) -> None:
@@ -50,8 +40,11 @@ def stop_like_ctrl_c(demo: subprocess.Popen[bytes]) -> None:
 
 
 def test_demo_serves_the_portal_behind_the_gateway_and_ctrl_c_stops_everything(tmp_path: Path) -> None:
-    taken = [name for name, port in DEMO_PORTS.items() if listening(port)]
-    assert not taken, f"the demo's ports are in use ({', '.join(taken)}): stop the running demo first"
+    with demo_ports():
+        run_demo_and_stop_it(tmp_path)
+
+
+def run_demo_and_stop_it(tmp_path: Path) -> None:
     log = tmp_path / "demo.log"
     with log.open("wb") as output:
         demo = subprocess.Popen(
