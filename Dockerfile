@@ -16,7 +16,7 @@ RUN groupadd --system --gid 10001 gateway \
             --shell /usr/sbin/nologin gateway
 
 WORKDIR /opt/gateway
-COPY pyproject.toml README.md ./
+COPY pyproject.toml setup.py README.md ./
 COPY gateway ./gateway
 # gateway/default/policies and gateway/devtools/card-login.conf.template are symlinks into these two:
 COPY policies ./policies

@@ -10,12 +10,12 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # chromium/libnss3-tools: browser tests; wrk: benchmarks.
 DEBIAN_PACKAGES := softhsm2 opensc libengine-pkcs11-openssl redis-server nginx chromium libnss3-tools wrk curl
 
-.PHONY: demo test lint bench deps debian-packages clean
+.PHONY: demo test lint bench deps debian-packages clean translations
 
-demo: deps
+demo: deps translations
 	$(VENV)/bin/gateway demo
 
-test: deps
+test: deps translations
 	$(PY) -m pytest -q -p no:cacheprovider
 	$(VENV)/bin/ruff check gateway tests bench
 	$(VENV)/bin/mypy
@@ -30,6 +30,13 @@ bench: deps
 	$(PY) bench/proxy.py
 
 deps: debian-packages $(STAMP)
+
+# The page wording: gateway/translations/*/LC_MESSAGES/gateway.po, compiled to .mo (every pip build does it too).
+CATALOGS := $(wildcard gateway/translations/*/LC_MESSAGES/gateway.po)
+translations: $(CATALOGS:.po=.mo)
+
+gateway/translations/%.mo: gateway/translations/%.po $(STAMP)
+	$(VENV)/bin/pybabel compile -q -d gateway/translations -D gateway
 
 debian-packages:
 	@missing=$$(for p in $(DEBIAN_PACKAGES); do dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || echo $$p; done); \

@@ -13,6 +13,7 @@ from gateway.audit import AuditLog
 from gateway.authn.ecps import EcpsError, ProSanteConnect
 from gateway.endpoints import card, ecps, forward_auth, logout, operations, pages
 from gateway.endpoints.proxy import ProxyApp
+from gateway.i18n import load_catalogs
 from gateway.limits import build_limiter
 from gateway.policy.decision import Reason
 from gateway.policy.loader import LoadedPolicies
@@ -43,6 +44,7 @@ def create_app(
     sessions: SessionStore | None = None,
     audit: AuditLog | None = None,
 ) -> Flask:
+    load_catalogs()
     app = Flask(__name__, static_folder=None)
     app.config.update(MAX_FORM_MEMORY_SIZE=64 * 1024, PROPAGATE_EXCEPTIONS=False)
     loaded = policies or read_policies(settings)

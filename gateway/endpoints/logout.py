@@ -10,32 +10,18 @@ import hmac
 import time
 from urllib.parse import urlsplit
 
-from flask import Blueprint, Response, render_template, request
+from flask import Blueprint, Response, request
 
 from gateway.access import current_session
+from gateway.i18n import language_of
 from gateway.identity import LoginMethod
 from gateway.login import clear_session_cookie
 from gateway.policy.decision import Reason
-from gateway.responses import SECURITY_HEADERS, language_of
+from gateway.responses import SECURITY_HEADERS, render_page
 from gateway.runtime import GATEWAY_PREFIX, Gateway, audit_event, gateway_of, refuse, see_other
 from gateway.sessions import Session, SessionStoreUnavailable
 
 LOGOUT_PATH = "/logout"
-
-_TEXTS = {
-    "fr": {
-        "title": "Déconnexion",
-        "question": "Voulez-vous vous déconnecter de la passerelle ?",
-        "confirm": "Se déconnecter",
-        "none": "Vous n'êtes pas connecté.",
-    },
-    "en": {
-        "title": "Log out",
-        "question": "Do you want to log out of the gateway?",
-        "confirm": "Log out",
-        "none": "You are not logged in.",
-    },
-}
 
 
 def blueprint() -> Blueprint:
@@ -52,10 +38,9 @@ def confirm_logout() -> Response:
     except SessionStoreUnavailable:
         return refuse(Reason.SESSION_STORE_UNAVAILABLE, next_path="/")
     language = language_of(request, gateway.settings.server.language)
-    body = render_template(
+    body = render_page(
         "logout.html",
-        lang=language,
-        t=_TEXTS[language],
+        language,
         action=GATEWAY_PREFIX + LOGOUT_PATH,
         csrf_token=session.csrf_token if session else None,
     )
