@@ -20,7 +20,7 @@ from tests.support.processes import REPO_ROOT, running
 
 PYPROJECT = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())
 #: What the wheel is built from: the files the Dockerfile copies into its build.
-SOURCES = ("pyproject.toml", "README.md", "gateway", "policies", "deploy/nginx")
+SOURCES = ("pyproject.toml", "setup.py", "README.md", "gateway", "policies", "deploy/nginx")
 
 
 def _distribution_name(requirement: str) -> str:
@@ -64,7 +64,9 @@ def _build_wheel(tmp_path: Path, env: dict[str, str]) -> Path:
     for name in SOURCES:
         origin, copy = REPO_ROOT / name, source / name
         if origin.is_dir():
-            shutil.copytree(origin, copy, symlinks=True, ignore=shutil.ignore_patterns("__pycache__"))
+            # No compiled catalog comes from the checkout: the build itself must compile them (setup.py).
+            ignore = shutil.ignore_patterns("__pycache__", "*.mo")
+            shutil.copytree(origin, copy, symlinks=True, ignore=ignore)
         else:
             copy.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(origin, copy)
@@ -107,7 +109,10 @@ def test_the_wheel_installed_without_extras_checks_and_serves_the_embedded_defau
         assert requests.get(f"{ORIGIN}/.gateway/healthz", timeout=5).status_code == 200
         home = requests.get(f"{ORIGIN}/", timeout=5)
         assert home.status_code == 200 and "Portail démo" in home.text
-        record = requests.get(f"{ORIGIN}/patients/180017512345678", timeout=5)
+        record = requests.get(
+            f"{ORIGIN}/patients/180017512345678", timeout=5, headers={"Accept": "text/html"}
+        )
         assert record.status_code == 401
+        assert "<h1>Identification requise</h1>" in record.text  # the wording, from the wheel's catalogs
     assert '"rule":"patient-records"' in (work / "var" / "audit.log").read_text()  # the working directory's
     assert "Traceback" not in (tmp_path / "gateway.log").read_text()
