@@ -234,3 +234,21 @@ def test_audit_bans_and_sessions_print_serials_as_openssl_does(
     (allowed,) = [e for e in records if e["event"] == "login" and e["decision"] == "allow"]
     assert allowed["card_serial"] == printed_serial(valid) == "0B0C"
     assert session is not None and session.identity.card_serial == "0B0C"
+
+
+def test_a_root_arl_keeps_card_logins_and_readiness(
+    tmp_path: Path, upstream_url: str, assertion_key: Path, own_tool_pki: OpensslPki
+) -> None:
+    # The root publishes a CRL of CA certificates only (IssuingDistributionPoint onlyContainsCACerts), made
+    # with `openssl ca -gencrl`: complete for the intermediate it is checked against.
+    pki = own_tool_pki
+    pki.root.write_crl(pki.root_crl, extensions="crl_only_ca")
+    card = pki.software_card("cps", "0x0D01", tmp_path / "card.pem")
+    app = _app(tmp_path / "gw", upstream_url, assertion_key, pki.card_settings(CARD_ORIGIN))
+    client = app.test_client()
+    try:
+        assert client.get("/.gateway/readyz").status_code == 200
+        response = client.get("/.gateway/login/card", headers=_forwarded(card.read_bytes()))
+        assert response.status_code == 303, response.headers.get("X-Gateway-Reason")
+    finally:
+        gateway_of(app).crl_store.stop()  # type: ignore[union-attr]

@@ -282,10 +282,7 @@ class OpensslPki:
     ) -> Path:
         """A card certificate of ``kind`` (see :data:`CARD_SUBJECTS`) for a software key made by openssl (one
         key for every such certificate of this PKI: these cards never sign)."""
-        key, public_key = self.directory / "software-card.key", self.directory / "software-card.pub.pem"
-        if not public_key.exists():
-            openssl("genpkey", "-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048", "-out", str(key))
-            openssl("pkey", "-in", str(key), "-pubout", "-out", str(public_key))
+        public_key = self.directory / "software-card.pub.pem"
         return self.people.issue(CARD_SUBJECTS[kind], public_key, out, profile=profile, serial=serial)
 
 
@@ -294,6 +291,9 @@ def openssl_pki(directory: Path) -> OpensslPki:
     root = _new_ca(directory / "root", ROOT_SUBJECT, None, "root_ca")
     people = _new_ca(directory / "personnes", PEOPLE_SUBJECT, root, "people_ca")
     pki = OpensslPki(directory, root, people)
+    key = directory / "software-card.key"
+    openssl("genpkey", "-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048", "-out", str(key))
+    openssl("pkey", "-in", str(key), "-pubout", "-out", str(directory / "software-card.pub.pem"))
     root.write_crl(pki.root_crl)
     people.write_crl(pki.people_crl)
     pki.ca_chain.write_bytes(people.cert_path.read_bytes() + root.cert_path.read_bytes())

@@ -27,8 +27,6 @@ class CardLogin:
     challenges: ChallengeIssuer
     #: One-time tokens carrying a fresh card session from the card-login host to the main host.
     handoffs: NonceStore
-    #: The CA certificates whose CRLs must be fresh for card logins to work (readiness).
-    crl_issuers: tuple[x509.Certificate, ...]
 
 
 def _certificates(paths: list[Path]) -> list[x509.Certificate]:
@@ -55,14 +53,9 @@ def build_card_login(settings: Settings, card: CardSettings) -> CardLogin:
     verifier = CardVerifier(_certificates(card.trust_anchors), _certificates(card.intermediates), crl_store)
     store = nonce_store(card.nonce_store or settings.sessions.store)
     challenges = ChallengeIssuer(store, settings.server.public_origin, int(card.challenge_ttl))
-    return CardLogin(verifier, crl_store, challenges, store, tuple(source.issuer for source in sources))
+    return CardLogin(verifier, crl_store, challenges, store)
 
 
 def crls_ready(login: CardLogin, now: datetime | None = None) -> bool:
     """Every configured CRL is loaded and not past nextUpdate + grace (else card logins are refused)."""
-    now = now or datetime.now(UTC)
-    for issuer in login.crl_issuers:
-        snapshot = login.crl_store.snapshot_for(issuer)
-        if snapshot is None or now > snapshot.next_update + login.crl_store.grace:
-            return False
-    return True
+    return login.crl_store.all_fresh(now or datetime.now(UTC))

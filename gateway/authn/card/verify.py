@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 __all__ = [
     "CardError",
     "CardVerifier",
+    "CrlScope",
     "CrlSnapshot",
     "CrlSource",
     "CrlStore",
@@ -72,6 +73,42 @@ class CrlSource:
 
 
 @dataclass(frozen=True, slots=True)
+class CrlScope:
+    """Which certificates of its issuer a complete CRL covers (its IssuingDistributionPoint, RFC 5280 §5.2.5).
+
+    A CRL without the extension covers every certificate of the issuer. ``only_ca`` (an ARL: a root's list of
+    revoked intermediates) and ``only_users`` CRLs are complete for their half; ``distribution_points`` names
+    the partition a CRL covers, matched against the certificate's CRLDistributionPoints (§6.3.3 b.2.i).
+    """
+
+    only_users: bool = False
+    only_ca: bool = False
+    distribution_points: frozenset[x509.GeneralName] = frozenset()
+
+    def covers(self, certificate: x509.Certificate) -> bool:
+        try:
+            constraints = certificate.extensions.get_extension_for_class(x509.BasicConstraints).value
+            is_ca = constraints.ca
+        except x509.ExtensionNotFound:
+            is_ca = False
+        if (self.only_users and is_ca) or (self.only_ca and not is_ca):
+            return False
+        if not self.distribution_points:
+            return True
+        try:
+            points = certificate.extensions.get_extension_for_class(x509.CRLDistributionPoints).value
+        except x509.ExtensionNotFound:
+            # No distribution point in the certificate: the CRL configured for its issuer is its distribution
+            # point (RFC 5280 §6.3.3 allows a locally configured one), whatever name its IDP gives itself.
+            return True
+        names = {name for point in points if point.crl_issuer is None for name in point.full_name or ()}
+        return not names.isdisjoint(self.distribution_points)
+
+
+COMPLETE = CrlScope()
+
+
+@dataclass(frozen=True, slots=True)
 class CrlSnapshot:
     """One verified CRL, immutable: readers never see a half-loaded list."""
 
@@ -80,6 +117,7 @@ class CrlSnapshot:
     this_update: datetime
     next_update: datetime
     revoked_serials: frozenset[int]
+    scope: CrlScope = COMPLETE
 
 
 def _public_key_der(certificate: x509.Certificate) -> bytes:
@@ -173,22 +211,35 @@ def _signature_valid(
     return True
 
 
-def _check_complete(crl: x509.CertificateRevocationList) -> None:
-    """Only complete CRLs may stand for "not revoked": a delta or partial CRL lacks entries."""
+def _scope(crl: x509.CertificateRevocationList) -> CrlScope:
+    """The scope of a CRL that lists EVERY revoked certificate of that scope; ValueError for the others.
+
+    A delta CRL lists only the changes since a base CRL, an ``onlySomeReasons`` CRL only some revocation
+    reasons, an indirect CRL another issuer's certificates, an attribute-certificate CRL no card at all:
+    none of them may stand for "not revoked".
+    """
+    scope = COMPLETE
     for extension in crl.extensions:
-        if isinstance(extension.value, x509.DeltaCRLIndicator):
+        value = extension.value
+        if isinstance(value, x509.DeltaCRLIndicator):
             raise ValueError("delta CRL: only complete CRLs are accepted")
-        if isinstance(extension.value, x509.IssuingDistributionPoint):
-            idp = extension.value
-            if (
-                idp.only_some_reasons
-                or idp.indirect_crl
-                or idp.only_contains_ca_certs
-                or idp.only_contains_attribute_certs
-            ):
-                raise ValueError("partial or indirect CRL (IssuingDistributionPoint): not accepted")
-        elif extension.critical and isinstance(extension.value, x509.UnrecognizedExtension):
+        if isinstance(value, x509.IssuingDistributionPoint):
+            if value.only_some_reasons:
+                raise ValueError("CRL for some revocation reasons only (IssuingDistributionPoint): partial")
+            if value.indirect_crl:
+                raise ValueError("indirect CRL (IssuingDistributionPoint): not accepted")
+            if value.only_contains_attribute_certs:
+                raise ValueError("CRL of attribute certificates (IssuingDistributionPoint): covers no card")
+            if value.relative_name is not None:
+                raise ValueError("IssuingDistributionPoint with a relative name: not supported")
+            scope = CrlScope(
+                only_users=value.only_contains_user_certs,
+                only_ca=value.only_contains_ca_certs,
+                distribution_points=frozenset(value.full_name or ()),
+            )
+        elif extension.critical and isinstance(value, x509.UnrecognizedExtension):
             raise ValueError(f"unknown critical CRL extension {extension.oid.dotted_string}")
+    return scope
 
 
 def parse_crl(data: bytes, issuer: x509.Certificate) -> CrlSnapshot:
@@ -208,7 +259,7 @@ def parse_crl(data: bytes, issuer: x509.Certificate) -> CrlSnapshot:
         raise ValueError("CRL signature does not verify with the issuer key")
     if crl.next_update_utc is None:
         raise ValueError("CRL without nextUpdate")
-    _check_complete(crl)
+    scope = _scope(crl)
     try:
         serials = _revoked_serials(tbs)
     except (ValueError, IndexError):
@@ -219,6 +270,7 @@ def parse_crl(data: bytes, issuer: x509.Certificate) -> CrlSnapshot:
         this_update=crl.last_update_utc,
         next_update=crl.next_update_utc,
         revoked_serials=serials,  # frozenset: O(1) lookups
+        scope=scope,
     )
 
 
@@ -230,16 +282,18 @@ def fetch(location: str, timeout: float = 10.0) -> bytes:
 
 
 class CrlStore:
-    """The current CRL snapshot per issuer, refreshed in the background.
+    """The current CRL snapshot of each source, refreshed in the background.
 
     A failed refresh keeps the previous snapshot: it stays usable until its nextUpdate + grace, then the
-    verifier fails closed. Readers take a reference to the dict (swapped whole), never a lock.
+    verifier fails closed. Readers take a reference to the index (swapped whole), never a lock.
     """
 
     def __init__(self, sources: Sequence[CrlSource], grace: timedelta = timedelta(0)) -> None:
         self._sources = tuple(sources)
         self.grace = grace
-        self._snapshots: dict[bytes, CrlSnapshot] = {}
+        self._snapshots: tuple[CrlSnapshot | None, ...] = (None,) * len(self._sources)
+        #: issuer name (DER) -> that issuer's loaded snapshots: one per source, whatever their scopes.
+        self._by_issuer: dict[bytes, tuple[CrlSnapshot, ...]] = {}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._refresh_lock = threading.Lock()
@@ -252,26 +306,39 @@ class CrlStore:
         """Reload every source now; return the errors (one per failed source)."""
         errors: list[str] = []
         with self._refresh_lock:
-            snapshots = dict(self._snapshots)
-            for source in self._sources:
+            snapshots = list(self._snapshots)
+            for index, source in enumerate(self._sources):
                 try:
                     snapshot = parse_crl(fetch(source.location), source.issuer)
                 except (OSError, ValueError) as error:
                     errors.append(f"{source.location}: {error}")
                     log.warning("CRL refresh failed for %s: %s", source.location, error)
                     continue
-                previous = snapshots.get(self._key(snapshot.issuer_name))
+                previous = snapshots[index]
                 # Never go back in time (an old copy served by a stale mirror).
                 if previous is None or snapshot.this_update >= previous.this_update:
-                    snapshots[self._key(snapshot.issuer_name)] = snapshot
-            self._snapshots = snapshots  # atomic swap
+                    snapshots[index] = snapshot
+            by_issuer: dict[bytes, tuple[CrlSnapshot, ...]] = {}
+            for loaded in filter(None, snapshots):
+                key = self._key(loaded.issuer_name)
+                by_issuer[key] = (*by_issuer.get(key, ()), loaded)
+            self._snapshots, self._by_issuer = tuple(snapshots), by_issuer  # atomic swaps
         return errors
 
-    def snapshot_for(self, issuer: x509.Certificate) -> CrlSnapshot | None:
-        snapshot = self._snapshots.get(self._key(issuer.subject))
-        if snapshot is None or snapshot.issuer_key_der != _public_key_der(issuer):
-            return None
-        return snapshot
+    def covering(self, issuer: x509.Certificate, certificate: x509.Certificate) -> tuple[CrlSnapshot, ...]:
+        """The loaded CRLs signed by ``issuer`` (its name AND its key) whose scope covers ``certificate``."""
+        key_der = _public_key_der(issuer)
+        return tuple(
+            snapshot
+            for snapshot in self._by_issuer.get(self._key(issuer.subject), ())
+            if snapshot.issuer_key_der == key_der and snapshot.scope.covers(certificate)
+        )
+
+    def all_fresh(self, now: datetime) -> bool:
+        """Every source is loaded and not past its nextUpdate + grace (readiness)."""
+        return all(
+            snapshot is not None and now <= snapshot.next_update + self.grace for snapshot in self._snapshots
+        )
 
     def start(self, interval: float = 300.0) -> None:
         """Refresh every ``interval`` seconds in a daemon thread (call :meth:`refresh` once first)."""
@@ -367,16 +434,21 @@ class CardVerifier:
     def _check_revocation(self, chain: list[x509.Certificate], now: datetime) -> None:
         # Every non-root certificate must be checked against its issuer's CRL (leaf AND intermediates).
         for subject, issuer in itertools.pairwise(chain):
-            snapshot = self._crls.snapshot_for(issuer)
-            if snapshot is None:
-                raise CardError(Reason.CRL_UNAVAILABLE, f"no CRL for {issuer.subject.rfc4514_string()}")
-            if now > snapshot.next_update + self._crls.grace:
+            snapshots = self._crls.covering(issuer, subject)
+            if any(subject.serial_number in snapshot.revoked_serials for snapshot in snapshots):
+                raise CardError(Reason.CARD_REVOKED, f"serial {format_serial(subject.serial_number)} revoked")
+            if not snapshots:
                 raise CardError(
                     Reason.CRL_UNAVAILABLE,
-                    f"stale CRL of {issuer.subject.rfc4514_string()}: {snapshot.next_update:%Y-%m-%d %H:%M}Z",
+                    f"no CRL of {issuer.subject.rfc4514_string()} covering serial "
+                    f"{format_serial(subject.serial_number)}",
                 )
-            if subject.serial_number in snapshot.revoked_serials:
-                raise CardError(Reason.CARD_REVOKED, f"serial {format_serial(subject.serial_number)} revoked")
+            if all(now > snapshot.next_update + self._crls.grace for snapshot in snapshots):
+                next_update = max(snapshot.next_update for snapshot in snapshots)
+                raise CardError(
+                    Reason.CRL_UNAVAILABLE,
+                    f"stale CRL of {issuer.subject.rfc4514_string()}: {next_update:%Y-%m-%d %H:%M}Z",
+                )
 
     def verify(self, certificate: x509.Certificate | bytes | str, now: datetime) -> Identity:
         """An :class:`Identity` for a trusted, valid, unrevoked card; :class:`CardError` otherwise."""

@@ -25,6 +25,7 @@ from gateway.authn.card.verify import (
 from gateway.devtools.pki import DevPki, key_usage, refresh_crls, revoke, sign_crl, write_crl
 from gateway.identity import LoginMethod
 from gateway.policy.decision import Reason
+from tests.support.openssl_pki import OpensslPki
 from tests.support.pki import custom_card, software_card, verifier_for
 from tests.support.softhsm import CardSet
 
@@ -329,3 +330,85 @@ def test_delta_and_partial_crls_are_not_accepted(own_pki: DevPki) -> None:
     )
     with pytest.raises(ValueError, match="partial"):
         parse_crl(crl_with(only_some), ca.certificate)
+
+
+# ------------------------------------------------------------------- CRL scopes (openssl ca -gencrl)
+
+
+def _tool_verifier(pki: OpensslPki) -> tuple[CardVerifier, list[str]]:
+    store = CrlStore(
+        [
+            CrlSource(str(pki.root_crl), pki.root.certificate),
+            CrlSource(str(pki.people_crl), pki.people.certificate),
+        ]
+    )
+    errors = store.refresh()
+    return CardVerifier([pki.root.certificate], [pki.people.certificate], store), errors
+
+
+def _tool_reason(pki: OpensslPki, card: Path) -> Reason | None:
+    verifier, _ = _tool_verifier(pki)
+    try:
+        verifier.verify(card.read_bytes(), datetime.now(UTC))
+    except CardError as error:
+        return error.reason
+    return None
+
+
+@pytest.mark.parametrize(
+    ("root_crl", "people_crl", "reason"),
+    [
+        # An ARL: the root's complete list of revoked CA certificates (RFC 5280 §5.2.5 onlyContainsCACerts).
+        ("crl_only_ca", "crl_complete", None),
+        # A complete list of the intermediate's user certificates, named like the card's distribution point.
+        ("crl_complete", "crl_only_user", None),
+        ("crl_only_ca", "crl_only_user", None),
+        # Scopes that do not cover the certificate checked: no CRL for it, fail closed.
+        ("crl_only_user", "crl_complete", Reason.CRL_UNAVAILABLE),
+        ("crl_complete", "crl_only_ca", Reason.CRL_UNAVAILABLE),
+        ("crl_complete", "crl_other_partition", Reason.CRL_UNAVAILABLE),
+        # Partial CRLs never stand for "not revoked".
+        ("crl_complete", "crl_some_reasons", Reason.CRL_UNAVAILABLE),
+        ("crl_complete", "crl_indirect", Reason.CRL_UNAVAILABLE),
+        ("crl_complete", "crl_delta", Reason.CRL_UNAVAILABLE),
+        ("crl_delta", "crl_complete", Reason.CRL_UNAVAILABLE),
+    ],
+)
+def test_a_crl_counts_only_for_the_certificates_its_scope_covers(
+    own_tool_pki: OpensslPki, tmp_path: Path, root_crl: str, people_crl: str, reason: Reason | None
+) -> None:
+    pki = own_tool_pki
+    card = pki.software_card("cps", "0x0C01", tmp_path / "card.pem")
+    pki.root.write_crl(pki.root_crl, extensions=root_crl)
+    pki.people.write_crl(pki.people_crl, extensions=people_crl)
+    assert _tool_reason(pki, card) is reason
+
+
+@pytest.mark.parametrize(("root_crl", "people_crl"), [("crl_only_ca", "crl_only_user")])
+def test_scoped_crls_still_revoke(
+    own_tool_pki: OpensslPki, tmp_path: Path, root_crl: str, people_crl: str
+) -> None:
+    pki = own_tool_pki
+    card = pki.software_card("cps", "0x0C02", tmp_path / "card.pem")
+    pki.people.revoke(card)
+    pki.root.write_crl(pki.root_crl, extensions=root_crl)
+    pki.people.write_crl(pki.people_crl, extensions=people_crl)
+    assert _tool_reason(pki, card) is Reason.CARD_REVOKED
+    # The root's ARL revokes the intermediate itself: every card under it is refused.
+    other = pki.software_card("cps", "0x0C03", tmp_path / "other.pem")
+    pki.root.revoke(pki.people.cert_path)
+    pki.root.write_crl(pki.root_crl, extensions=root_crl)
+    assert _tool_reason(pki, other) is Reason.CARD_REVOKED
+
+
+def test_partial_crls_are_refused_at_load_and_named(own_tool_pki: OpensslPki) -> None:
+    pki = own_tool_pki
+    expected = {
+        "crl_some_reasons": "some revocation reasons",
+        "crl_indirect": "indirect",
+        "crl_delta": "delta",
+    }
+    for extensions, message in expected.items():
+        pki.people.write_crl(pki.people_crl, extensions=extensions)
+        _, errors = _tool_verifier(pki)
+        assert len(errors) == 1 and message in errors[0] and str(pki.people_crl) in errors[0]
