@@ -4,12 +4,39 @@ The gateway normalises a request's path ONCE; policies match that path and the u
 it, so the portal can never see a different resource than the one the policy judged. Anything ambiguous
 (an encoded ``/`` or ``\\``, NUL, invalid UTF-8 or overlong encodings, ``..`` above the root, segment
 parameters, trailing dots) is refused rather than guessed: these are the shapes of known proxy bypasses.
+
+Two more classes are refused because some hop behind the gateway may read them differently:
+
+- an escape that is itself encoded (``%252e``): a portal or inner proxy that decodes once more reads ``.``,
+  ``/`` or ``\\``. Whatever a second (third...) decoding would produce is checked like a first one;
+- non-ASCII characters that Unicode folding or Windows "best-fit" conversion can turn into other characters
+  (U+FF0E FULLWIDTH FULL STOP → ``.``, U+2215 DIVISION SLASH → ``/``, U+00A5 YEN SIGN → ``\\`` in code
+  page 932...), or drop (invisible characters). The classes come from the Unicode data:
+
+  * a decoded segment must be NFKC-stable: no compatibility form (fullwidth and small forms, dot leaders,
+    ligatures, U+017F LONG S, U+212A KELVIN SIGN...) and no decomposed sequence;
+  * its non-ASCII characters must be letters, digits, or combining marks on a non-ASCII letter or digit
+    (general categories L, N, M): punctuation, symbols, spaces and invisible characters (P, S, Z, C) are where every
+    look-alike of ``.``, ``/`` and ``\\`` lives (division and fraction slashes, ideographic full stop,
+    yen and won signs...); default-ignorable marks (variation selectors...) are refused too;
+  * no non-ASCII character may decompose (NFKD) into an ASCII one: best-fit conversion and accent
+    stripping turn U+00ED ``í`` into ``i``, so ``/account/r%C3%ADb`` would reach a folding portal as
+    ``/account/rib`` after being judged by another rule. Accented Latin letters are thus refused in paths;
+    letters of other scripts (Greek, Cyrillic, CJK...) pass.
+
+Dot segments resolve as in RFC 3986 (section 5.2.4), where an empty segment (``//``) is a segment: ``..``
+removes the segment before it. Servers that merge slashes first would remove a different one, so a ``..``
+that would remove an empty segment (``/a//..``, ``/a//b/../..``) is refused; otherwise both readings agree
+and the remaining empty segments are merged. The result is the ONE form the policies match, the portal
+receives, and forward-auth compares the raw X-Original-URI with (a raw URI that differs from its normal form
+is not canonical).
 """
 
 from __future__ import annotations
 
 import re
 import string
+import unicodedata
 from dataclasses import dataclass
 from urllib.parse import unquote_to_bytes
 
@@ -18,6 +45,28 @@ _UNRESERVED = frozenset(string.ascii_letters + string.digits + "-._~")
 _ALLOWED_RAW = frozenset(string.ascii_letters + string.digits + "-._~" + "!$&'()*+,=:@/")
 _HEX = frozenset(string.hexdigits)
 _FORBIDDEN_DECODED = {"/": "an encoded slash", "\\": "an encoded backslash", "\x00": "a NUL byte"}
+_ESCAPE = re.compile(r"%([0-9A-Fa-f]{2})")
+#: What a further decoding of an encoded escape must never produce (plus controls, checked apart).
+_STRUCTURAL = frozenset("./\\")
+#: Levels of encoding looked through (``%25252e`` is three); deeper nesting is refused outright.
+_MAX_DECODINGS = 4
+#: Default_Ignorable_Code_Point characters of categories L and M (DerivedCoreProperties.txt); the C ones
+#: are refused by category. Invisible, and dropped by some normalisers: "rib" + U+FE0F would become "rib".
+_IGNORABLE_LETTERS_AND_MARKS = frozenset(
+    chr(cp)
+    for first, last in (
+        (0x034F, 0x034F),
+        (0x115F, 0x1160),
+        (0x17B4, 0x17B5),
+        (0x180B, 0x180D),
+        (0x180F, 0x180F),
+        (0x3164, 0x3164),
+        (0xFE00, 0xFE0F),
+        (0xFFA0, 0xFFA0),
+        (0xE0100, 0xE01EF),
+    )
+    for cp in range(first, last + 1)
+)
 
 
 class BadPath(ValueError):
@@ -46,21 +95,23 @@ def normalise_target(raw_target: str) -> NormalisedTarget:
     path, _, query = raw_target.partition("?")
     if "#" in raw_target:
         raise BadPath("the request target contains a fragment")
-    segments: list[str] = []
-    decoded_segments: list[str] = []
+    # (normal form, decoded form) of each segment kept so far; "" is an empty segment ("//").
+    kept: list[tuple[str, str]] = []
     segment = ""
     for raw_segment in path.split("/")[1:]:
         segment, decoded = _normalise_segment(raw_segment)
-        if segment in ("", "."):
+        if segment == ".":
             continue
         if segment == "..":
-            if not segments:
+            if not kept:
                 raise BadPath("'..' escapes the root")
-            segments.pop()
-            decoded_segments.pop()
+            if not kept[-1][0]:
+                raise BadPath("'..' would remove an empty segment ('//'): servers resolve it differently")
+            kept.pop()
             continue
-        segments.append(segment)
-        decoded_segments.append(decoded)
+        kept.append((segment, decoded))
+    segments = [normal for normal, _ in kept if normal]
+    decoded_segments = [decoded for normal, decoded in kept if normal]
     # RFC 3986 remove_dot_segments keeps the directory form: "/a/b/." and "/a/b/c/.." both give "/a/b/".
     trailing_slash = bool(segments) and segment in ("", ".", "..")
     suffix = "/" if trailing_slash else ""
@@ -104,9 +155,62 @@ def _normalise_segment(raw: str) -> tuple[str, str]:
         raise BadPath("the path is not valid UTF-8 (or uses an overlong encoding)") from None
     if any(ord(c) < 0x20 or ord(c) == 0x7F for c in decoded):
         raise BadPath("a control character in the path")
+    if not decoded.isascii():
+        _refuse_foldable(decoded)
+    if "%" in decoded:
+        _refuse_encoded_escapes(decoded)
     if decoded not in (".", ".."):
         _refuse_trailing_dot(decoded)
     return segment, decoded
+
+
+def _refuse_encoded_escapes(decoded: str) -> None:
+    """Refuse what a hop decoding again would read as structure (``%252e`` -> ``%2e`` -> ``.``)."""
+    text = decoded
+    for _ in range(_MAX_DECODINGS):
+        escapes = _ESCAPE.findall(text)
+        if not escapes:
+            return
+        for pair in escapes:
+            char = chr(int(pair, 16))
+            if char in _STRUCTURAL or ord(char) < 0x20 or ord(char) == 0x7F:
+                raise BadPath(f"an encoded escape (%25...) decoding to {_describe(char)} in the path")
+        try:
+            text = unquote_to_bytes(text).decode("utf-8", errors="strict")
+        except UnicodeDecodeError:
+            raise BadPath("a double-encoded sequence that is not valid UTF-8") from None
+        if not text.isascii():
+            _refuse_foldable(text)
+    if _ESCAPE.search(text):
+        raise BadPath("too many levels of percent-encoding in the path")
+
+
+def _refuse_foldable(decoded: str) -> None:
+    """Refuse non-ASCII text that Unicode or best-fit folding may read as other characters (module doc)."""
+    if not unicodedata.is_normalized("NFKC", decoded):
+        folded = unicodedata.normalize("NFKC", decoded)
+        raise BadPath(f"a path segment that Unicode folding changes (NFKC: {folded!r})")
+    on_base = False  # a combining mark must sit on a non-ASCII letter or digit
+    for char in decoded:
+        if char.isascii():
+            on_base = False  # stripping a mark from an ASCII letter leaves that letter: "rib" + U+0301
+            continue
+        if char in _IGNORABLE_LETTERS_AND_MARKS:
+            raise BadPath(f"an invisible character in the path ({unicodedata.name(char, hex(ord(char)))})")
+        if any(part.isascii() for part in unicodedata.normalize("NFKD", char)):
+            name = unicodedata.name(char, hex(ord(char)))
+            raise BadPath(f"a letter that folds to ASCII (best-fit, accent stripping) in the path ({name})")
+        kind = unicodedata.category(char)[0]
+        if kind in "LN":
+            on_base = True
+        elif kind != "M" or not on_base:
+            name = unicodedata.name(char, f"U+{ord(char):04X}")
+            what = (
+                "a combining mark on no letter"
+                if kind == "M"
+                else "a non-ASCII punctuation, symbol or invisible character"
+            )
+            raise BadPath(f"{what} in the path ({name})")
 
 
 def _refuse_trailing_dot(segment: str) -> None:
@@ -116,7 +220,7 @@ def _refuse_trailing_dot(segment: str) -> None:
 
 
 def _describe(char: str) -> str:
-    names = {";": "';' (segment parameters)", "\\": "'\\' (backslash)", "\x00": "NUL"}
+    names = {";": "';' (segment parameters)", "\\": "'\\' (backslash)", "\x00": "NUL", ".": "'.'", "/": "'/'"}
     return names.get(char, repr(char))
 
 

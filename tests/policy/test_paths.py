@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import functools
+import sys
+import unicodedata
+from urllib.parse import quote
+
 import pytest
 
 from gateway.policy.paths import BadPath, matching_path, normalise_target, parse_pattern
@@ -33,6 +38,42 @@ REFUSED = {
     "patients/1": "not origin-form",
     "*": "asterisk-form",
     "/a#frag": "fragment in the request target",
+    "/static/%252e%252e/patients/1": "double-encoded dot-dot (a hop decoding twice reads ../patients)",
+    "/static/%252E%252E/patients/1": "double-encoded dot-dot, upper-case hex",
+    "/static/%25%32%65%25%32%65/patients/1": "double-encoded dot-dot, the inner escape encoded digit by digit",
+    "/static/%25252e%25252e/patients/1": "triple-encoded dot-dot",
+    "/static/..%252fpatients": "double-encoded slash",
+    "/static/..%255cpatients": "double-encoded backslash",
+    "/static/x%2500.css": "double-encoded NUL",
+    "/static/%25c0%25ae%25c0%25ae/patients": "double-encoded overlong dots",
+    "/static/%25EF%25BC%258E%25EF%25BC%258E/patients": "double-encoded fullwidth dots",
+    "/static/%2525252e": "more levels of encoding than any hop decodes",
+    "/static/%EF%BC%8E%EF%BC%8E/patients/1": "fullwidth full stops (NFKC: ..)",
+    "/static/%E2%80%A5/patients/1": "two dot leader (NFKC: ..)",
+    "/static/%E2%80%A4%E2%80%A4/patients/1": "one dot leaders",
+    "/static/..%EF%BC%8Fpatients": "fullwidth solidus",
+    "/static/..%EF%BC%BCpatients": "fullwidth reverse solidus",
+    "/static/..%EF%B9%A8patients": "small reverse solidus",
+    "/static/..%E2%88%95patients": "division slash (best-fit: /)",
+    "/static/..%E2%81%84patients": "fraction slash",
+    "/static/..%E2%A7%B5patients": "reverse solidus operator",
+    "/static/..%C2%A5patients": "yen sign (code page 932 best-fit: backslash)",
+    "/static/..%E2%82%A9patients": "won sign (code page 949 best-fit: backslash)",
+    "/static/.%C2%AD./patients": "soft hyphen between dots (invisible, stripped by some normalisers)",
+    "/static/.%E2%80%8B./patients": "zero width space between dots",
+    "/%EF%BD%90atients/1": "fullwidth letter (NFKC: p)",
+    "/patient%C5%BF/1": "long s (NFKC: s)",
+    "/cafe%CC%81": "decomposed accent (NFKC composes it: another segment)",
+    "/account/r%C3%ADb": "accented letter (best-fit and accent stripping fold it: /account/rib)",
+    "/account/r%C4%ADb": "i with breve (code page 1252 best-fit: i)",
+    "/account/rib%CC%B8": "combining mark on an ASCII letter (stripped: rib)",
+    "/account/rib%EF%B8%8F": "variation selector (default-ignorable)",
+    "/account/ri%E1%85%A0b": "hangul filler (a default-ignorable letter)",
+    "/static/.%CC%B8./patients": "combining solidus overlay on a dot",
+    "/patients/x//..//..": "dot-dot removing an empty segment (RFC 3986 and merge-first disagree)",
+    "/account/rib//..": "dot-dot right after a double slash",
+    "/a//b/../..": "dot-dot reaching an empty segment after another dot-dot",
+    "/a/.//..": "dot-dot reaching an empty segment past a dot",
 }
 
 NORMALISED = {
@@ -48,11 +89,17 @@ NORMALISED = {
     "/patients/%31": "/patients/1",
     "/%7euser": "/~user",
     "/a%20b": "/a%20b",
-    "/caf%c3%a9": "/caf%C3%A9",
+    "/%ce%b1%ce%b2": "/%CE%B1%CE%B2",
     "/patients/1/": "/patients/1/",
     "/patients/1/.": "/patients/1/",
     "/patients/1/2/..": "/patients/1/",
     "/PATIENTS/1": "/PATIENTS/1",
+    "/a/..//b": "/b",
+    "/a//b/..": "/a/",
+    "/static/%2541": "/static/%2541",
+    "/%CE%AC%CC%81": "/%CE%AC%CC%81",
+    "/%E6%82%A3%E8%80%85": "/%E6%82%A3%E8%80%85",
+    "/stra%C3%9Fe": "/stra%C3%9Fe",
 }
 
 
@@ -74,9 +121,9 @@ def test_query_is_kept_apart_and_unchanged() -> None:
 
 
 def test_decoded_path_is_for_routing_only() -> None:
-    target = normalise_target("/caf%C3%A9/a%20b")
-    assert target.decoded_path == "/café/a b"
-    assert target.path == "/caf%C3%A9/a%20b"
+    target = normalise_target("/%CE%B1%CE%B2/a%20b")
+    assert target.decoded_path == "/\u03b1\u03b2/a b"
+    assert target.path == "/%CE%B1%CE%B2/a%20b"
 
 
 def test_normalising_twice_changes_nothing() -> None:
@@ -124,3 +171,85 @@ def test_bad_patterns_say_why(pattern: str, message: str) -> None:
 )
 def test_pattern_coverage(wide: str, narrow: str, covers: bool) -> None:
     assert parse_pattern(wide).covers(parse_pattern(narrow)) is covers
+
+
+# --- Unicode look-alikes, decided from the Unicode data (unicodedata) and checked on every code point -----
+
+
+@functools.cache
+def assigned() -> tuple[str, ...]:
+    """Every assigned non-ASCII character but surrogates and private use (about 145,000)."""
+    return tuple(
+        chr(cp)
+        for cp in range(0x80, sys.maxunicode + 1)
+        if unicodedata.category(chr(cp)) not in ("Cn", "Cs", "Co")
+    )
+
+
+def _refused(path: str) -> bool:
+    try:
+        normalise_target(path)
+    except BadPath:
+        return True
+    return False
+
+
+def _failures(chars: list[str], shape: str) -> list[str]:
+    """The characters of ``chars`` NOT refused in the path ``shape`` (``{}`` = the encoded character)."""
+    return [f"U+{ord(c):04X}" for c in chars if not _refused(shape.format(quote(c, safe="")))]
+
+
+def test_every_character_that_nfkc_folds_into_a_dot_or_a_slash_is_refused() -> None:
+    folding = [c for c in assigned() if set(unicodedata.normalize("NFKC", c)) & {".", "/", "\\"}]
+    assert len(folding) >= 38  # Unicode 14: dot leaders, ellipses, fullwidth and small forms, "1."...
+    assert _failures(folding, "/static/{}/patients") == []
+    assert _failures(folding, "/static/x{}y") == []
+
+
+def test_every_character_that_nfkc_changes_is_refused() -> None:
+    changed = [c for c in assigned() if not unicodedata.is_normalized("NFKC", c)]
+    assert _failures(changed, "/static/a{}b") == []
+
+
+@pytest.mark.parametrize("category", ["P", "S", "Z", "Cf"])
+def test_every_non_ascii_punctuation_symbol_space_and_format_character_is_refused(category: str) -> None:
+    members = [c for c in assigned() if unicodedata.category(c).startswith(category)]
+    assert members
+    assert _failures(members, "/static/a{}b") == []
+
+
+def test_private_use_and_unassigned_characters_are_refused() -> None:
+    sample = [chr(cp) for cp in range(0xE000, 0xF900, 61)] + [
+        chr(cp) for cp in range(0x40000, 0x110000, 4099) if unicodedata.category(chr(cp)) == "Cn"
+    ]
+    assert {unicodedata.category(c) for c in sample} == {"Co", "Cn"}
+    assert _failures(sample, "/static/a{}b") == []
+
+
+def test_every_character_named_like_a_dot_or_a_slash_is_refused() -> None:
+    """Best-fit conversions map by meaning, not by NFKC: every SOLIDUS, SLASH, FULL STOP, DOT LEADER or
+    ELLIPSIS in the Unicode names (DIVISION SLASH, FRACTION SLASH, IDEOGRAPHIC FULL STOP...), and the yen and
+    won signs (the backslash of code pages 932 and 949), except letters (a Lao or modifier letter is never
+    folded into punctuation)."""
+    words = ("SOLIDUS", "SLASH", "FULL STOP", "DOT LEADER", "ELLIPSIS")
+    named = [
+        c
+        for c in assigned()
+        if not unicodedata.category(c).startswith("L") and any(w in unicodedata.name(c, "") for w in words)
+    ]
+    named += ["\u00a5", "\u20a9"]
+    assert len(named) > 100
+    assert _failures(named, "/static/{}x") == []
+
+
+def test_every_character_that_decomposes_into_ascii_is_refused() -> None:
+    """Accented Latin letters (NFKD: an ASCII letter and marks) fold to that letter by best-fit conversion or
+    accent stripping: another segment, maybe another rule."""
+    decomposing = [c for c in assigned() if any(part.isascii() for part in unicodedata.normalize("NFKD", c))]
+    assert len(decomposing) > 1000
+    assert _failures(decomposing, "/account/r{}b") == []
+
+
+def test_letters_and_digits_of_other_scripts_pass() -> None:
+    kept = ["\u03b1", "\u03ac", "\u0416", "\u0439", "\u60a3", "\u0665", "\u0e01", "\u00df", "\u0915\u093f"]
+    assert [text for text in kept if _refused(f"/a/x{quote(text)}")] == []

@@ -3,12 +3,17 @@
 Endpoints: ``/hello`` (a small page), ``/echo/**`` (what arrived, as JSON), ``/bytes/<n>`` (n bytes
 streamed), ``/upload`` (counts and hashes the body as it streams in), ``/slow/<seconds>``,
 ``/set-cookie`` (tries to set the gateway's session cookie).
+
+``recording_app`` is the same portal that also appends one JSON line per request it received (method, raw
+target, headers, body length, or the error reading the body) to the file named by ``$UPSTREAM_RECORD``:
+the proof of what reached the portal.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -63,6 +68,42 @@ def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable
         )
         return [b"cookies"]
     return _answer(start_response, b"not found", "text/plain", "404 Not Found")
+
+
+def recording_app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+    record: dict[str, Any] = {
+        "method": environ["REQUEST_METHOD"],
+        "raw_uri": environ.get("RAW_URI"),
+        "headers": {k[5:].replace("_", "-").lower(): v for k, v in environ.items() if k.startswith("HTTP_")},
+    }
+    try:
+        body = environ["wsgi.input"].read()
+        record["body_length"] = len(body)
+    except Exception as exc:  # a truncated or malformed body still reached the portal: record that
+        record["body_error"] = type(exc).__name__
+        body = b""
+    with open(os.environ["UPSTREAM_RECORD"], "a", encoding="utf-8") as log:
+        log.write(json.dumps(record) + "\n")
+    environ["wsgi.input"] = _Replay(body)
+    return app(environ, start_response)
+
+
+class _Replay:
+    def __init__(self, body: bytes) -> None:
+        self._body = body
+
+    def read(self, size: int = -1) -> bytes:
+        chunk, self._body = (self._body, b"") if size < 0 else (self._body[:size], self._body[size:])
+        return chunk
+
+
+def recorded(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """What the recording portal received so far."""
+    try:
+        with open(path, encoding="utf-8") as log:
+            return [json.loads(line) for line in log if line.strip()]
+    except FileNotFoundError:
+        return []
 
 
 def _answer(
