@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import math
+import re
 import time
+import unicodedata
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import parse_qs
+from urllib.parse import unquote_plus
 
 from flask import request
 from werkzeug.http import parse_cookie
@@ -101,7 +103,11 @@ def _within_quota(
 ) -> Access:
     """The bulk-access guard: count this read and refuse once the identity's quota is spent."""
     spec = QuotaSpec(quota.max_requests, quota.max_distinct, max(1, math.ceil(quota.window)))
-    resource = resource_key(quota.resource, target) if quota.resource else None
+    try:
+        resource = resource_key(quota.resource, target) if quota.resource else None
+    except UnidentifiedResource as exc:
+        # Never counted: the portal might read another record than the one the guard would count.
+        return Access(Decision(Outcome.DENY, (exc.reason,), rule), rule, session, access.now)
     try:
         verdict = gateway.quotas.check_and_count(
             session.identity.idnat, rule.name, spec, resource, access.now
@@ -150,13 +156,63 @@ def _on_breach(
             gateway.sessions.delete(session.id)
 
 
-def resource_key(key: ResourceKey, target: NormalisedTarget) -> str | None:
-    """The resource a request reads (e.g. the patient's NIR): a path segment or a query parameter."""
+class UnidentifiedResource(Exception):
+    """The request does not name its resource exactly once, in the one spelling (answered 400)."""
+
+    def __init__(self, reason: Reason, detail: str) -> None:
+        super().__init__(detail)
+        self.reason = reason
+
+
+#: Levels of percent-encoding looked through in a parameter name (``n%2569r`` is ``nir`` twice decoded).
+_NAME_DECODINGS = 4
+#: PHP and Rails read ``nir[]=1`` and ``nir[x]=1`` as the parameter ``nir``.
+_ARRAY_SUFFIX = re.compile(r"\[[^\]]*\]$")
+
+
+def resource_key(key: ResourceKey, target: NormalisedTarget) -> str:
+    """The resource a request reads (e.g. the patient's NIR): a path segment or a query parameter.
+
+    Raises UnidentifiedResource when it is missing (a quota rule's request without its resource: it could
+    read anything), or when a query names it more than once or in another spelling (``?nir=a&nir=b``,
+    ``?NIR=b``, ``?n%69r=b``, ``?nir[]=b``), or when the query holds a ``;`` (a separator for some
+    frameworks only): portals read the first, the last, both, or ignore case, so the guard could count one
+    record while the portal serves another.
+    """
     if key.path_segment is not None:
         segments = [s for s in target.path.split("/") if s]
         index = key.path_segment - 1
-        return segments[index] if index < len(segments) else None
-    if key.query_parameter is not None:
-        values = parse_qs(target.query, keep_blank_values=True).get(key.query_parameter)
-        return values[0] if values else None
-    return None
+        if index >= len(segments):
+            raise UnidentifiedResource(Reason.RESOURCE_MISSING, f"no path segment {key.path_segment}")
+        return segments[index]
+    assert key.query_parameter is not None
+    wanted = key.query_parameter
+    if ";" in target.query:
+        # A parameter separator for some frameworks only: "x=1;nir=2" names nir for them, not for others.
+        raise UnidentifiedResource(Reason.RESOURCE_AMBIGUOUS, "';' in the query string")
+    named = [
+        (name, value)
+        for name, _, value in (part.partition("=") for part in target.query.split("&") if part)
+        if _parameter_identity(name) == _parameter_identity(wanted)
+    ]
+    if len(named) > 1:
+        raise UnidentifiedResource(
+            Reason.RESOURCE_AMBIGUOUS, f"query parameter {wanted!r} given {len(named)} times"
+        )
+    if named and named[0][0] != wanted:
+        raise UnidentifiedResource(Reason.RESOURCE_AMBIGUOUS, f"query parameter {wanted!r} spelled otherwise")
+    value = unquote_plus(named[0][1]) if named else ""
+    if not value:
+        raise UnidentifiedResource(Reason.RESOURCE_MISSING, f"no query parameter {wanted!r}")
+    return value
+
+
+def _parameter_identity(name: str) -> str:
+    """What any portal could take a parameter name for: fully decoded, case-folded, NFKC, no ``[...]``."""
+    for _ in range(_NAME_DECODINGS):
+        decoded = unquote_plus(name)
+        if decoded == name:
+            break
+        name = decoded
+    folded = unicodedata.normalize("NFKC", name).casefold().strip()
+    return _ARRAY_SUFFIX.sub("", folded)

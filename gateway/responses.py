@@ -45,6 +45,8 @@ PAGES: dict[Reason, Page] = {
     Reason.RATE_LIMITED: Page(429),
     Reason.BANNED: Page(429),
     Reason.QUOTA_EXCEEDED: Page(429, offer_login=True),
+    Reason.RESOURCE_AMBIGUOUS: Page(400),
+    Reason.RESOURCE_MISSING: Page(400),
     Reason.CARD_MISSING: Page(401, offer_login=True),
     Reason.CARD_UNTRUSTED: Page(403),
     Reason.CARD_EXPIRED: Page(403),

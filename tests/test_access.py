@@ -9,9 +9,10 @@ import pytest
 from flask import Flask
 from flask.testing import FlaskClient
 
-from gateway.access import resource_key
+from gateway.access import UnidentifiedResource, resource_key
 from gateway.app import create_app
 from gateway.identity import Identity, LoginMethod
+from gateway.policy.decision import Reason
 from gateway.policy.model import ResourceKey
 from gateway.policy.paths import normalise_target
 from gateway.runtime import gateway_of
@@ -92,10 +93,58 @@ def test_request_quota_and_query_parameter_resource(app: Flask, tmp_path: Path) 
     ("key", "raw", "expected"),
     [
         (ResourceKey(path_segment=2), "/patients/180017512345678", "180017512345678"),
-        (ResourceKey(path_segment=3), "/patients/1", None),
-        (ResourceKey(query_parameter="nir"), "/search?x=1&nir=2&nir=3", "2"),
-        (ResourceKey(query_parameter="nir"), "/search?x=1", None),
+        (ResourceKey(query_parameter="nir"), "/search?x=1&nir=2", "2"),
+        (ResourceKey(query_parameter="nir"), "/search?nir=%32+3", "2 3"),
+        (ResourceKey(query_parameter="nir"), "/search?nirx=1&nir=2&xnir=3", "2"),
     ],
 )
-def test_resource_key(key: ResourceKey, raw: str, expected: str | None) -> None:
+def test_resource_key(key: ResourceKey, raw: str, expected: str) -> None:
     assert resource_key(key, normalise_target(raw)) == expected
+
+
+@pytest.mark.parametrize(
+    ("key", "raw", "reason"),
+    [
+        (ResourceKey(path_segment=3), "/patients/1", Reason.RESOURCE_MISSING),
+        (ResourceKey(query_parameter="nir"), "/search?x=1", Reason.RESOURCE_MISSING),
+        (ResourceKey(query_parameter="nir"), "/search?nir=", Reason.RESOURCE_MISSING),
+        (ResourceKey(query_parameter="nir"), "/search?nir=1&nir=2", Reason.RESOURCE_AMBIGUOUS),
+        (ResourceKey(query_parameter="nir"), "/search?nir=1;nir=2", Reason.RESOURCE_AMBIGUOUS),
+        (ResourceKey(query_parameter="nir"), "/search?x=1;nir=2", Reason.RESOURCE_AMBIGUOUS),
+        (ResourceKey(query_parameter="nir"), "/search?NIR=2", Reason.RESOURCE_AMBIGUOUS),
+        (ResourceKey(query_parameter="nir"), "/search?Nir=2", Reason.RESOURCE_AMBIGUOUS),
+        (ResourceKey(query_parameter="nir"), "/search?n%69r=2", Reason.RESOURCE_AMBIGUOUS),
+        (ResourceKey(query_parameter="nir"), "/search?n%2569r=2", Reason.RESOURCE_AMBIGUOUS),
+        (ResourceKey(query_parameter="nir"), "/search?nir%20=2", Reason.RESOURCE_AMBIGUOUS),
+        (ResourceKey(query_parameter="nir"), "/search?nir[]=2", Reason.RESOURCE_AMBIGUOUS),
+        (ResourceKey(query_parameter="nir"), "/search?%EF%BD%8Eir=2", Reason.RESOURCE_AMBIGUOUS),
+        (ResourceKey(query_parameter="nir"), "/search?nir=1&NIR=2", Reason.RESOURCE_AMBIGUOUS),
+    ],
+)
+def test_a_missing_repeated_or_respelled_resource_is_refused(
+    key: ResourceKey, raw: str, reason: Reason
+) -> None:
+    with pytest.raises(UnidentifiedResource) as refused:
+        resource_key(key, normalise_target(raw))
+    assert refused.value.reason is reason
+
+
+@pytest.mark.parametrize(
+    ("query", "reason"),
+    [
+        ("nir=1&nir=2", "resource_ambiguous"),  # PHP and Django read the last value, ASP.NET both
+        ("NIR=2", "resource_ambiguous"),  # a case-insensitive portal reads nir=2
+        ("x=1", "resource_missing"),
+    ],
+)
+def test_quota_route_refuses_an_unidentified_resource_without_counting_it(
+    app: Flask, tmp_path: Path, query: str, reason: str
+) -> None:
+    client = logged_in(app)
+    for _ in range(3):  # max_requests is 2: counted requests would reach the quota
+        refused = client.get(f"/echo/search?{query}", headers={"Accept": "text/html"})
+        assert (refused.status_code, refused.headers["X-Gateway-Reason"]) == (400, reason)
+    assert client.get("/echo/search?nir=1").status_code == 200
+    assert client.get("/echo/search?nir=2").status_code == 200
+    denied = [e for e in audit(tmp_path, "decision") if e["reasons"] == [reason]]
+    assert len(denied) == 3 and denied[0]["rule"] == "search"

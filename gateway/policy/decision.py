@@ -71,6 +71,10 @@ class Reason(enum.StrEnum):
     RATE_LIMITED = "rate_limited"
     BANNED = "banned"
     QUOTA_EXCEEDED = "quota_exceeded"
+    #: A quota rule's request that names its resource more than once or in another spelling.
+    RESOURCE_AMBIGUOUS = "resource_ambiguous"
+    #: A quota rule's request that does not name its resource.
+    RESOURCE_MISSING = "resource_missing"
 
 
 @dataclass(frozen=True, slots=True)
