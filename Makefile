@@ -36,7 +36,7 @@ CATALOGS := $(wildcard gateway/translations/*/LC_MESSAGES/gateway.po)
 translations: $(CATALOGS:.po=.mo)
 
 gateway/translations/%.mo: gateway/translations/%.po $(STAMP)
-	$(VENV)/bin/pybabel compile -q -d gateway/translations -D gateway
+	$(VENV)/bin/pybabel -q compile -d gateway/translations -D gateway
 
 debian-packages:
 	@missing=$$(for p in $(DEBIAN_PACKAGES); do dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || echo $$p; done); \

@@ -6,13 +6,16 @@ No page ever shows a stack trace, a token, or a detail meant for the audit trail
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from urllib.parse import quote
 
 from flask import Request, Response, json, render_template
 
-from gateway.i18n import language_of, wording
+from gateway.i18n import Wording, language_of, wording
+from gateway.identity import LoginMethod
 from gateway.policy.decision import Reason
+from gateway.policy.model import Action, Rule
 
 
 @dataclass(frozen=True, slots=True)
@@ -21,7 +24,7 @@ class Page:
     ``reason.<code>.message`` (gateway/translations/<language>/LC_MESSAGES/gateway.po)."""
 
     status: int
-    #: Offer the login choices (card / e-CPS) on the page.
+    #: Offer the login methods the destination's rule accepts (card / e-CPS) on the page.
     offer_login: bool = False
 
 
@@ -44,7 +47,8 @@ PAGES: dict[Reason, Page] = {
     Reason.CSRF_FAILED: Page(403),
     Reason.RATE_LIMITED: Page(429),
     Reason.BANNED: Page(429),
-    Reason.QUOTA_EXCEEDED: Page(429, offer_login=True),
+    # No login choices: a fresh login would not lift the quota, only the end of its window does.
+    Reason.QUOTA_EXCEEDED: Page(429),
     Reason.RESOURCE_AMBIGUOUS: Page(400),
     Reason.RESOURCE_MISSING: Page(400),
     Reason.CARD_MISSING: Page(401, offer_login=True),
@@ -100,6 +104,32 @@ class LoginLinks:
     card: str | None
     ecps: str | None
 
+    def accepted_by(self, rule: Rule | None) -> LoginLinks:
+        """Only the methods ``rule`` accepts: a choice the rule refuses would lead back to this page."""
+        accepted = accepted_methods(rule)
+        return LoginLinks(
+            card=self.card if LoginMethod.CARD in accepted else None,
+            ecps=self.ecps if LoginMethod.ECPS in accepted else None,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class WayForward:
+    """Where a refused professional goes on from any page."""
+
+    #: The portal's home page.
+    home: str
+    #: The logout page, when the browser holds a gateway session.
+    logout: str | None = None
+    #: Whom to contact (``server.support_contact``).
+    contact: str | None = None
+
+
+def accepted_methods(rule: Rule | None) -> frozenset[LoginMethod]:
+    if rule is None or rule.action is not Action.AUTHENTICATE:
+        return frozenset(LoginMethod)
+    return rule.login.methods
+
 
 def render_page(template: str, language: str, **context: object) -> str:
     """A template rendered in ``language``: ``_("key")`` in it reads that language's catalog."""
@@ -111,31 +141,44 @@ def refusal(
     request: Request,
     *,
     default_language: str,
+    way_forward: WayForward,
     login: LoginLinks | None = None,
+    rule: Rule | None = None,
     request_id: str = "",
     retry_after: int | None = None,
     as_json: bool = False,
 ) -> Response:
-    """The refusal page (or JSON for API clients; always JSON with ``as_json``, for JSON-only endpoints)."""
+    """The refusal page (or JSON for API clients; always JSON with ``as_json``, for JSON-only endpoints).
+
+    ``rule`` guards the page the professional wanted: it decides which login methods are offered and what
+    the page says about them. The reason code appears only in the reference line (and the headers)."""
     worded, page = page_for(reason)
     language = language_of(request, default_language)
-    text = wording(language)
-    message = text(f"reason.{worded.value}.message")
+    _ = wording(language)
+    offered = login.accepted_by(rule) if login is not None and page.offer_login else None
+    message = _(f"reason.{worded.value}.message")
+    details = _details(_, worded, page, rule, retry_after)
     if not as_json and wants_html(request):
         body = render_page(
             "page.html",
             language,
-            title=text(f"reason.{worded.value}.title"),
+            title=_(f"reason.{worded.value}.title"),
             message=message,
+            details=details,
+            login=offered,
+            way_forward=way_forward,
             reason=reason.value,
-            login=login if page.offer_login else None,
             request_id=request_id,
         )
         response = Response(body, page.status, content_type="text/html; charset=utf-8")
     else:
-        payload: dict[str, object] = {"error": reason.value, "message": message, "request_id": request_id}
-        if login is not None and page.offer_login:
-            payload["login"] = {k: v for k, v in (("card", login.card), ("ecps", login.ecps)) if v}
+        payload: dict[str, object] = {
+            "error": reason.value,
+            "message": " ".join((message, *details)),
+            "request_id": request_id,
+        }
+        if offered is not None:
+            payload["login"] = {k: v for k, v in (("card", offered.card), ("ecps", offered.ecps)) if v}
         response = Response(json.dumps(payload), page.status, content_type="application/json")
     if page.status == 401:
         response.headers["WWW-Authenticate"] = 'CPS realm="gateway"'
@@ -144,6 +187,44 @@ def refusal(
     response.headers["X-Gateway-Reason"] = reason.value
     response.headers.extend(SECURITY_HEADERS)
     return response
+
+
+def _details(_: Wording, reason: Reason, page: Page, rule: Rule | None, retry_after: int | None) -> list[str]:
+    """What the page adds to its message: what the destination holds and needs, when access returns."""
+    lines = []
+    if page.offer_login:
+        if rule is not None and rule.health_data:
+            lines.append(_("page.health_data"))
+        accepted = accepted_methods(rule)
+        if accepted == {LoginMethod.CARD}:
+            lines.append(_("login.needs_card"))
+        elif accepted == {LoginMethod.ECPS}:
+            lines.append(_("login.needs_ecps"))
+        max_age = rule.login.max_age if rule is not None else None
+        if reason is Reason.LOGIN_TOO_OLD and max_age is not None:
+            lines.append(_("login.max_age", duration=duration_in_words(_, max_age)))
+    if page.status == 429 and retry_after is not None:
+        lines.append(_("page.access_returns", duration=duration_in_words(_, retry_after)))
+    return lines
+
+
+def duration_in_words(_: Wording, seconds: float) -> str:
+    """A delay as a person says it, rounded up: 45 seconds, 3 minutes, 1 hour and 5 minutes."""
+    whole = max(1, math.ceil(seconds))
+    if whole < 60:
+        return _.plural("duration.second", "duration.seconds", whole)
+    minutes = math.ceil(whole / 60)
+    if minutes < 60:
+        return _.plural("duration.minute", "duration.minutes", minutes)
+    hours, minutes = divmod(minutes, 60)
+    in_hours = _.plural("duration.hour", "duration.hours", hours)
+    if not minutes:
+        return in_hours
+    return _(
+        "duration.hours_and_minutes",
+        hours=in_hours,
+        minutes=_.plural("duration.minute", "duration.minutes", minutes),
+    )
 
 
 def login_link(base: str, next_path: str) -> str:

@@ -7,6 +7,7 @@ import secrets
 import sys
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit
 
 from flask import Flask, Response, current_app, request
 from werkzeug.exceptions import HTTPException
@@ -22,11 +23,13 @@ from gateway.limits import STORAGE_ERRORS, LoginThrottle, QuotaGuard
 from gateway.policy.decision import Reason
 from gateway.policy.engine import PolicySet
 from gateway.policy.loader import LoadedPolicies, load_policies
+from gateway.policy.model import Rule
+from gateway.policy.paths import BadPath, normalise_target
 from gateway.proxy.assertion import AssertionSigner
 from gateway.proxy.headers import client_address, in_networks
 from gateway.proxy.upstream import Upstream
 from gateway.readiness import NotReady, ReadinessRegistry, UpstreamProbe
-from gateway.responses import LoginLinks, login_link, refusal
+from gateway.responses import LoginLinks, WayForward, login_link, refusal
 from gateway.sessions import CachedSessionStore, MemorySessionStore, RedisSessionStore, SessionStore
 from gateway.settings import EcpsSettings, Settings, policy_files
 from gateway.wsgi import normalise_host
@@ -35,6 +38,7 @@ log = logging.getLogger("gateway")
 
 GATEWAY_PREFIX = "/.gateway"
 ECPS_LOGIN_PATH = GATEWAY_PREFIX + "/login/ecps"
+LOGOUT_PATH = GATEWAY_PREFIX + "/logout"
 #: Flask's (signed, short-lived) session cookie: only the e-CPS login's state, nonce and PKCE verifier.
 LOGIN_COOKIE_NAME = "__Host-gateway-login"
 
@@ -282,15 +286,56 @@ def unexpected_error(error: Exception) -> Response:
     return refuse(Reason.INTERNAL_ERROR, next_path="/")
 
 
+def destination_rule(gateway: Gateway, next_path: str) -> Rule | None:
+    """The rule guarding a GET of ``next_path`` on the portal: what a login must satisfy to get there."""
+    try:
+        target = normalise_target(next_path)
+    except BadPath:
+        return None
+    return gateway.policies.match("GET", _portal_host(gateway), target.path)
+
+
+def _portal_host(gateway: Gateway) -> str:
+    """The portal host this request is about: its own, except on the card-login host, which serves the
+    public origin's pages."""
+    public_host = normalise_host(urlsplit(gateway.settings.server.public_origin).netloc) or ""
+    host = request_host(gateway)
+    card = gateway.settings.card
+    if host is None or (card is not None and host == normalise_host(urlsplit(card.login_origin).netloc)):
+        return public_host
+    return host
+
+
+def way_forward(gateway: Gateway) -> WayForward:
+    """Home, and logout when this browser holds a session; absolute, as the card-login host shows pages too."""
+    origin = gateway.settings.server.public_origin
+    logged_in = gateway.settings.sessions.cookie_name in request.cookies
+    return WayForward(
+        home=f"{origin}/",
+        logout=f"{origin}{LOGOUT_PATH}" if logged_in else None,
+        contact=gateway.settings.server.support_contact,
+    )
+
+
 def refuse(
-    reason: Reason, *, retry_after: int | None = None, next_path: str | None = None, as_json: bool = False
+    reason: Reason,
+    *,
+    retry_after: int | None = None,
+    next_path: str | None = None,
+    rule: Rule | None = None,
+    as_json: bool = False,
 ) -> Response:
+    """The refusal of this request; ``rule`` guards where the professional was going (default: the rule
+    matching ``next_path``)."""
     gateway = gateway_of()
+    destination = next_path or current_next_path()
     return refusal(
         reason,
         request,
         default_language=gateway.settings.server.language,
-        login=gateway.login_links(next_path or current_next_path()),
+        way_forward=way_forward(gateway),
+        login=gateway.login_links(destination),
+        rule=rule or destination_rule(gateway, destination),
         request_id=request_id(),
         retry_after=retry_after,
         as_json=as_json,

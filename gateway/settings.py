@@ -109,6 +109,13 @@ class ServerSettings(_Section):
         description="Networks (e.g. the nginx in front) whose X-SSL-Client-* card headers are believed.",
     )
     language: Literal["fr", "en"] = Field("fr", description="Page language when the browser states none.")
+    support_contact: str | None = Field(
+        None,
+        max_length=200,
+        pattern=r"^[^\x00-\x1f]*$",
+        description="Whom a professional should contact when refused (e.g. 'l'assistance au 01 23 45 67 89'), "
+        "shown as is on every refusal page; none: no such line.",
+    )
     pid_file: Path | None = Field(
         None, description="File where the master writes its PID (`gateway reload` signals that process)."
     )

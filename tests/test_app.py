@@ -12,34 +12,17 @@ from joserfc import jwt
 from joserfc.jwk import KeySet
 
 from gateway.app import create_app
-from gateway.identity import Identity, LoginMethod
+from gateway.identity import LoginMethod
 from gateway.runtime import gateway_of
 from gateway.settings import load_settings
 from tests.support.audit import audit_records
 from tests.support.config import write_config
-
-COOKIE = "__Host-gateway-session"
+from tests.support.sessions import COOKIE, login
 
 
 @pytest.fixture
 def client(app: Flask) -> FlaskClient:
     return app.test_client()
-
-
-def login(app: Flask, client: FlaskClient, **fields: object) -> str:
-    values: dict = {
-        "idnat": "810001234567",
-        "method": LoginMethod.CARD,
-        "auth_time": time.time(),
-        "professions": ("10",),
-        "surname": "DUPONT",
-        "given_name": "JEAN",
-        "auth_mode": "CARD",
-    }
-    values.update(fields)
-    session = gateway_of(app).sessions.create(Identity(**values), time.time())
-    client.set_cookie(COOKIE, session.id, domain="localhost")
-    return session.id
 
 
 def audit_events(tmp_path: Path) -> list[dict]:
@@ -56,7 +39,7 @@ def test_unmatched_request_is_denied_by_default(client: FlaskClient, tmp_path: P
     response = client.get("/nothing/here", headers={"Accept": "text/html"})
     assert response.status_code == 403
     assert response.headers["X-Gateway-Reason"] == "no_matching_rule"
-    assert "Aucune règle" in response.get_data(as_text=True)
+    assert "existe pas sur ce portail" in response.get_data(as_text=True)
     assert audit_events(tmp_path)[-1]["reasons"] == ["no_matching_rule"]
 
 

@@ -20,14 +20,13 @@ from gateway.identity import LoginMethod
 from gateway.login import LoginRefused, admit_login_attempt, login_failed, open_session
 from gateway.policy.decision import Reason
 from gateway.policy.model import Action
-from gateway.policy.paths import BadPath, normalise_target
 from gateway.runtime import (
     GATEWAY_PREFIX,
     Gateway,
     audit_event,
+    destination_rule,
     gateway_of,
     refuse,
-    request_host,
 )
 from gateway.sessions import SessionStoreUnavailable, idnat_tag
 
@@ -66,12 +65,7 @@ def begin_login() -> WerkzeugResponse:
 
 def _step_up_max_age(gateway: Gateway, next_path: str) -> int | None:
     """The ``max_age`` of the rule guarding ``next_path``: PSC must then authenticate the user again."""
-    host = request_host(gateway)
-    try:
-        target = normalise_target(next_path)
-    except BadPath:
-        return None
-    rule = gateway.policies.match("GET", host or "", target.path)
+    rule = destination_rule(gateway, next_path)
     if rule is None or rule.action is not Action.AUTHENTICATE or rule.login.max_age is None:
         return None
     return max(1, math.ceil(rule.login.max_age))
@@ -87,7 +81,7 @@ def complete_login() -> Response:
             login_failed(gateway, None, exc.reason, method=LoginMethod.ECPS.value, detail=exc.detail)
         else:
             _audit_refused_login(gateway, exc)
-        return refuse(exc.reason, next_path="/")
+        return refuse(exc.reason, next_path=exc.next_path or "/")
     metrics.login_attempt(LoginMethod.ECPS.value, "success")
     data = {"id_token": login.id_token, "sid": login.sid or ""}
     try:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hmac
 import time
+from dataclasses import replace
 from urllib.parse import urlsplit
 
 from flask import Blueprint, Response, request
@@ -18,20 +19,41 @@ from gateway.identity import LoginMethod
 from gateway.login import clear_session_cookie
 from gateway.policy.decision import Reason
 from gateway.responses import SECURITY_HEADERS, render_page
-from gateway.runtime import GATEWAY_PREFIX, Gateway, audit_event, gateway_of, refuse, see_other
+from gateway.runtime import (
+    LOGOUT_PATH,
+    Gateway,
+    audit_event,
+    gateway_of,
+    refuse,
+    see_other,
+    way_forward,
+)
 from gateway.sessions import Session, SessionStoreUnavailable
 
-LOGOUT_PATH = "/logout"
+#: Where a logout ends (PSC's post_logout_redirect_uri should name it too): it says the session is closed.
+LOGGED_OUT_PATH = LOGOUT_PATH + "/done"
 
 
 def blueprint() -> Blueprint:
-    logout = Blueprint("gateway_logout", __name__, url_prefix=GATEWAY_PREFIX)
+    logout = Blueprint("gateway_logout", __name__)
     logout.add_url_rule(LOGOUT_PATH, "confirm", confirm_logout, methods=["GET"])
     logout.add_url_rule(LOGOUT_PATH, "logout", log_out, methods=["POST"])
+    logout.add_url_rule(LOGGED_OUT_PATH, "done", logged_out, methods=["GET"])
     return logout
 
 
 def confirm_logout() -> Response:
+    return _logout_page(done=False)
+
+
+def logged_out() -> Response:
+    return _logout_page(done=True)
+
+
+def _logout_page(*, done: bool) -> Response:
+    """The question (with the form) while a session is live; otherwise that there is none, or, at the end of
+    a logout, that it is closed. A live session always gets the question: the page never claims a logout
+    that did not happen."""
     gateway = gateway_of()
     try:
         session = current_session(gateway, time.time())
@@ -41,8 +63,10 @@ def confirm_logout() -> Response:
     body = render_page(
         "logout.html",
         language,
-        action=GATEWAY_PREFIX + LOGOUT_PATH,
+        action=LOGOUT_PATH,
         csrf_token=session.csrf_token if session else None,
+        done=done,
+        way_forward=replace(way_forward(gateway), logout=None),
     )
     response = Response(body, 200, content_type="text/html; charset=utf-8")
     response.headers.extend(SECURITY_HEADERS)
@@ -74,7 +98,7 @@ def log_out() -> Response:
         return refuse(Reason.SESSION_STORE_UNAVAILABLE, next_path="/")
     if session is None:
         # Nothing to end (expired, or already logged out): just make sure the browser forgets the cookie.
-        response = see_other("/")
+        response = see_other(LOGGED_OUT_PATH)
         clear_session_cookie(gateway, response)
         return response
     if not hmac.compare_digest(request.form.get("csrf_token", ""), session.csrf_token):
@@ -93,7 +117,7 @@ def log_out() -> Response:
 
 def _after_logout_url(gateway: Gateway, session: Session) -> str:
     """e-CPS sessions also end the PSC session (RP-initiated logout) when PSC can be reached."""
-    return _end_session_url(gateway, session) or "/"
+    return _end_session_url(gateway, session) or LOGGED_OUT_PATH
 
 
 def _end_session_url(gateway: Gateway, session: Session) -> str | None:

@@ -96,7 +96,11 @@ class ProxyApp:
         next_path = target.path_and_query
         if not access.decision.allowed:
             refusal = partial(
-                refuse, access.decision.reason, retry_after=access.retry_after, next_path=next_path
+                refuse,
+                access.decision.reason,
+                retry_after=access.retry_after,
+                next_path=next_path,
+                rule=access.rule,
             )
             return self._in_flask(environ, refusal)
         try:

@@ -164,6 +164,7 @@ class _RuleSpec(_Spec):
     action: Action
     login: _LoginSpec | None = None
     quota: _QuotaSpec | None = None
+    health_data: bool = False
 
     @field_validator("name")
     @classmethod
@@ -178,6 +179,8 @@ class _RuleSpec(_Spec):
             for key in ("login", "quota"):
                 if getattr(self, key) is not None:
                     raise ValueError(f"'{key}' only applies to action 'authenticate'")
+            if self.health_data:
+                raise ValueError("'health_data' only applies to action 'authenticate'")
         return self
 
 
@@ -249,6 +252,7 @@ def _compile(spec: _RuleSpec, index: int, document: LocatedDocument) -> Rule:
         ),
         quota=_quota(spec.quota),
         description=spec.description,
+        health_data=spec.health_data,
     )
 
 

@@ -70,6 +70,8 @@ class Rule:
     login: LoginRequirement = field(default_factory=LoginRequirement)
     quota: Quota | None = None
     description: str = ""
+    #: The route shows health data (patients' records): its login page says so, and only then.
+    health_data: bool = False
     _path_regex: re.Pattern[str] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:

@@ -102,8 +102,11 @@ def test_open_redirects_are_refused(world: EcpsWorld) -> None:
 def test_user_refusing_on_the_phone(world: EcpsWorld) -> None:
     browser = Browser()
     cancelled = login_attempts(world.metrics_url, "ecps", "login_cancelled")
-    callback = world.psc.refuse(start_login(world, browser, "/echo/protected/x"))
-    assert_refused(browser.get(callback), 401, "login_cancelled", "Identification annulée")
+    callback = world.psc.refuse(start_login(world, browser, "/echo/protected/x?tab=2"))
+    page = browser.get(callback)
+    assert_refused(page, 401, "login_cancelled", "Identification annulée")
+    # The next try goes where the cancelled one was going.
+    assert 'id="login-ecps" href="/.gateway/login/ecps?next=/echo/protected/x%3Ftab%3D2"' in page.text
     assert world.last_audit("login")["reasons"] == ["login_cancelled"]
     assert login_attempts(world.metrics_url, "ecps", "login_cancelled") == cancelled + 1
 

@@ -85,6 +85,10 @@ def test_a_valid_file_loads_with_locations() -> None:
             "policies/p.yaml:2: rules[0]: 'login' only applies to action 'authenticate'",
         ),
         (
+            "rules:\n  - name: x\n    match: { path: / }\n    action: deny\n    health_data: true\n",
+            "policies/p.yaml:2: rules[0]: 'health_data' only applies to action 'authenticate'",
+        ),
+        (
             "rules:\n  - name: x\n    match: { path: /p/* }\n    action: authenticate\n"
             "    quota: { window: 1h, max_distinct: 10 }\n",
             "policies/p.yaml:5: rules[0].quota: 'max_distinct' needs 'resource'",
@@ -172,3 +176,33 @@ def test_the_example_policies_load_without_warnings() -> None:
     loaded = load_policies({str(f): f.read_text() for f in files})
     assert loaded.warnings == ()
     assert {r.name for r in loaded.policy_set.rules} >= {"home", "patient-records", "bank-details"}
+
+
+def test_a_rule_says_whether_its_route_shows_health_data() -> None:
+    text = """\
+rules:
+  - name: records
+    match: { path: /patients/* }
+    action: authenticate
+    health_data: true
+  - name: account
+    match: { path: /account/** }
+    action: authenticate
+"""
+    records, account = load_policies({"p.yaml": text}).policy_set.rules
+    assert records.health_data and not account.health_data
+
+
+def test_the_example_policies_let_browsers_fetch_the_icon_and_mark_patient_records_as_health_data() -> None:
+    from pathlib import Path
+
+    from gateway.policy.model import Action
+
+    files = sorted(Path("policies").glob("*.yaml"))
+    policies = load_policies({str(f): f.read_text() for f in files}).policy_set
+    icon = policies.match("GET", "portal.example.fr", "/favicon.ico")
+    assert icon is not None and icon.action is Action.PUBLIC
+    records = policies.match("GET", "portal.example.fr", "/patients/180017512345678")
+    bank = policies.match("GET", "portal.example.fr", "/account/rib")
+    assert records is not None and records.health_data
+    assert bank is not None and not bank.health_data

@@ -54,6 +54,8 @@ class EcpsError(Exception):
         super().__init__(f"{reason.value}: {detail}")
         self.reason = reason
         self.detail = detail
+        #: Where the refused login was going, once the state proved the answer belongs to this browser.
+        self.next_path: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -194,6 +196,14 @@ class ProSanteConnect:
         """Handle PSC's redirect back to the gateway (the current Flask request)."""
         self._require_app()
         login_request = self._consume_state()
+        try:
+            return self._complete_login(login_request)
+        except EcpsError as error:
+            # A cancelled (or refused) login keeps its destination: the next attempt goes back there.
+            error.next_path = safe_next_path(str(login_request["next_path"]))
+            raise
+
+    def _complete_login(self, login_request: dict[str, Any]) -> EcpsLogin:
         self._refuse_other_issuer()
         self._refuse_error_callback()
         code = request.args.get("code")
