@@ -384,7 +384,7 @@ def _dev_init_pki(directory: Path) -> None:
 
 
 DEV_DIR = Path("certs/dev")
-CARD_VARIANTS = ("expired", "revoked", "not-yet-valid", "wrong-ca", "staff")
+CARD_VARIANTS = ("expired", "revoked", "not-yet-valid", "wrong-ca")
 
 
 def _add_dev_card_commands(dev: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -398,6 +398,19 @@ def _add_dev_card_commands(dev: argparse._SubParsersAction[argparse.ArgumentPars
     card.add_argument("--surname", required=True)
     card.add_argument("--given", required=True)
     card.add_argument("--profession", default="10", help="TRE_G15 code (10 Médecin, 21 Pharmacien...)")
+    card.add_argument(
+        "--kind",
+        choices=("cps", "cpe", "cpa"),
+        default="cps",
+        help="cps: a professional (default); cpe: establishment staff, --idnat 3<FINESS>/<no>; cpa: organisation,"
+        " --idnat 5<SIRET>/<no> (each in the real subject layout of that card)",
+    )
+    card.add_argument("--structure", default="", help="the structure of a cpe or cpa card (its O)")
+    card.add_argument(
+        "--signature-key",
+        action="store_true",
+        help="also a signature key pair (non-repudiation certificate), like a CPS3 card",
+    )
     card.add_argument("--pin", default="1234")
     card.add_argument("--dir", type=Path, default=DEV_DIR, help="dev PKI directory (default certs/dev)")
     variant = card.add_mutually_exclusive_group()
@@ -412,6 +425,7 @@ def _add_dev_card_commands(dev: argparse._SubParsersAction[argparse.ArgumentPars
 
 def _dev_card(args: argparse.Namespace) -> int:
     from gateway.devtools.cards import create_card, softhsm_env
+    from gateway.identity import CardKind
 
     try:
         card = create_card(
@@ -423,6 +437,9 @@ def _dev_card(args: argparse.Namespace) -> int:
             args.profession,
             args.pin,
             args.variant,
+            kind=CardKind(args.kind.upper()),
+            structure_name=args.structure,
+            signature_key=args.signature_key,
         )
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)

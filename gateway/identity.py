@@ -14,6 +14,17 @@ class LoginMethod(enum.StrEnum):
     ECPS = "ecps"  # Pro Santé Connect (e-CPS app, or the card at PSC: see Identity.auth_mode)
 
 
+class CardKind(enum.StrEnum):
+    """Which card of the CPS family (ANS) a card login used: who holds it."""
+
+    CPS = "CPS"  # Carte de Professionnel de Santé: a health professional, professions from the certificate
+    CPE = "CPE"  # Carte de Personnel d'Établissement: staff of a health or social structure, no profession
+    CPA = "CPA"  # Carte de Personnel Autorisé (and director cards): acts for an organisation, no profession
+
+
+#: Card kinds that designate an establishment's staff or an organisation, not a health professional.
+STAFF_OR_ORGANISATION_CARDS = frozenset({CardKind.CPE, CardKind.CPA})
+
 # First digit of an idNat (domain.md): who the identifier designates.
 ID_TYPE_ADELI = "0"
 ID_TYPE_ADELI_PRACTICE = "1"
@@ -48,6 +59,13 @@ class Identity:
     #: Card certificate serial (hex) and issuer, for card logins: audit and revocation follow-up.
     card_serial: str = ""
     card_issuer: str = ""
+    #: Card logins: the kind of card (None for e-CPS logins).
+    card_kind: CardKind | None = None
+    #: Staff and organisation cards: the structure's idNat (before the ``/`` of the holder's), its name (the
+    #: certificate's O) and the holder's number within it (after the ``/``). Empty for a professional.
+    structure_id: str = ""
+    structure_name: str = ""
+    employee_id: str = ""
     extra: dict[str, str] = field(default_factory=dict, compare=False)
 
     @property
@@ -57,12 +75,13 @@ class Identity:
 
     @property
     def is_staff_or_organisation(self) -> bool:
-        return self.id_type in STAFF_OR_ORGANISATION_ID_TYPES
+        return self.card_kind in STAFF_OR_ORGANISATION_CARDS or self.id_type in STAFF_OR_ORGANISATION_ID_TYPES
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["method"] = self.method.value
         data["professions"] = list(self.professions)
+        data["card_kind"] = self.card_kind.value if self.card_kind else ""
         return data
 
     @classmethod
@@ -78,5 +97,9 @@ class Identity:
             acr=str(data.get("acr", "")),
             card_serial=str(data.get("card_serial", "")),
             card_issuer=str(data.get("card_issuer", "")),
+            card_kind=CardKind(data["card_kind"]) if data.get("card_kind") else None,
+            structure_id=str(data.get("structure_id", "")),
+            structure_name=str(data.get("structure_name", "")),
+            employee_id=str(data.get("employee_id", "")),
             extra={str(k): str(v) for k, v in dict(data.get("extra", {})).items()},
         )

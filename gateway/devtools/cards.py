@@ -22,7 +22,14 @@ from cryptography.hazmat.primitives import serialization
 
 from gateway import pkcs11 as tokens
 from gateway.authn.card.certificate import PROFESSION_LABELS
-from gateway.devtools.pki import CardVariant, ensure_dev_pki, issue_card_certificate
+from gateway.devtools.pki import (
+    CardUsage,
+    CardVariant,
+    check_card_holder,
+    ensure_dev_pki,
+    issue_card_certificate,
+)
+from gateway.identity import CardKind
 
 SO_PIN = "12345678"  # dev tokens only
 
@@ -34,6 +41,8 @@ class Card:
     key_id: bytes
     certificate: x509.Certificate
     pem_path: Path
+    #: The CKA_ID of the second (signature) key pair of a two-key card, None on a one-key card.
+    signature_key_id: bytes | None = None
 
     @property
     def idnat(self) -> str:
@@ -83,32 +92,49 @@ def create_card(
     pin: str = "1234",
     variant: CardVariant | None = None,
     *,
+    kind: CardKind = CardKind.CPS,
+    structure_name: str = "",
+    signature_key: bool = False,
     key_kind: tokens.KeyKind = "rsa",
     now: datetime | None = None,
     module_path: str = tokens.SOFTHSM_MODULE,
 ) -> Card:
     """Create a test card: token, key pair on it, certificate from the dev PKI, stored on it.
 
-    ``variant``: None, "expired", "revoked", "not-yet-valid", "wrong-ca" or "staff" (idNat ``3<FINESS>/<no>``,
-    no profession title).
+    ``kind``: CPS (a professional, ``profession_code``), CPE (establishment staff, idNat ``3<FINESS>/<no>``) or
+    CPA (organisation, idNat ``4<SIREN>/<no>`` or ``5<SIRET>/<no>``), each in its real subject layout;
+    ``structure_name`` is a CPE's or CPA's structure. ``signature_key`` adds a second key pair with a
+    non-repudiation certificate, like a CPS3 card. ``variant``: None, "expired", "revoked",
+    "not-yet-valid" or "wrong-ca".
     """
-    if profession_code not in PROFESSION_LABELS and variant != "staff":
+    if kind is CardKind.CPS and profession_code not in PROFESSION_LABELS:
         raise ValueError(f"unknown TRE_G15 profession code {profession_code!r}")
     if any(info.label == label for info in list_cards(base_dir, module_path)):
         raise ValueError(f"a card labelled {label!r} already exists")
     pki = ensure_dev_pki(base_dir, now)
+    title = PROFESSION_LABELS[profession_code] if kind is CardKind.CPS else None
+    now = now or datetime.now(UTC)
+
+    def key_pair(usage: CardUsage) -> tuple[bytes, x509.Certificate]:
+        key_id = secrets.token_bytes(8)
+        public_key = tokens.generate_key_pair(
+            label, pin, f"{label} {usage} key", key_id, key_kind, module_path
+        )
+        certificate = issue_card_certificate(
+            pki, public_key, idnat, surname, given, title,
+            kind=kind, structure_name=structure_name, usage=usage, variant=variant, now=now,
+        )  # fmt: skip
+        der = certificate.public_bytes(serialization.Encoding.DER)
+        tokens.store_certificate(label, pin, der, key_id, f"{label} {usage} certificate", module_path)
+        return key_id, certificate
+
+    check_card_holder(idnat, kind, structure_name)  # before a token exists: no half-made card
     tokens.init_softhsm_token(label, SO_PIN, pin, softhsm_env(base_dir))
-    key_id, key_label = secrets.token_bytes(8), f"{label} authentication key"
-    public_key = tokens.generate_key_pair(label, pin, key_label, key_id, key_kind, module_path)
-    title = None if variant == "staff" else PROFESSION_LABELS[profession_code]
-    certificate = issue_card_certificate(
-        pki, public_key, idnat, surname, given, title, variant=variant, now=now or datetime.now(UTC)
-    )
-    der = certificate.public_bytes(serialization.Encoding.DER)
-    tokens.store_certificate(label, pin, der, key_id, f"{label} authentication certificate", module_path)
+    signature_key_id = key_pair("signature")[0] if signature_key else None
+    key_id, certificate = key_pair("authentication")
     pem_path = softhsm_dir(base_dir) / f"{label}.pem"
     pem_path.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
-    return Card(label, key_label, key_id, certificate, pem_path)
+    return Card(label, f"{label} authentication key", key_id, certificate, pem_path, signature_key_id)
 
 
 def list_cards(base_dir: Path, module_path: str = tokens.SOFTHSM_MODULE) -> list[tokens.TokenInfo]:

@@ -28,7 +28,12 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-CardVariant = Literal["expired", "revoked", "not-yet-valid", "wrong-ca", "staff"]
+from gateway.identity import STAFF_OR_ORGANISATION_ID_TYPES, CardKind
+
+CardVariant = Literal["expired", "revoked", "not-yet-valid", "wrong-ca"]
+#: Which key pair of a card a certificate is for: a CPS3 card holds one for authentication (TLS client
+#: authentication, challenges) and one for (non-repudiation) signatures, each with its certificate.
+CardUsage = Literal["authentication", "signature"]
 PublicKey = rsa.RSAPublicKey | ec.EllipticCurvePublicKey
 PrivateKey = rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey
 
@@ -40,6 +45,8 @@ CARD_VALIDITY = timedelta(days=3 * 365)
 SERVER_VALIDITY = timedelta(days=825)
 #: CRLs are re-signed with this lifetime; short enough that a forgotten dev CRL goes stale visibly.
 CRL_LIFETIME = timedelta(days=7)
+#: The title of an establishment staff card (CPE), as on a real one: it names the card, not a profession.
+STAFF_CARD_TITLE = "Carte de service santé ou social"
 #: Certificates are back-dated a little so that clocks a few minutes apart still agree they are valid.
 BACKDATE = timedelta(minutes=10)
 
@@ -113,21 +120,41 @@ def igc_sante_ca_name(common_name: str) -> x509.Name:
     )
 
 
-def card_subject(idnat: str, surname: str, given_name: str, title: str | None) -> x509.Name:
-    """The real card subject layout: ``CN=<idNat>+SN=<surname>+GN=<given>, title=<label>, C=FR``."""
-    rdns = [
-        x509.RelativeDistinguishedName(
-            [
-                x509.NameAttribute(NameOID.COMMON_NAME, idnat),
-                x509.NameAttribute(NameOID.SURNAME, surname),
-                x509.NameAttribute(NameOID.GIVEN_NAME, given_name),
-            ]
-        )
+def card_subject(
+    idnat: str,
+    surname: str,
+    given_name: str,
+    title: str | None,
+    *,
+    kind: CardKind = CardKind.CPS,
+    structure_name: str = "",
+) -> x509.Name:
+    """The real subject layout of each card kind (RFC 4514 order, the reverse of the DER order):
+
+    - CPS: ``CN=<idNat>+SN=<surname>+GN=<given>,title=<profession label>,C=FR``
+    - CPE: ``CN=3<FINESS>/<no>,pseudonym=EMPLOYE<no>,title=Carte de service santé ou social,OU=<FINESS>,
+      O=<structure>,C=FR`` (no names: the holder is known to the structure by number)
+    - CPA: ``CN=<4|5><SIREN|SIRET>/<no>+SN=<surname>+GN=<given>,OU=<SIREN|SIRET>,O=<structure>,C=FR``
+    """
+
+    def rdn(*attributes: tuple[x509.ObjectIdentifier, str]) -> x509.RelativeDistinguishedName:
+        return x509.RelativeDistinguishedName([x509.NameAttribute(oid, value) for oid, value in attributes])
+
+    named = rdn((NameOID.COMMON_NAME, idnat), (NameOID.SURNAME, surname), (NameOID.GIVEN_NAME, given_name))
+    rdns = [rdn((NameOID.COUNTRY_NAME, "FR"))]
+    if kind is CardKind.CPS:
+        if title:
+            rdns.append(rdn((NameOID.TITLE, title)))
+        return x509.Name([*rdns, named])
+    structure, _, number = idnat.partition("/")
+    rdns += [
+        rdn((NameOID.ORGANIZATION_NAME, structure_name)),
+        rdn((NameOID.ORGANIZATIONAL_UNIT_NAME, structure[1:])),
     ]
-    if title:
-        rdns.append(x509.RelativeDistinguishedName([x509.NameAttribute(NameOID.TITLE, title)]))
-    rdns.append(x509.RelativeDistinguishedName([x509.NameAttribute(NameOID.COUNTRY_NAME, "FR")]))
-    return x509.Name(rdns)
+    if kind is CardKind.CPE:
+        rdns += [rdn((NameOID.TITLE, STAFF_CARD_TITLE)), rdn((NameOID.PSEUDONYM, f"EMPLOYE{number}"))]
+        return x509.Name([*rdns, rdn((NameOID.COMMON_NAME, idnat))])
+    return x509.Name([*rdns, named])
 
 
 # ---------------------------------------------------------------------------------------------- files
@@ -279,6 +306,7 @@ def _ensure_server(base_dir: Path, server_ca: CertifiedKey, now: datetime) -> Ce
 def key_usage(
     *,
     digital_signature: bool = True,
+    content_commitment: bool = False,
     key_encipherment: bool = False,
     key_cert_sign: bool = False,
     crl_sign: bool = False,
@@ -286,7 +314,7 @@ def key_usage(
     """A KeyUsage extension naming only the usages given (cryptography wants all nine flags spelled out)."""
     return x509.KeyUsage(
         digital_signature=digital_signature,
-        content_commitment=False,
+        content_commitment=content_commitment,
         key_encipherment=key_encipherment,
         data_encipherment=False,
         key_agreement=False,
@@ -342,6 +370,18 @@ def refresh_crls(pki: DevPki, now: datetime) -> None:
         write_crl(ca, sign_crl(ca, revoked, now))
 
 
+def check_card_holder(idnat: str, kind: CardKind, structure_name: str) -> None:
+    """ValueError when ``idnat`` and ``structure_name`` do not fit a card of ``kind``."""
+    if kind is CardKind.CPS:
+        return
+    if idnat[:1] not in STAFF_OR_ORGANISATION_ID_TYPES or "/" not in idnat:
+        raise ValueError(
+            f"a {kind.value} card's idNat is <3 FINESS|4 SIREN|5 SIRET>/<holder no.>, not {idnat!r}"
+        )
+    if not structure_name:
+        raise ValueError(f"a {kind.value} card names its structure (O)")
+
+
 def issue_card_certificate(
     pki: DevPki,
     public_key: PublicKey,
@@ -350,18 +390,21 @@ def issue_card_certificate(
     given_name: str,
     title: str | None,
     *,
+    kind: CardKind = CardKind.CPS,
+    structure_name: str = "",
+    usage: CardUsage = "authentication",
     variant: CardVariant | None = None,
     now: datetime | None = None,
 ) -> x509.Certificate:
-    """Issue a card authentication certificate for a key generated elsewhere (on the token).
+    """Issue a card certificate for a key generated elsewhere (on the token), in the layout of ``kind``.
 
-    ``variant``: "expired" (validity ended yesterday), "not-yet-valid" (starts in 30 days), "revoked"
-    (listed in the intermediate's CRL, re-signed), "wrong-ca" (issued by the impostor hierarchy),
-    "staff" (idNat must be ``3<FINESS>/<staff no>``).
+    ``title`` is the profession label of a CPS (a CPE's title names the card; a CPA has none). ``usage``
+    "signature" makes the certificate of a CPS3 card's second key pair (nonRepudiation only: never accepted for
+    a login). ``variant``: "expired" (validity ended yesterday), "not-yet-valid" (starts in 30 days), "revoked"
+    (listed in the intermediate's CRL, re-signed), "wrong-ca" (issued by the impostor hierarchy).
     """
     now = now or datetime.now(UTC)
-    if variant == "staff" and not idnat.startswith("3"):
-        raise ValueError("a staff card's idNat is 3<FINESS>/<staff no>")
+    check_card_holder(idnat, kind, structure_name)
     issuer = pki.wrong_intermediate if variant == "wrong-ca" else pki.intermediate
     not_before, not_after = now - BACKDATE, now + CARD_VALIDITY
     if variant == "expired":
@@ -369,26 +412,31 @@ def issue_card_certificate(
     elif variant == "not-yet-valid":
         not_before, not_after = now + timedelta(days=30), now + timedelta(days=30) + CARD_VALIDITY
     serial = x509.random_serial_number()
-    certificate = (
+    builder = (
         x509.CertificateBuilder()
-        .subject_name(card_subject(idnat, surname, given_name, title))
+        .subject_name(
+            card_subject(idnat, surname, given_name, title, kind=kind, structure_name=structure_name)
+        )
         .issuer_name(issuer.certificate.subject)
         .public_key(public_key)
         .serial_number(serial)
         .not_valid_before(not_before)
         .not_valid_after(not_after)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(
-            key_usage(digital_signature=True),
-            critical=True,
-        )
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
         .add_extension(
             x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer.key.public_key()), critical=False
         )
-        .sign(issuer.key, hashes.SHA256())
     )
+    if usage == "authentication":
+        builder = builder.add_extension(key_usage(digital_signature=True), critical=True).add_extension(
+            x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False
+        )
+    else:
+        builder = builder.add_extension(
+            key_usage(digital_signature=False, content_commitment=True), critical=True
+        )
+    certificate = builder.sign(issuer.key, hashes.SHA256())
     if variant == "revoked":
         revoke(pki, serial, now)
     return certificate

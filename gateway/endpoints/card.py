@@ -204,7 +204,15 @@ def verify() -> Response:
 def _login_facts(identity: Identity, channel: str) -> dict[str, Any]:
     # Staff and organisation cards pass verification; the policies refuse them per route (allow_staff_cards).
     card_type = "staff_or_organisation" if identity.is_staff_or_organisation else "professional"
-    return {"channel": channel, "card_type": card_type, "card_issuer": identity.card_issuer}
+    facts: dict[str, Any] = {
+        "channel": channel,
+        "card_type": card_type,
+        "card_kind": identity.card_kind.value if identity.card_kind else None,
+        "card_issuer": identity.card_issuer,
+    }
+    if identity.is_staff_or_organisation:
+        facts.update(structure_id=identity.structure_id, employee_id=identity.employee_id)
+    return facts
 
 
 def _card_facts(certificate: bytes | str) -> dict[str, str]:

@@ -78,6 +78,15 @@ class AssertionSigner:
             "given_name": identity.given_name,
             "rule": rule,
         }
+        if identity.card_kind is not None:
+            claims["card_kind"] = identity.card_kind.value
+        if identity.is_staff_or_organisation:
+            # No profession to tell the portal: who the holder works for, and their number there.
+            claims.update(
+                structure_id=identity.structure_id,
+                structure_name=identity.structure_name,
+                employee_id=identity.employee_id,
+            )
         token = jwt.encode({"alg": ALGORITHM, "kid": self._kid, "typ": "JWT"}, claims, self._key)
         with self._lock:
             self._cache[cache_key] = (token, expires)

@@ -50,7 +50,8 @@ def test_key_is_generated_on_token_sensitive_and_not_extractable(softhsm_cards: 
 def test_staff_card_subject(softhsm_cards: CardSet) -> None:
     card = softhsm_cards["staff"]
     assert card.idnat.startswith("3") and "/" in card.idnat
-    assert card.certificate.subject.get_attributes_for_oid(x509.NameOID.TITLE) == []
+    (title,) = card.certificate.subject.get_attributes_for_oid(x509.NameOID.TITLE)
+    assert title.value == "Carte de service santé ou social"
 
 
 def test_refuses_duplicate_label_and_unknown_profession(softhsm_cards: CardSet) -> None:

@@ -11,6 +11,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from cryptography.x509.verification import PolicyBuilder, Store
 
 from gateway.devtools.pki import INTERMEDIATE_CN, ROOT_CN, DevPki, ensure_dev_pki, revoke
+from gateway.identity import CardKind
 from tests.support.pki import card_key, software_card
 
 
@@ -67,10 +68,12 @@ def test_server_certificate_valid_for_localhost_and_loopback(dev_pki: DevPki) ->
 
 def test_card_subject_layout_and_extensions(dev_pki: DevPki) -> None:
     cert = software_card(dev_pki)
-    first_rdn = cert.subject.rdns[0]
-    assert {a.oid for a in first_rdn} == {NameOID.COMMON_NAME, NameOID.SURNAME, NameOID.GIVEN_NAME}
+    # As on real cards: C first in DER, the multi-valued CN+SN+GN last (first in RFC 4514 order).
+    assert cert.subject.rdns[0].get_attributes_for_oid(NameOID.COUNTRY_NAME)[0].value == "FR"
     assert cert.subject.rdns[1].get_attributes_for_oid(NameOID.TITLE)[0].value == "Médecin"
-    assert cert.subject.rdns[2].get_attributes_for_oid(NameOID.COUNTRY_NAME)[0].value == "FR"
+    last_rdn = cert.subject.rdns[2]
+    assert {a.oid for a in last_rdn} == {NameOID.COMMON_NAME, NameOID.SURNAME, NameOID.GIVEN_NAME}
+    assert cert.subject.rfc4514_string().endswith("2.5.4.12=Médecin,C=FR")
     with pytest.raises(x509.ExtensionNotFound):
         cert.extensions.get_extension_for_class(x509.SubjectAlternativeName)
     assert cert.extensions.get_extension_for_class(x509.KeyUsage).value.digital_signature
@@ -94,10 +97,15 @@ def test_variants_dates_issuer_and_staff(dev_pki: DevPki) -> None:
     wrong = software_card(dev_pki, variant="wrong-ca")
     assert wrong.issuer == dev_pki.intermediate.certificate.subject  # same name...
     wrong.verify_directly_issued_by(dev_pki.wrong_intermediate.certificate)  # ...other key
-    with pytest.raises(ValueError):
-        software_card(dev_pki, variant="staff", idnat="810002813839")
-    staff = software_card(dev_pki, variant="staff", idnat="3750000001/00042", title=None)
-    assert staff.subject.get_attributes_for_oid(NameOID.TITLE) == []
+    with pytest.raises(ValueError, match="idNat"):
+        software_card(dev_pki, kind=CardKind.CPE, idnat="810002813839", structure_name="CLINIQUE")
+    with pytest.raises(ValueError, match="structure"):
+        software_card(dev_pki, kind=CardKind.CPA, idnat="512345678900011/D0007")
+    staff = software_card(dev_pki, kind=CardKind.CPE, idnat="3750000001/00042", structure_name="CLINIQUE")
+    assert staff.subject.rfc4514_string() == (
+        "CN=3750000001/00042,2.5.4.65=EMPLOYE00042,2.5.4.12=Carte de service santé ou social,"
+        "OU=750000001,O=CLINIQUE,C=FR"
+    )
 
 
 def test_revoke_adds_serial_and_resigns(own_pki: DevPki) -> None:

@@ -13,6 +13,7 @@ import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 from urllib.parse import quote
 
 import pytest
@@ -23,8 +24,10 @@ from gateway.authn.card.certificate import format_serial
 from gateway.authn.card.challenge import challenge_message
 from gateway.devtools.cards import Card, softhsm_env
 from gateway.devtools.pki import DevPki
-from tests.support.card_stack import CardStack, card_stack, curl_with_card
+from tests.support.card_stack import CardStack, card_stack, curl_with_card, curl_with_token
+from tests.support.config import TEST_POLICIES
 from tests.support.metrics import login_attempts
+from tests.support.openssl_pki import OpensslPki, printed_serial, softhsm_config, tool_token
 from tests.support.processes import PYTHON, REPO_ROOT
 from tests.support.softhsm import PIN, CardSet
 
@@ -265,3 +268,112 @@ def test_a_revoked_card_is_refused_by_challenge_too(stack: CardStack, softhsm_ca
     body = signed_challenge(stack, softhsm_cards["revoked"])
     refused = requests.post(f"{stack.gateway_url}/.gateway/card/verify", json=body, timeout=5)
     assert (refused.status_code, refused.json()["error"]) == (403, "card_revoked")
+
+
+# ------------------------------------------- cards the project did not make: openssl PKI, pkcs11-tool tokens
+
+STAFF_POLICIES = (
+    TEST_POLICIES
+    + """\
+  - name: staff-allowed
+    match: { path: /echo/staff/** }
+    action: authenticate
+    login: { methods: [card], allow_staff_cards: true }
+"""
+)
+
+
+@pytest.fixture(scope="module")
+def tool_stack(
+    tool_pki: OpensslPki,
+    dev_pki: DevPki,
+    upstream_url: str,
+    assertion_key: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[CardStack]:
+    """The card stack trusting the openssl-made hierarchy (nginx keeps the dev server certificate)."""
+    work = tmp_path_factory.mktemp("tool-card-stack")
+    with card_stack(
+        work, dev_pki, upstream_url, assertion_key, cards=tool_pki.card_settings, policies=STAFF_POLICIES
+    ) as running:
+        yield running
+
+
+def _assertion_claims(page: dict[str, Any]) -> dict[str, Any]:
+    payload = page["headers"]["x-gateway-assertion"].split(".")[1]
+    return dict(json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4))))
+
+
+@pytest.mark.parametrize(
+    ("kind", "serial", "card_kind", "structure"),
+    [
+        ("cpe", "0x0E01", "CPE", ("3760021832", "PHARMACIE DES LILAS", "000000018")),
+        ("cpa", "0x0E02", "CPA", ("500000000029751", "CENTRE DE SANTE DES LILAS", "CPAT0001")),
+    ],
+)
+def test_staff_and_organisation_cards_log_in_where_a_rule_allows_them(
+    tool_stack: CardStack,
+    tool_pki: OpensslPki,
+    tmp_path: Path,
+    kind: str,
+    serial: str,
+    card_kind: str,
+    structure: tuple[str, str, str],
+) -> None:
+    # A token filled by pkcs11-tool, a certificate in the card's real layout made by openssl (a CPE's title is
+    # "Carte de service santé ou social"), presented by curl through the shipped card-host template.
+    env = softhsm_config(tmp_path / "softhsm")
+    token = tool_token(env, f"tool-{kind}")
+    certificate = tool_pki.token_card(token, kind, serial)
+    url = f"{tool_stack.card_origin}/.gateway/login/card?next=/echo/staff/page"
+    login = curl_with_token(
+        env,
+        tool_stack.pki.base_dir / "server-ca.pem",
+        (token.key_uri("01"), certificate),
+        url,
+        ["-D", "-"],
+        tmp_path,
+    )
+    assert " 303" in login.stdout.splitlines()[0], login.stdout + login.stderr
+    location = next(
+        line.split(":", 1)[1].strip()
+        for line in login.stdout.splitlines()
+        if line.lower().startswith("location:")
+    )
+    followed = _follow_with_cookie_jar(location, tmp_path / "jar.txt")
+    page = json.loads(followed.stdout.rsplit("\n\n", 1)[1])
+    claims = _assertion_claims(page)
+    assert page["path"] == "/echo/staff/page" and page["headers"]["x-gateway-professions"] == ""
+    assert claims["card_kind"] == card_kind and claims["professions"] == []
+    assert (claims["structure_id"], claims["structure_name"], claims["employee_id"]) == structure
+
+    refused = subprocess.run(
+        [
+            *(
+                "curl",
+                "-sS",
+                "--max-time",
+                "10",
+                "-b",
+                str(tmp_path / "jar.txt"),
+                "-D",
+                "-",
+                "-o",
+                "/dev/null",
+            ),
+            f"{tool_stack.gateway_url}{CARD_ROUTE}",
+        ],
+        capture_output=True,
+        text=True,
+        stdin=subprocess.DEVNULL,
+        timeout=20,
+        check=False,
+    ).stdout.lower()
+    assert "x-gateway-reason: staff_card_not_allowed" in refused
+
+    (login_record,) = [
+        e for e in _events(tool_stack, "login") if e.get("card_serial") == printed_serial(certificate)
+    ]
+    assert (login_record["decision"], login_record["card_kind"]) == ("allow", card_kind)
+    assert (login_record["structure_id"], login_record["employee_id"]) == (structure[0], structure[2])
+    assert login_record["card_type"] == "staff_or_organisation"

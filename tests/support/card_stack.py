@@ -7,8 +7,9 @@ and trusted proxy: a request sent straight to the gateway from 127.0.0.1 is "not
 from __future__ import annotations
 
 import contextlib
+import functools
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ from gateway.devtools.cards import softhsm_env
 from gateway.devtools.pki import DevPki
 from gateway.pkcs11 import SOFTHSM_MODULE
 from tests.support.audit import audit_records
-from tests.support.config import write_config
+from tests.support.config import TEST_POLICIES, write_config
 from tests.support.gateways import serve_argv
 from tests.support.processes import free_port, running, wait_for_port
 
@@ -64,9 +65,20 @@ def nginx_config(work: Path, pki: DevPki, listen_port: int, gateway_port: int) -
 
 @contextlib.contextmanager
 def card_stack(
-    work: Path, pki: DevPki, upstream_url: str, assertion_key: Path, limits: dict[str, Any] | None = None
+    work: Path,
+    pki: DevPki,
+    upstream_url: str,
+    assertion_key: Path,
+    limits: dict[str, Any] | None = None,
+    *,
+    cards: Callable[[str], dict[str, Any]] | None = None,
+    policies: str = TEST_POLICIES,
 ) -> Iterator[CardStack]:
-    """nginx (card host) + the gateway as real processes; login limits generous unless ``limits`` says so."""
+    """nginx (card host) + the gateway as real processes; login limits generous unless ``limits`` says so.
+
+    ``pki`` gives nginx its server certificate, and the gateway its card trust unless ``cards`` maps the card
+    origin to another ``card`` section (e.g. an openssl-made hierarchy's).
+    """
     gateway_port, nginx_port, metrics_port = free_port(), free_port(), free_port()
     card_origin = f"https://127.0.0.1:{nginx_port}"
     terminator = f"{NGINX_SOURCE_ADDRESS}/32"
@@ -74,10 +86,11 @@ def card_stack(
         work / "gateway",
         upstream_url=upstream_url,
         assertion_key=assertion_key,
+        policies=policies,
         listen=f"127.0.0.1:{gateway_port}",
         extra={
             "server": {"tls_terminators": [terminator], "trusted_proxies": [terminator], "workers": 1},
-            "card": card_settings(pki, card_origin),
+            "card": (cards or functools.partial(card_settings, pki))(card_origin),
             "metrics": {"listen": f"127.0.0.1:{metrics_port}"},
             "limits": limits
             or {
@@ -110,19 +123,45 @@ def card_stack(
 def curl_with_card(
     pki: DevPki, card_label: str | None, url: str, extra: list[str], work: Path, pin: str = "1234"
 ) -> subprocess.CompletedProcess[str]:
-    """curl presenting the card through the libp11 engine (key on the SoftHSM token); stdin closed."""
-    env = softhsm_env(pki.base_dir)
-    argv = ["curl", "-sS", "--max-time", "10", "--cacert", str(pki.base_dir / "server-ca.pem"), *extra]
-    if card_label:
+    """curl presenting a dev card through the libp11 engine (key on the SoftHSM token); stdin closed."""
+    if card_label is None:
+        return curl_with_token(
+            softhsm_env(pki.base_dir), pki.base_dir / "server-ca.pem", None, url, extra, work
+        )
+    key_uri = (
+        f"pkcs11:token={quote(card_label)};object={quote(f'{card_label} authentication key')};type=private"
+    )
+    return curl_with_token(
+        softhsm_env(pki.base_dir),
+        pki.base_dir / "server-ca.pem",
+        (f"{key_uri}?pin-value={pin}", pki.base_dir / "softhsm" / f"{card_label}.pem"),
+        url,
+        extra,
+        work,
+    )
+
+
+def curl_with_token(
+    env: Mapping[str, str],
+    cacert: Path,
+    client: tuple[str, Path] | None,
+    url: str,
+    extra: list[str],
+    work: Path,
+) -> subprocess.CompletedProcess[str]:
+    """curl presenting ``client`` = (PKCS#11 URI of the key, certificate PEM) through the libp11 engine, with
+    the SoftHSM of ``env``; stdin closed (a PIN prompt fails instead of waiting)."""
+    env = dict(env)
+    argv = ["curl", "-sS", "--max-time", "10", "--cacert", str(cacert), *extra]
+    if client is not None:
         conf = work / "openssl.cnf"
         conf.write_text(
             "openssl_conf = init\n[init]\nengines = engines\n[engines]\npkcs11 = pkcs11\n"
             f"[pkcs11]\ndynamic_path = {ENGINE}\nMODULE_PATH = {SOFTHSM_MODULE}\ninit = 0\n"
         )
         env["OPENSSL_CONF"] = str(conf)
-        key_uri = f"pkcs11:token={quote(card_label)};object={quote(f'{card_label} authentication key')};type=private"
-        argv += ["--engine", "pkcs11", "--key-type", "ENG", "--key", f"{key_uri}?pin-value={pin}"]
-        argv += ["--cert", str(pki.base_dir / "softhsm" / f"{card_label}.pem")]
+        key_uri, certificate = client
+        argv += ["--engine", "pkcs11", "--key-type", "ENG", "--key", key_uri, "--cert", str(certificate)]
     return subprocess.run(
         [*argv, url],
         env=env,

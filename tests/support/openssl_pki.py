@@ -13,6 +13,7 @@ import subprocess
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import quote
 
 import pytest
 from cryptography import x509
@@ -126,18 +127,23 @@ deltaCRL = critical, ASN1:INTEGER:1
 """
 
 #: Subjects of each card kind, as openssl ``-subj`` with ``-multivalue-rdn`` (first RDN first, so the reverse
-#: of the RFC 4514 order): a health professional's CPS, an establishment staff card (CPE) and an
-#: organisation card (CPA). ``\\/`` is a slash inside a value.
+#: of the RFC 4514 order; ``\\/`` is a slash inside a value). Shaped like subjects of real test cards quoted by
+#: an ANS integrator (docs/card.md): a professional's CPS, a legacy ADELI card (profession in OU), an
+#: establishment staff card (CPE: no names, a pseudonym, a title naming the card) and an organisation card (CPA:
+#: SIRET idNat, no title).
 CARD_SUBJECTS: Mapping[str, str] = {
     "cps": "/C=FR/title=Médecin/CN=810002813839+SN=DUPONT+GN=JEAN",
+    "legacy": "/C=FR/O=TEST/OU=Masseur-Kinésithérapeute/CN=00B7010446+SN=MASSEUR1044+GN=HONORE",
     "cpe": (
-        "/C=FR/O=CLINIQUE DES LILAS/OU=750000001/title=Carte de service santé ou social"
-        "/pseudonym=PETIT JULIE/CN=3750000001\\/00042+SN=PETIT+GN=JULIE"
+        "/C=FR/ST=Seine-Maritime (76)/O=PHARMACIE DES LILAS/OU=1760021832"
+        "/title=Carte de service santé ou social/pseudonym=EMPLOYE000000018/CN=3760021832\\/000000018"
     ),
     "cpa": (
-        "/C=FR/O=CENTRE DE SANTE DES LILAS/OU=12345678900011/title=Carte de personnel autorisé"
-        "/pseudonym=ROUX MARC/CN=512345678900011\\/D0007+SN=ROUX+GN=MARC"
+        "/C=FR/O=CENTRE DE SANTE DES LILAS/L=Paris (75)/OU=300000000029751"
+        "/CN=500000000029751\\/CPAT0001+SN=MAITRE0000029750001+GN=PATRICE"
     ),
+    # A staff card title with a professional's idNat: refused, whichever half is the lie.
+    "cpe-on-rpps": "/C=FR/O=CLINIQUE/OU=1760021832/title=Carte de service santé ou social/CN=810002813839",
 }
 
 
@@ -285,6 +291,26 @@ class OpensslPki:
         public_key = self.directory / "software-card.pub.pem"
         return self.people.issue(CARD_SUBJECTS[kind], public_key, out, profile=profile, serial=serial)
 
+    def token_card(
+        self,
+        token: ToolToken,
+        kind: str,
+        serial: str,
+        *,
+        key_id: str = "01",
+        profile: str = "card_authentication",
+        key_type: str = "rsa:2048",
+    ) -> Path:
+        """A key pair generated on ``token`` by pkcs11-tool, certified by openssl in the layout of ``kind``, the
+        certificate written back with the key's CKA_ID; returns the certificate (PEM)."""
+        stem = self.directory / f"{token.label}-{key_id}"
+        public_key = token.generate_key(key_id, f"{profile} key", stem.with_suffix(".pub.pem"), key_type)
+        certificate = self.people.issue(
+            CARD_SUBJECTS[kind], public_key, stem.with_suffix(".pem"), profile=profile, serial=serial
+        )
+        token.write_certificate(certificate, key_id, f"{profile} certificate")
+        return certificate
+
 
 def openssl_pki(directory: Path) -> OpensslPki:
     """A fresh hierarchy under ``directory`` with empty, complete CRLs for both CAs."""
@@ -359,6 +385,11 @@ class ToolToken:
         )
         openssl("pkey", "-pubin", "-inform", "DER", "-in", str(der), "-out", str(out))
         return out
+
+    def key_uri(self, key_id: str) -> str:
+        """The RFC 7512 URI of the private key (PIN included) for the libp11 engine (curl, openssl)."""
+        encoded_id = "".join(f"%{key_id[i : i + 2]}" for i in range(0, len(key_id), 2))
+        return f"pkcs11:token={quote(self.label)};id={encoded_id};type=private?pin-value={self.pin}"
 
     def write_certificate(self, certificate: Path, key_id: str, label: str) -> None:
         der = certificate.with_suffix(".der")

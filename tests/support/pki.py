@@ -14,6 +14,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from gateway.authn.card.verify import CardVerifier, CrlSource, CrlStore
 from gateway.devtools.pki import CardVariant, DevPki, card_subject, ensure_dev_pki, issue_card_certificate
+from gateway.identity import CardKind
 
 _session_pki: DevPki | None = None
 _card_key: rsa.RSAPrivateKey | None = None
@@ -35,10 +36,21 @@ def software_card(
     given_name: str = "JEAN",
     title: str | None = "Médecin",
     variant: CardVariant | None = None,
+    kind: CardKind = CardKind.CPS,
+    structure_name: str = "",
     now: datetime | None = None,
 ) -> x509.Certificate:
     return issue_card_certificate(
-        pki, card_key().public_key(), idnat, surname, given_name, title, variant=variant, now=now
+        pki,
+        card_key().public_key(),
+        idnat,
+        surname,
+        given_name,
+        title,
+        kind=kind,
+        structure_name=structure_name,
+        variant=variant,
+        now=now,
     )
 
 

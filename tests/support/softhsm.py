@@ -9,6 +9,7 @@ import pytest
 
 from gateway.devtools.cards import Card, create_card, use_softhsm
 from gateway.devtools.pki import DevPki
+from gateway.identity import CardKind
 
 PIN = "1234"
 
@@ -32,8 +33,10 @@ CARD_SPECS: dict[str, tuple[str, str, str, str, str | None, str]] = {
     "revoked": ("810002813842", "LEROY", "MARIE", "60", "revoked", "rsa"),
     "not-yet-valid": ("810002813843", "MOREAU", "LUC", "40", "not-yet-valid", "rsa"),
     "wrong-ca": ("810002813844", "SIMON", "EVE", "10", "wrong-ca", "rsa"),
-    "staff": ("3750000001/00042", "PETIT", "JULIE", "10", "staff", "rsa"),
+    "staff": ("3750000001/00042", "PETIT", "JULIE", "10", None, "rsa"),
 }
+#: Cards that are not a professional's CPS: name -> (kind, structure name).
+STRUCTURE_CARDS: dict[str, tuple[CardKind, str]] = {"staff": (CardKind.CPE, "CLINIQUE DES LILAS")}
 
 
 def session_cards(pki: DevPki) -> CardSet:
@@ -52,6 +55,8 @@ def session_cards(pki: DevPki) -> CardSet:
                 PIN,
                 variant,
                 key_kind=kind,  # type: ignore[arg-type]
+                kind=STRUCTURE_CARDS.get(name, (CardKind.CPS, ""))[0],
+                structure_name=STRUCTURE_CARDS.get(name, (CardKind.CPS, ""))[1],
             )
             for name, (idnat, surname, given, code, variant, kind) in CARD_SPECS.items()
         }

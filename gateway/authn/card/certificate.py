@@ -1,9 +1,18 @@
-"""Read who a CPS card certificate designates: idNat, names, profession codes (TRE_G15).
+"""Read who a CPS-family card certificate designates: card kind, idNat, names, professions or structure.
 
-Current cards: subject ``CN=<idNat>+SN=<surname>+GN=<given>, title=<profession label>, C=FR`` (a multi-valued
-first RDN). Legacy cards: ``CN=0<ADELI>`` with the profession in ``OU``. The title is a LABEL ("Médecin"),
-mapped to its code through :data:`PROFESSION_LABELS`; an unknown label is reported, never guessed.
-Parsing says nothing about trust: :mod:`gateway.authn.card.verify` checks the chain first.
+Layouts (see docs/card.md for which were seen on real cards and which are only documented):
+
+- professional card (CPS): ``CN=<idNat>+SN=<surname>+GN=<given>, title=<profession label>, C=FR`` (a
+  multi-valued RDN); legacy cards ``CN=0<ADELI>`` with the profession in ``OU``. The title is a LABEL
+  ("Médecin"), mapped to its TRE_G15 code through :data:`PROFESSION_LABELS`; an unknown label is reported,
+  never guessed.
+- establishment staff card (CPE): ``CN=3<FINESS>/<employee no.>, pseudonym=…, title=Carte de service santé ou
+  social, OU=<structure id>, O=<structure name>, …, C=FR``: the title names the card, not a profession.
+- organisation card (CPA, director cards): ``CN=<4|5><SIREN|SIRET>/<holder no.>(+SN+GN), OU=…, O=…, C=FR``.
+
+The kind comes from a card-kind title when there is one, else from the idNat type; a card-kind title on a
+person's idNat is refused as malformed. Parsing says nothing about trust: :mod:`gateway.authn.card.verify`
+checks the chain first.
 """
 
 from __future__ import annotations
@@ -16,7 +25,12 @@ from datetime import datetime
 from cryptography import x509
 from cryptography.x509.oid import NameOID
 
-from gateway.identity import STAFF_OR_ORGANISATION_ID_TYPES
+from gateway.identity import (
+    ID_TYPE_FINESS,
+    STAFF_OR_ORGANISATION_CARDS,
+    STAFF_OR_ORGANISATION_ID_TYPES,
+    CardKind,
+)
 from gateway.policy.decision import Reason
 from gateway.professions import PROFESSIONS
 
@@ -57,6 +71,19 @@ def normalise_label(label: str) -> str:
 _CODE_BY_LABEL: dict[str, str] = {normalise_label(label): code for code, label in PROFESSION_LABELS.items()}
 
 
+#: Titles that name the card instead of a profession. Only the CPE one was seen on a real card; the others are
+#: the ANS card names (unverified as certificate titles).
+CARD_KIND_TITLES: dict[str, CardKind] = {
+    normalise_label(title): kind
+    for title, kind in (
+        ("Carte de service santé ou social", CardKind.CPE),
+        ("Carte de personnel d'établissement", CardKind.CPE),
+        ("Carte de personnel autorisé", CardKind.CPA),
+        ("Carte de directeur d'établissement", CardKind.CPA),
+    )
+}
+
+
 def profession_code(value: str) -> str:
     """TRE_G15 code for a title label or a bare numeric code; CARD_UNKNOWN_PROFESSION otherwise."""
     stripped = value.strip()
@@ -71,6 +98,7 @@ def profession_code(value: str) -> str:
 @dataclass(frozen=True, slots=True)
 class CardHolder:
     idnat: str
+    kind: CardKind
     surname: str
     given_name: str
     professions: tuple[str, ...]
@@ -78,10 +106,14 @@ class CardHolder:
     issuer: str
     not_before: datetime
     not_after: datetime
+    #: Staff and organisation cards: the structure's idNat, its name, the holder's number in it.
+    structure_id: str = ""
+    structure_name: str = ""
+    employee_id: str = ""
 
     @property
     def is_staff_or_organisation(self) -> bool:
-        return self.idnat[:1] in STAFF_OR_ORGANISATION_ID_TYPES
+        return self.kind in STAFF_OR_ORGANISATION_CARDS
 
 
 def _values(name: x509.Name, oid: x509.ObjectIdentifier) -> list[str]:
@@ -94,6 +126,26 @@ def _single(name: x509.Name, oid: x509.ObjectIdentifier, what: str) -> str:
     if len(values) > 1:
         raise CardError(Reason.CARD_MALFORMED, f"subject has {len(values)} {what} attributes")
     return values[0] if values else ""
+
+
+def _kind(name: x509.Name, idnat: str) -> CardKind:
+    named = {
+        CARD_KIND_TITLES[key]
+        for key in map(normalise_label, _values(name, NameOID.TITLE))
+        if key in CARD_KIND_TITLES
+    }
+    structure_idnat = idnat[:1] in STAFF_OR_ORGANISATION_ID_TYPES
+    if len(named) > 1:
+        raise CardError(Reason.CARD_MALFORMED, f"titles name several card kinds: {sorted(named)}")
+    if named:
+        kind = named.pop()
+        if not structure_idnat:
+            # A staff card title with a professional's idNat: trusting either half would be a guess.
+            raise CardError(Reason.CARD_MALFORMED, f"{kind.value} title on the idNat of a person {idnat!r}")
+        return kind
+    if not structure_idnat:
+        return CardKind.CPS
+    return CardKind.CPE if idnat[:1] == ID_TYPE_FINESS else CardKind.CPA
 
 
 def _professions(name: x509.Name, idnat: str) -> tuple[str, ...]:
@@ -113,7 +165,7 @@ def _professions(name: x509.Name, idnat: str) -> tuple[str, ...]:
         if units and not codes:
             raise CardError(Reason.CARD_UNKNOWN_PROFESSION, f"no known profession in OU {units!r}")
         return tuple(dict.fromkeys(codes))
-    return ()  # staff cards have no profession: policies deny them by idNat type
+    return ()
 
 
 def parse_card_certificate(certificate: x509.Certificate) -> CardHolder:
@@ -131,13 +183,22 @@ def parse_card_certificate(certificate: x509.Certificate) -> CardHolder:
         raise CardError(Reason.CARD_MALFORMED, f"unreadable certificate: {error}") from error
     if not _IDNAT.match(idnat):
         raise CardError(Reason.CARD_MALFORMED, f"CN is not an idNat: {idnat!r}")
+    kind = _kind(subject, idnat)
+    organisation = _single(subject, NameOID.ORGANIZATION_NAME, "O") if kind is not CardKind.CPS else ""
+    # Staff and organisation cards hold no profession: their title names the card. The structure is the part
+    # of the idNat before "/", the holder's number the part after it.
+    structure_id, _, employee_id = idnat.partition("/") if kind is not CardKind.CPS else ("", "", "")
     return CardHolder(
         idnat=idnat,
+        kind=kind,
         surname=surname,
         given_name=given_name,
-        professions=_professions(subject, idnat),
+        professions=_professions(subject, idnat) if kind is CardKind.CPS else (),
         serial_hex=serial_hex,
         issuer=issuer,
         not_before=not_before,
         not_after=not_after,
+        structure_id=structure_id,
+        structure_name=organisation,
+        employee_id=employee_id,
     )

@@ -469,6 +469,10 @@ class CardVerifier:
             auth_mode="CARD",
             card_serial=holder.serial_hex,
             card_issuer=holder.issuer,
+            card_kind=holder.kind,
+            structure_id=holder.structure_id,
+            structure_name=holder.structure_name,
+            employee_id=holder.employee_id,
         )
 
 

@@ -14,6 +14,7 @@ from gateway.authn.card.certificate import (
     profession_code,
 )
 from gateway.devtools.pki import DevPki, card_subject
+from gateway.identity import CardKind
 from gateway.policy.decision import Reason
 from tests.support.openssl_pki import OpensslPki, printed_serial
 from tests.support.pki import custom_card, software_card
@@ -88,12 +89,60 @@ def test_legacy_card_with_unknown_ou(dev_pki: DevPki) -> None:
     assert caught.value.reason is Reason.CARD_UNKNOWN_PROFESSION
 
 
-def test_staff_card_has_no_profession(dev_pki: DevPki) -> None:
-    cert = software_card(dev_pki, variant="staff", idnat="3750000001/00042", title=None)
+def _tool_card(pki: OpensslPki, kind: str, tmp_path: Path) -> x509.Certificate:
+    path = pki.software_card(kind, "0x01C0", tmp_path / f"{kind}.pem")
+    return x509.load_pem_x509_certificate(path.read_bytes())
+
+
+@pytest.mark.parametrize(
+    ("kind", "card_kind", "idnat", "professions", "structure"),
+    [
+        ("cps", CardKind.CPS, "810002813839", ("10",), ("", "", "")),
+        ("legacy", CardKind.CPS, "00B7010446", ("70",), ("", "", "")),
+        ("cpe", CardKind.CPE, "3760021832/000000018", (), ("3760021832", "PHARMACIE DES LILAS", "000000018")),
+        (
+            "cpa",
+            CardKind.CPA,
+            "500000000029751/CPAT0001",
+            (),
+            ("500000000029751", "CENTRE DE SANTE DES LILAS", "CPAT0001"),
+        ),
+    ],
+)
+def test_each_card_kind_in_its_real_layout(
+    tool_pki: OpensslPki,
+    tmp_path: Path,
+    kind: str,
+    card_kind: CardKind,
+    idnat: str,
+    professions: tuple[str, ...],
+    structure: tuple[str, str, str],
+) -> None:
+    # Certificates made with openssl: a staff card's title names the card ("Carte de service santé ou social"),
+    # it is not a profession label to look up.
+    holder = parse_card_certificate(_tool_card(tool_pki, kind, tmp_path))
+    assert (holder.kind, holder.idnat, holder.professions) == (card_kind, idnat, professions)
+    assert (holder.structure_id, holder.structure_name, holder.employee_id) == structure
+    assert holder.is_staff_or_organisation is (card_kind is not CardKind.CPS)
+
+
+def test_a_staff_card_title_on_a_professional_idnat_is_malformed(
+    tool_pki: OpensslPki, tmp_path: Path
+) -> None:
+    with pytest.raises(CardError) as caught:
+        parse_card_certificate(_tool_card(tool_pki, "cpe-on-rpps", tmp_path))
+    assert caught.value.reason is Reason.CARD_MALFORMED
+
+
+@pytest.mark.parametrize("kind", [CardKind.CPE, CardKind.CPA])
+def test_the_dev_generator_makes_the_layout_of_each_kind(dev_pki: DevPki, kind: CardKind) -> None:
+    idnat = "3750000001/00042" if kind is CardKind.CPE else "512345678900011/D0007"
+    cert = software_card(dev_pki, idnat=idnat, title=None, kind=kind, structure_name="CLINIQUE DES LILAS")
     holder = parse_card_certificate(cert)
-    assert holder.idnat == "3750000001/00042"
-    assert holder.professions == ()
-    assert holder.is_staff_or_organisation
+    assert (holder.kind, holder.professions, holder.structure_name) == (kind, (), "CLINIQUE DES LILAS")
+    assert (holder.structure_id, holder.employee_id) == tuple(idnat.split("/"))
+    titles = [a.value for a in cert.subject.get_attributes_for_oid(NameOID.TITLE)]
+    assert titles == (["Carte de service santé ou social"] if kind is CardKind.CPE else [])
 
 
 @pytest.mark.parametrize(
