@@ -19,6 +19,7 @@ from gateway.limits import LimitsUnavailable, QuotaSpec
 from gateway.policy.decision import Decision, Outcome, Reason
 from gateway.policy.engine import decide_rule
 from gateway.policy.model import Action, Quota, QuotaBreachAction, ResourceKey, Rule
+from gateway.policy.origin import is_cross_site
 from gateway.policy.paths import NormalisedTarget
 from gateway.runtime import Gateway, audit_request_event
 from gateway.sessions import Session, SessionStoreUnavailable
@@ -47,6 +48,14 @@ def check_access(
     elif rule.action is not Action.AUTHENTICATE:
         # Public and deny rules never touch the session store: they keep working when it is down.
         access = Access(decide_rule(rule, None, now), rule, None, now)
+    elif rule.origin_check and is_cross_site(
+        method,
+        environ.get("HTTP_ORIGIN"),
+        environ.get("HTTP_SEC_FETCH_SITE"),
+        gateway.settings.server.trusted_origins,
+    ):
+        # Before the session and the quota: a forged request neither uses nor counts against anything.
+        access = Access(Decision(Outcome.DENY, (Reason.CROSS_SITE_REQUEST,), rule), rule, None, now)
     else:
         try:
             session = session_of(gateway, environ, now)

@@ -45,6 +45,7 @@ PAGES: dict[Reason, Page] = {
     Reason.SESSION_STORE_UNAVAILABLE: Page(503),
     Reason.LIMITS_UNAVAILABLE: Page(503),
     Reason.CSRF_FAILED: Page(403),
+    Reason.CROSS_SITE_REQUEST: Page(403),
     Reason.RATE_LIMITED: Page(429),
     Reason.BANNED: Page(429),
     # No login choices: a fresh login would not lift the quota, only the end of its window does.

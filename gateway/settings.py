@@ -108,6 +108,11 @@ class ServerSettings(_Section):
         default_factory=list,
         description="Networks (e.g. the nginx in front) whose X-SSL-Client-* card headers are believed.",
     )
+    allowed_origins: list[str] = Field(
+        default_factory=list,
+        description="Other sites (scheme://host[:port]) whose pages may POST/PUT/PATCH/DELETE to authenticate "
+        "routes; public_origin always may (others are refused as cross-site, see policies/README.md).",
+    )
     language: Literal["fr", "en"] = Field("fr", description="Page language when the browser states none.")
     support_contact: str | None = Field(
         None,
@@ -133,6 +138,16 @@ class ServerSettings(_Section):
         if not re.match(r"^https?://[A-Za-z0-9.\-\[\]:]+$", value):
             raise ValueError(f"{value!r} is not an origin (scheme://host[:port], no path)")
         return value.rstrip("/")
+
+    @field_validator("allowed_origins")
+    @classmethod
+    def _allowed_origins(cls, value: list[str]) -> list[str]:
+        return [_origin_value(origin).lower() for origin in value]
+
+    @property
+    def trusted_origins(self) -> frozenset[str]:
+        """Origins whose pages may send state-changing requests: the portal's own and the allowed ones."""
+        return frozenset({self.public_origin.lower(), *self.allowed_origins})
 
     @property
     def host(self) -> str:

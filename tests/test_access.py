@@ -2,21 +2,18 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import pytest
 from flask import Flask
-from flask.testing import FlaskClient
 
 from gateway.access import UnidentifiedResource, resource_key
 from gateway.app import create_app
-from gateway.identity import Identity, LoginMethod
 from gateway.policy.decision import Reason
 from gateway.policy.model import ResourceKey
 from gateway.policy.paths import normalise_target
-from gateway.runtime import gateway_of
 from gateway.settings import load_settings
+from tests.support.apps import logged_in
 from tests.support.audit import audit_records
 from tests.support.config import write_config
 
@@ -37,14 +34,6 @@ rules:
 def app(tmp_path: Path, upstream_url: str, assertion_key: Path) -> Flask:
     config = write_config(tmp_path, upstream_url=upstream_url, assertion_key=assertion_key, policies=POLICIES)
     return create_app(load_settings(config))
-
-
-def logged_in(app: Flask, idnat: str = "810001234567") -> FlaskClient:
-    client = app.test_client()
-    identity = Identity(idnat, LoginMethod.CARD, time.time(), professions=("10",), auth_mode="CARD")
-    session = gateway_of(app).sessions.create(identity, time.time())
-    client.set_cookie("__Host-gateway-session", session.id, domain="localhost")
-    return client
 
 
 def audit(tmp_path: Path, event: str) -> list[dict]:

@@ -11,11 +11,10 @@ import requests
 from flask import Flask
 from flask.testing import FlaskClient
 
-from gateway.app import create_app
 from gateway.identity import Identity, LoginMethod
 from gateway.runtime import gateway_of
 from gateway.sessions import RedisSessionStore
-from gateway.settings import load_settings
+from tests.support.apps import gateway_app
 from tests.support.audit import audit_records
 from tests.support.config import TEST_POLICIES, write_config
 from tests.support.gateways import serve_argv
@@ -45,16 +44,15 @@ def identity(**fields: object) -> Identity:
 
 @pytest.fixture
 def app(tmp_path: Path, upstream_url: str, assertion_key: Path) -> Iterator[Flask]:
-    config = write_config(
+    nginx = {"trusted_nginx": ["127.0.0.0/29"]}
+    with gateway_app(
         tmp_path,
         upstream_url=upstream_url,
         assertion_key=assertion_key,
         policies=POLICIES,
-        extra={"forward_auth": {"trusted_nginx": ["127.0.0.0/29"]}},
-    )
-    application = create_app(load_settings(config))
-    yield application
-    gateway_of(application).upstream.close()
+        extra={"forward_auth": nginx},
+    ) as application:
+        yield application
 
 
 def ask(client: FlaskClient, uri: str, *, method: str = "GET", peer: str = NGINX, **headers: str):
@@ -207,3 +205,23 @@ def test_nginx_caches_allowed_decisions_briefly_except_on_quota_routes(stack: di
     counted = requests.get(base + "/echo/counted/x", headers=headers, timeout=5, allow_redirects=False)
     assert cached.status_code == 200  # served from the few-second decision cache
     assert counted.status_code == 302  # quota routes always ask the gateway
+
+
+def test_nginx_refuses_a_cross_site_post_and_never_caches_a_state_changing_answer(stack: dict) -> None:
+    session = stack["store"].create(identity(), time.time())
+    cookie = {"Cookie": f"{COOKIE}={session.id}"}
+    url = stack["nginx"].base_url + "/echo/protected/form"
+    same_site = requests.post(
+        url, headers={**cookie, "Sec-Fetch-Site": "same-origin"}, data=b"x=1", timeout=5
+    )
+    assert same_site.status_code == 200 and same_site.json()["method"] == "POST"
+    # Right after an allowed POST to the same URI: a cached "allow" would let the forged one through.
+    forged_headers = {**cookie, "Origin": "https://evil.example", "Sec-Fetch-Site": "cross-site"}
+    forged = requests.post(url, headers=forged_headers, data=b"x=2", timeout=5, allow_redirects=False)
+    assert forged.status_code == 403 and forged.headers["X-Gateway-Reason"] == "cross_site_request"
+    refusals = [
+        e
+        for e in audit_records(stack["directory"] / "audit.log", "decision")
+        if e["path"] == "/echo/protected/form"
+    ]
+    assert refusals[-1]["reasons"] == ["cross_site_request"]

@@ -16,6 +16,7 @@ from werkzeug.wrappers import Response
 
 from gateway.access import Access, check_access
 from gateway.policy.decision import Outcome, Reason
+from gateway.policy.origin import SAFE_METHODS
 from gateway.policy.paths import BadPath, normalise_target
 from gateway.proxy.forward import identity_headers
 from gateway.proxy.headers import in_networks
@@ -49,7 +50,7 @@ def decide(gateway: Gateway, environ: dict[str, Any]) -> Response:
         return _answer(400, Reason.BAD_HOST)
     access = check_access(gateway, environ, method, host, target)
     if access.decision.allowed:
-        return _allowed(gateway, access)
+        return _allowed(gateway, access, method, target.path)
     if access.decision.outcome is Outcome.LOGIN:
         next_path = target.path_and_query
         response = _answer(401, access.decision.reason)
@@ -58,17 +59,21 @@ def decide(gateway: Gateway, environ: dict[str, Any]) -> Response:
     return _answer(403, access.decision.reason)
 
 
-def _allowed(gateway: Gateway, access: Access) -> Response:
+def _allowed(gateway: Gateway, access: Access, method: str, path: str) -> Response:
     response = Response(status=200)
     rule, session = access.rule, access.session
     if rule is not None:
         response.headers["X-Gateway-Rule"] = rule.name
-        cacheable = rule.quota is None
+        # Never cache a state-changing request's answer: nginx's cache key does not hold the Origin and
+        # Sec-Fetch-Site headers the cross-site check judged, and each such request gets its own assertion.
+        cacheable = rule.quota is None and method in SAFE_METHODS
         response.headers[CACHEABLE] = "1" if cacheable else "0"
         if not cacheable:
             response.headers["X-Accel-Expires"] = "0"
     if session is not None and rule is not None:
-        assertion = gateway.signer.assertion(session.identity, session.id, rule.name, access.now)
+        assertion = gateway.signer.assertion(
+            session.identity, session.id, rule.name, access.now, method=method, path=path
+        )
         response.headers.extend(identity_headers(session.identity, assertion))
     return response
 

@@ -137,7 +137,11 @@ class ProxyApp:
         extra = [("X-Request-Id", request_id_of(environ))]
         session, rule = access.session, access.rule
         if session is not None and rule is not None:
-            assertion = gateway.signer.assertion(session.identity, session.id, rule.name, access.now)
+            # Bound to this request: the method and the normalised path the portal receives, no query.
+            method, path = environ["REQUEST_METHOD"], target.partition("?")[0]
+            assertion = gateway.signer.assertion(
+                session.identity, session.id, rule.name, access.now, method=method, path=path
+            )
             extra.extend(identity_headers(session.identity, assertion))
         client_host = environ.get("HTTP_HOST", "")
         preserve = gateway.settings.upstream.host_header == "preserve"

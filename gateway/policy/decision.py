@@ -68,6 +68,8 @@ class Reason(enum.StrEnum):
     SESSION_STORE_UNAVAILABLE = "session_store_unavailable"
     LIMITS_UNAVAILABLE = "limits_unavailable"
     CSRF_FAILED = "csrf_failed"
+    #: A state-changing request (or a login request) sent by a page of another site.
+    CROSS_SITE_REQUEST = "cross_site_request"
     RATE_LIMITED = "rate_limited"
     BANNED = "banned"
     QUOTA_EXCEEDED = "quota_exceeded"

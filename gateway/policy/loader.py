@@ -165,6 +165,7 @@ class _RuleSpec(_Spec):
     login: _LoginSpec | None = None
     quota: _QuotaSpec | None = None
     health_data: bool = False
+    origin_check: bool | None = None
 
     @field_validator("name")
     @classmethod
@@ -176,7 +177,7 @@ class _RuleSpec(_Spec):
     @model_validator(mode="after")
     def _blocks_fit_action(self) -> _RuleSpec:
         if self.action is not Action.AUTHENTICATE:
-            for key in ("login", "quota"):
+            for key in ("login", "quota", "origin_check"):
                 if getattr(self, key) is not None:
                     raise ValueError(f"'{key}' only applies to action 'authenticate'")
             if self.health_data:
@@ -251,6 +252,7 @@ def _compile(spec: _RuleSpec, index: int, document: LocatedDocument) -> Rule:
             allow_staff_cards=login.allow_staff_cards,
         ),
         quota=_quota(spec.quota),
+        origin_check=spec.origin_check is not False,
         description=spec.description,
         health_data=spec.health_data,
     )

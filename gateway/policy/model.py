@@ -69,6 +69,8 @@ class Rule:
     methods: frozenset[str] = frozenset()
     login: LoginRequirement = field(default_factory=LoginRequirement)
     quota: Quota | None = None
+    #: authenticate rules: refuse state-changing requests (POST, PUT, PATCH, DELETE) from other sites (CSRF).
+    origin_check: bool = True
     description: str = ""
     #: The route shows health data (patients' records): its login page says so, and only then.
     health_data: bool = False

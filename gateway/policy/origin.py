@@ -1,0 +1,30 @@
+"""Cross-site request refusal for state-changing requests (CSRF), decided from the request's own headers.
+
+Browsers say where a request comes from: ``Sec-Fetch-Site`` (``same-origin``, ``same-site``, ``cross-site``,
+``none`` for a typed URL or a bookmark) on every request since 2023, and ``Origin`` on every POST. A page on
+another site can make a browser POST to the portal with the professional's session cookie (SameSite=Lax
+stops it for the cookie only in browsers that enforce it, and never for a sibling sub-domain); these headers
+cannot be forged by such a page. Clients that send neither (curl, scripts with a cookie jar) are not
+browsers: a cross-site page cannot drive them, so they pass. The algorithm is Go's net/http
+CrossOriginProtection, with the configured origins in place of the Host header.
+"""
+
+from __future__ import annotations
+
+#: Methods that never change state (RFC 9110 9.2.1): never refused for their origin.
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+#: Sec-Fetch-Site values of a request the portal's own pages (or the user) made.
+_SAME_ORIGIN_SITES = frozenset({"same-origin", "none"})
+
+
+def is_cross_site(method: str, origin: str | None, fetch_site: str | None, trusted: frozenset[str]) -> bool:
+    """True when a state-changing request comes from a page outside ``trusted`` origins (lower-case
+    ``scheme://host[:port]``, the portal's own included)."""
+    if method in SAFE_METHODS:
+        return False
+    if fetch_site is not None and fetch_site.strip().lower() in _SAME_ORIGIN_SITES:
+        return False
+    if origin is None:
+        # Sec-Fetch-Site without Origin on a POST does not happen in browsers; neither header: not a browser.
+        return fetch_site is not None
+    return origin.strip().lower() not in trusted
