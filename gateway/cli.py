@@ -115,6 +115,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     login.add_argument("--cookie-jar", default="cookies.txt", help="Netscape cookie jar to write (curl -b)")
     login.add_argument("--cacert", default=None, help="CA bundle to verify an https gateway")
+    login.add_argument(
+        "--cert-id",
+        default=None,
+        help="CKA_ID (hex) of the certificate to log in with (default: the token's one authentication"
+        " certificate, digitalSignature + clientAuth; a CPS3 card also holds a signature certificate)",
+    )
     login.set_defaults(run=_card_login)
 
     settings_tools = commands.add_parser("settings", help="settings tools").add_subparsers(
@@ -480,6 +486,7 @@ def _card_login(args: argparse.Namespace) -> int:
             pin,
             args.cookie_jar,
             args.cacert,
+            args.cert_id,
         )
     except CardLoginError as error:
         print(f"card login failed: {error}", file=sys.stderr)

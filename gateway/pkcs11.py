@@ -212,13 +212,10 @@ def list_tokens(module_path: str = SOFTHSM_MODULE) -> list[TokenInfo]:
     return infos
 
 
-def token_certificate(token_label: str, module_path: str = SOFTHSM_MODULE) -> TokenCertificate:
-    """The token's (first) certificate: a CPS card holds one authentication certificate."""
+def token_certificates(token_label: str, module_path: str = SOFTHSM_MODULE) -> tuple[TokenCertificate, ...]:
+    """Every certificate on the token, in the order the module lists them (not the order they were written)."""
     with open_session(token_label, None, module_path) as session:
-        certificates = _certificates(session)
-    if not certificates:
-        raise TokenError(f"no certificate on token {token_label!r}")
-    return certificates[0]
+        return _certificates(session)
 
 
 def sign(

@@ -11,7 +11,7 @@ import pty
 import select
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -27,7 +27,7 @@ from gateway.devtools.pki import DevPki
 from tests.support.card_stack import CardStack, card_stack, curl_with_card, curl_with_token
 from tests.support.config import TEST_POLICIES
 from tests.support.metrics import login_attempts
-from tests.support.openssl_pki import OpensslPki, printed_serial, softhsm_config, tool_token
+from tests.support.openssl_pki import OpensslPki, ToolToken, printed_serial, softhsm_config, tool_token
 from tests.support.processes import PYTHON, REPO_ROOT
 from tests.support.softhsm import PIN, CardSet
 
@@ -164,19 +164,7 @@ def test_challenge_login_with_the_cli_then_curl_with_the_cookie_jar(
     stack: CardStack, softhsm_cards: CardSet, tmp_path: Path
 ) -> None:
     jar = tmp_path / "cookies.txt"
-    login = subprocess.run(
-        [
-            *(PYTHON, "-m", "gateway.cli", "card", "login", "--url", stack.gateway_url),
-            *("--token-label", "test-pharmacist-ec", "--pin", PIN, "--cookie-jar", str(jar)),
-        ],
-        env=softhsm_env(stack.pki.base_dir),
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        stdin=subprocess.DEVNULL,
-        timeout=30,
-        check=False,
-    )
+    login = _cli_card_login(stack, "test-pharmacist-ec", PIN, softhsm_env(stack.pki.base_dir), jar)
     assert login.returncode == 0, login.stderr
     idnat = softhsm_cards["pharmacist-ec"].idnat
     assert idnat in login.stdout
@@ -242,9 +230,8 @@ def signed_challenge(stack: CardStack, card: Card) -> dict[str, str]:
     """The body of /card/verify: a fresh challenge signed with the key on the SoftHSM card."""
     challenge = requests.post(f"{stack.gateway_url}/.gateway/card/challenge", json={}, timeout=5).json()
     assert challenge["audience"] == stack.gateway_url
-    token = tokens.token_certificate(card.label)
     signature = tokens.sign(
-        card.label, challenge_message(challenge["audience"], challenge["nonce"]), token.key_id
+        card.label, challenge_message(challenge["audience"], challenge["nonce"]), card.key_id
     )
     return {
         "nonce": challenge["nonce"],
@@ -377,3 +364,77 @@ def test_staff_and_organisation_cards_log_in_where_a_rule_allows_them(
     assert (login_record["decision"], login_record["card_kind"]) == ("allow", card_kind)
     assert (login_record["structure_id"], login_record["employee_id"]) == (structure[0], structure[2])
     assert login_record["card_type"] == "staff_or_organisation"
+
+
+@pytest.fixture(scope="module")
+def two_key_token(
+    tool_pki: OpensslPki, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[ToolToken, dict[str, Path]]:
+    """A CPS3-like token filled by pkcs11-tool: a signature key pair (CKA_ID 02, nonRepudiation) and an
+    authentication one (CKA_ID 01), the signature certificate LISTED FIRST (the listing order follows the
+    token's object files, not the write order: the authentication certificate is rewritten until it comes
+    second, the case a first-listed pick gets wrong)."""
+    env = softhsm_config(tmp_path_factory.mktemp("two-key-softhsm"))
+    token = tool_token(env, "tool-cps3")
+    certificates = {
+        "02": tool_pki.token_card(token, "cps", "0x0F02", key_id="02", profile="card_signature"),
+        "01": tool_pki.token_card(token, "cps", "0x0F01", key_id="01"),
+    }
+    for _ in range(20):
+        if token.certificate_ids() == ["02", "01"]:
+            break
+        token.delete_certificate("01")
+        token.write_certificate(certificates["01"], "01", "card_authentication certificate")
+    assert token.certificate_ids() == ["02", "01"]
+    return token, certificates
+
+
+def _cli_card_login(
+    stack: CardStack, label: str, pin: str, env: Mapping[str, str], jar: Path, *extra: str
+) -> subprocess.CompletedProcess[str]:
+    """``gateway card login`` as a process, with the SoftHSM of ``env``."""
+    return subprocess.run(
+        [
+            *(PYTHON, "-m", "gateway.cli", "card", "login", "--url", stack.gateway_url),
+            *("--token-label", label, "--pin", pin, "--cookie-jar", str(jar), *extra),
+        ],
+        env=dict(env),
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        stdin=subprocess.DEVNULL,
+        timeout=30,
+        check=False,
+    )
+
+
+def test_a_two_key_card_logs_in_with_its_authentication_key(
+    tool_stack: CardStack, two_key_token: tuple[ToolToken, dict[str, Path]], tmp_path: Path
+) -> None:
+    token, certificates = two_key_token
+    login = _cli_card_login(tool_stack, token.label, token.pin, token.env, tmp_path / "jar.txt")
+    assert login.returncode == 0, login.stderr
+    assert "810002813839" in login.stdout
+    allowed = [
+        e for e in _events(tool_stack, "login") if e.get("card_serial") == printed_serial(certificates["01"])
+    ]
+    assert allowed and allowed[-1]["decision"] == "allow"
+
+
+def test_cert_id_chooses_the_certificate_and_says_what_is_there(
+    tool_stack: CardStack, two_key_token: tuple[ToolToken, dict[str, Path]], tmp_path: Path
+) -> None:
+    token, _ = two_key_token
+
+    def login(cert_id: str) -> subprocess.CompletedProcess[str]:
+        jar = tmp_path / f"{cert_id}.txt"
+        return _cli_card_login(tool_stack, token.label, token.pin, token.env, jar, "--cert-id", cert_id)
+
+    assert login("01").returncode == 0
+    # The signature certificate, chosen explicitly, is signed with ITS key (CKA_ID 02) and refused for its usage.
+    signature = login("02")
+    assert signature.returncode == 1 and "card_bad_key_usage" in signature.stderr
+    missing = login("07")
+    assert missing.returncode == 1
+    assert "no certificate with CKA_ID 07" in missing.stderr and "CKA_ID 01" in missing.stderr
+    assert "Traceback" not in missing.stderr + signature.stderr

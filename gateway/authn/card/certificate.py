@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from cryptography import x509
-from cryptography.x509.oid import NameOID
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from gateway.identity import (
     ID_TYPE_FINESS,
@@ -93,6 +93,25 @@ def profession_code(value: str) -> str:
     if code is None:
         raise CardError(Reason.CARD_UNKNOWN_PROFESSION, f"unknown profession title {stripped!r}")
     return code
+
+
+def check_key_usage(certificate: x509.Certificate) -> None:
+    """CardError unless the certificate may authenticate its holder: digitalSignature, and clientAuth when it
+    restricts its extended usages."""
+    try:
+        key_usage = certificate.extensions.get_extension_for_class(x509.KeyUsage).value
+    except x509.ExtensionNotFound:
+        raise CardError(Reason.CARD_BAD_KEY_USAGE, "no KeyUsage extension") from None
+    except (ValueError, x509.DuplicateExtension) as error:
+        raise CardError(Reason.CARD_MALFORMED, f"unreadable extensions: {error}") from error
+    if not key_usage.digital_signature:
+        raise CardError(Reason.CARD_BAD_KEY_USAGE, "KeyUsage lacks digitalSignature")
+    try:
+        eku = certificate.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    except x509.ExtensionNotFound:
+        return  # EKUs of real cards are unverified (domain.md): absent means unrestricted
+    if ExtendedKeyUsageOID.CLIENT_AUTH not in eku and ExtendedKeyUsageOID.ANY_EXTENDED_KEY_USAGE not in eku:
+        raise CardError(Reason.CARD_BAD_KEY_USAGE, "ExtendedKeyUsage lacks clientAuth")
 
 
 @dataclass(frozen=True, slots=True)

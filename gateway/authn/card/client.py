@@ -14,6 +14,7 @@ import json
 import ssl
 import urllib.error
 import urllib.request
+from collections.abc import Sequence
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -21,6 +22,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from gateway import pkcs11 as tokens
+from gateway.authn.card.certificate import CardError, check_key_usage
 from gateway.authn.card.challenge import challenge_message
 
 CHALLENGE_PATH = "/.gateway/card/challenge"
@@ -39,6 +41,52 @@ def origin_of(url: str) -> str:
     port = "" if parts.port in (None, default_port) else f":{parts.port}"
     host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
     return f"{parts.scheme}://{host}{port}"
+
+
+def _is_for_authentication(der: bytes) -> bool:
+    """A card's authentication certificate, not its signature one: usable for a login (see check_key_usage) and
+    without nonRepudiation, the mark of a signature key."""
+    try:
+        certificate = x509.load_der_x509_certificate(der)
+        check_key_usage(certificate)
+        return not certificate.extensions.get_extension_for_class(x509.KeyUsage).value.content_commitment
+    except (CardError, ValueError):
+        return False
+
+
+def authentication_certificate(
+    certificates: Sequence[tokens.TokenCertificate], token_label: str, cert_id: str | None = None
+) -> tokens.TokenCertificate:
+    """The certificate to log in with among a token's: the one with CKA_ID ``cert_id`` (hex) when given, else
+    THE authentication certificate (a CPS3 card also holds a signature certificate, and the module's listing
+    order says nothing about which is which); TokenError when there is none or no single one."""
+    if cert_id is not None:
+        try:
+            wanted = bytes.fromhex(cert_id)
+        except ValueError:
+            raise tokens.TokenError(f"--cert-id {cert_id!r} is not hexadecimal") from None
+        for certificate in certificates:
+            if certificate.key_id == wanted:
+                return certificate
+        raise tokens.TokenError(
+            f"no certificate with CKA_ID {cert_id} on token {token_label!r}: {_listing(certificates)}"
+        )
+    candidates = [certificate for certificate in certificates if _is_for_authentication(certificate.der)]
+    if len(candidates) == 1:
+        return candidates[0]
+    if not candidates:
+        raise tokens.TokenError(
+            f"no authentication certificate (digitalSignature, clientAuth) on token {token_label!r}: "
+            f"{_listing(certificates)}"
+        )
+    raise tokens.TokenError(
+        f"several authentication certificates on token {token_label!r}, choose one with --cert-id: "
+        f"{_listing(candidates)}"
+    )
+
+
+def _listing(certificates: Sequence[tokens.TokenCertificate]) -> str:
+    return "; ".join(f"CKA_ID {c.key_id.hex()} ({c.label})" for c in certificates) or "none"
 
 
 def _opener(jar: http.cookiejar.CookieJar, cacert: str | None) -> urllib.request.OpenerDirector:
@@ -72,8 +120,13 @@ def card_login(
     pin: str | None = None,
     cookie_jar_path: str | Path = "cookies.txt",
     cacert: str | None = None,
+    cert_id: str | None = None,
 ) -> str:
-    """Log in to the gateway at ``url`` with the card ``token_label``; return the subject (idNat)."""
+    """Log in to the gateway at ``url`` with the card ``token_label``; return the subject (idNat).
+
+    The card's authentication certificate is chosen by :func:`authentication_certificate` (``cert_id``, the
+    CKA_ID in hex, chooses it explicitly) and the challenge is signed with the private key of the same CKA_ID.
+    """
     origin = origin_of(url)
     jar = http.cookiejar.MozillaCookieJar(str(cookie_jar_path))
     opener = _opener(jar, cacert)
@@ -86,7 +139,9 @@ def card_login(
         )
 
     try:
-        card_certificate = tokens.token_certificate(token_label, module_path)
+        card_certificate = authentication_certificate(
+            tokens.token_certificates(token_label, module_path), token_label, cert_id
+        )
         signature = tokens.sign(
             token_label, challenge_message(audience, nonce), card_certificate.key_id, pin, module_path
         )

@@ -21,7 +21,6 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
-from cryptography.x509.oid import ExtendedKeyUsageOID
 from cryptography.x509.verification import (
     Criticality,
     ExtensionPolicy,
@@ -30,7 +29,7 @@ from cryptography.x509.verification import (
     VerificationError,
 )
 
-from gateway.authn.card.certificate import CardError, format_serial, parse_card_certificate
+from gateway.authn.card.certificate import CardError, check_key_usage, format_serial, parse_card_certificate
 from gateway.identity import Identity, LoginMethod
 from gateway.policy.decision import Reason
 
@@ -379,23 +378,6 @@ def _check_dates(certificate: x509.Certificate, now: datetime) -> None:
         raise CardError(Reason.CARD_EXPIRED, f"expired on {certificate.not_valid_after_utc.isoformat()}")
 
 
-def _check_key_usage(certificate: x509.Certificate) -> None:
-    try:
-        key_usage = certificate.extensions.get_extension_for_class(x509.KeyUsage).value
-    except x509.ExtensionNotFound:
-        raise CardError(Reason.CARD_BAD_KEY_USAGE, "no KeyUsage extension") from None
-    except (ValueError, x509.DuplicateExtension) as error:
-        raise CardError(Reason.CARD_MALFORMED, f"unreadable extensions: {error}") from error
-    if not key_usage.digital_signature:
-        raise CardError(Reason.CARD_BAD_KEY_USAGE, "KeyUsage lacks digitalSignature")
-    try:
-        eku = certificate.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
-    except x509.ExtensionNotFound:
-        return  # EKUs of real cards are unverified (domain.md): absent means unrestricted
-    if ExtendedKeyUsageOID.CLIENT_AUTH not in eku and ExtendedKeyUsageOID.ANY_EXTENDED_KEY_USAGE not in eku:
-        raise CardError(Reason.CARD_BAD_KEY_USAGE, "ExtendedKeyUsage lacks clientAuth")
-
-
 def _utc(now: datetime) -> datetime:
     if now.tzinfo is None:
         raise ValueError("now must be timezone-aware")
@@ -455,7 +437,7 @@ class CardVerifier:
         now = _utc(now)
         leaf = load_certificate(certificate)
         _check_dates(leaf, now)  # before the chain, so the reason is precise
-        _check_key_usage(leaf)
+        check_key_usage(leaf)
         chain = self._chain(leaf, now)
         self._check_revocation(chain, now)
         holder = parse_card_certificate(leaf)

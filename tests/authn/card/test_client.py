@@ -12,14 +12,17 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 from flask import Flask, jsonify, request
 from werkzeug.serving import make_server
 
 from gateway.authn.card.challenge import ChallengeIssuer, MemoryNonceStore, verify_challenge_login
-from gateway.authn.card.client import CardLoginError, card_login
+from gateway.authn.card.client import CardLoginError, authentication_certificate, card_login
 from gateway.authn.card.verify import CardError
-from gateway.devtools.pki import DevPki
-from tests.support.pki import verifier_for
+from gateway.devtools.pki import DevPki, key_usage
+from gateway.pkcs11 import TokenCertificate, TokenError
+from tests.support.pki import custom_card, software_card, verifier_for
 from tests.support.softhsm import CardSet
 
 
@@ -144,3 +147,30 @@ def test_client_refuses_foreign_audience(dev_pki: DevPki, softhsm_cards: CardSet
                 cookie_jar_path=tmp_path / "c.txt",
                 cacert=str(dev_pki.server_ca.cert_path),
             )
+
+
+def _on_token(certificate: x509.Certificate, key_id: bytes) -> TokenCertificate:
+    return TokenCertificate(
+        f"cert {key_id.hex()}", key_id, certificate.public_bytes(serialization.Encoding.DER)
+    )
+
+
+def test_the_authentication_certificate_is_chosen_by_its_usages(dev_pki: DevPki) -> None:
+    authentication = _on_token(software_card(dev_pki), b"\x01")
+    signature = _on_token(
+        custom_card(dev_pki, key_usage=key_usage(digital_signature=False, content_commitment=True)), b"\x02"
+    )
+    both = _on_token(
+        custom_card(dev_pki, key_usage=key_usage(digital_signature=True, content_commitment=True)), b"\x03"
+    )
+    assert authentication_certificate([signature, authentication], "t") is authentication
+    assert authentication_certificate([both, authentication, signature], "t") is authentication
+    assert authentication_certificate([signature, authentication], "t", "02") is signature
+    with pytest.raises(TokenError, match=r"no authentication certificate.*CKA_ID 02"):
+        authentication_certificate([signature, both], "t")
+    with pytest.raises(
+        TokenError, match=r"several authentication certificates.*--cert-id.*CKA_ID 01.*CKA_ID 04"
+    ):
+        authentication_certificate([authentication, _on_token(software_card(dev_pki), b"\x04")], "t")
+    with pytest.raises(TokenError, match="not hexadecimal"):
+        authentication_certificate([authentication], "t", "zz")
