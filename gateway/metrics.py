@@ -59,6 +59,26 @@ CRL_AGE = Gauge(
     multiprocess_mode="max",  # the stalest copy among workers is the one that matters
 )
 CONFIG_RELOADS = Counter("gateway_config_reloads_total", "Configuration reloads by outcome.", ["outcome"])
+CLIENT_CONNECTIONS_CLOSED = Counter(
+    "gateway_client_connections_closed_total",
+    "Client connections the server closed for a client fault: header_timeout, body_timeout, send_timeout "
+    "(the client stopped reading its answer), head_too_large.",
+    ["event"],
+)
+UPSTREAM_IN_FLIGHT = Gauge(
+    "gateway_upstream_in_flight",
+    "Portal requests being forwarded now (summed over workers).",
+    multiprocess_mode="livesum",
+)
+UPSTREAM_CONCURRENCY_LIMIT = Gauge(
+    "gateway_upstream_concurrency_limit",
+    "Portal requests each worker forwards at once at most (upstream.max_concurrent), summed over workers.",
+    multiprocess_mode="livesum",
+)
+UPSTREAM_BUSY = Counter(
+    "gateway_upstream_busy_total",
+    "Portal requests refused with 503 because the worker already forwarded upstream.max_concurrent.",
+)
 
 
 # --- Functions the rest of the gateway calls ----------------------------------------------------------
@@ -75,6 +95,26 @@ def upstream_timer() -> Iterator[None]:
         yield
     finally:
         UPSTREAM_LATENCY.observe(time.perf_counter() - started)
+
+
+def client_connection_closed(event: str) -> None:
+    CLIENT_CONNECTIONS_CLOSED.labels(event=event).inc()
+
+
+def upstream_concurrency_limit(limit: int) -> None:
+    UPSTREAM_CONCURRENCY_LIMIT.set(limit)
+
+
+def upstream_started() -> None:
+    UPSTREAM_IN_FLIGHT.inc()
+
+
+def upstream_finished() -> None:
+    UPSTREAM_IN_FLIGHT.dec()
+
+
+def upstream_busy() -> None:
+    UPSTREAM_BUSY.inc()
 
 
 def login_attempt(method: str, outcome: str) -> None:

@@ -42,6 +42,8 @@ PAGES: dict[Reason, Page] = {
     Reason.INTERNAL_ERROR: Page(500),
     Reason.UPSTREAM_UNAVAILABLE: Page(502),
     Reason.UPSTREAM_TIMEOUT: Page(504),
+    Reason.UPSTREAM_BUSY: Page(503),
+    Reason.CLIENT_TIMEOUT: Page(408),
     Reason.SESSION_STORE_UNAVAILABLE: Page(503),
     Reason.LIMITS_UNAVAILABLE: Page(503),
     Reason.CSRF_FAILED: Page(403),

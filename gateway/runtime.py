@@ -32,7 +32,7 @@ from gateway.readiness import NotReady, ReadinessRegistry, UpstreamProbe
 from gateway.responses import LoginLinks, WayForward, login_link, refusal
 from gateway.sessions import CachedSessionStore, MemorySessionStore, RedisSessionStore, SessionStore
 from gateway.settings import EcpsSettings, Settings, policy_files
-from gateway.wsgi import normalise_host
+from gateway.wsgi import RequestBodyTimeout, normalise_host
 
 log = logging.getLogger("gateway")
 
@@ -145,6 +145,7 @@ def build_gateway(
             connect_timeout=upstream.connect_timeout,
             read_timeout=upstream.read_timeout,
             pool_size=upstream.pool_size,
+            max_concurrent=settings.upstream_concurrency,
             ca_file=str(upstream.ca_file) if upstream.ca_file else None,
         ),
         signer=AssertionSigner(
@@ -279,6 +280,9 @@ def unexpected_error(error: Exception) -> Response:
     """Flask's error handler (and the proxy's): HTTP errors as they are, anything else a page, never a trace."""
     if isinstance(error, HTTPException):
         return error  # type: ignore[return-value]
+    if isinstance(error, RequestBodyTimeout):  # a login form or upload that arrived too slowly
+        audit_event(gateway_of(), "bad_request", reasons=[Reason.CLIENT_TIMEOUT.value], detail=str(error))
+        return refuse(Reason.CLIENT_TIMEOUT, next_path="/")
     if isinstance(error, STORAGE_ERRORS):
         log.warning("limits storage unavailable (request %s): %s", request_id(), type(error).__name__)
         return refuse(Reason.LIMITS_UNAVAILABLE, next_path="/")

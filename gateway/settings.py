@@ -124,6 +124,30 @@ class ServerSettings(_Section):
     pid_file: Path | None = Field(
         None, description="File where the master writes its PID (`gateway reload` signals that process)."
     )
+    header_timeout: Duration = Field(
+        10.0,
+        description="A request's head (request line and headers) must arrive within this time of its first byte; "
+        "else 408 and the connection closes. Heads are read by the worker's poller: a slow one holds no thread.",
+    )
+    body_timeout: Duration = Field(
+        30.0,
+        description="Longest silence while reading a request body or sending a response to the client; a body "
+        "must also keep up body_min_rate once this time has passed. Past either: 408 (or the connection cut).",
+    )
+    body_min_rate: int = Field(
+        500, ge=1, description="Bytes per second a request body must average after its first body_timeout."
+    )
+    keepalive_timeout: Duration = Field(
+        75.0,
+        description="How long a connection may stay open without sending a request (new or kept alive); "
+        "it waits in the worker's poller, holding no thread.",
+    )
+    max_connections: int = Field(
+        1000,
+        ge=1,
+        le=100_000,
+        description="Open connections per worker; when full, the longest-idle one is closed to admit a new one.",
+    )
 
     _resolve_paths = _paths_relative_to_settings("pid_file")
 
@@ -163,6 +187,12 @@ class UpstreamSettings(_Section):
     connect_timeout: Duration = Field(2.0, description="Time to open a connection to the portal.")
     read_timeout: Duration = Field(30.0, description="Longest silence while waiting for the portal's bytes.")
     pool_size: int = Field(64, ge=1, le=4096, description="Keep-alive connections kept per worker.")
+    max_concurrent: int | None = Field(
+        None,
+        ge=1,
+        description="Portal requests one worker forwards at once; beyond it a fast 503 page. Must stay below "
+        "server.threads so the gateway's own pages always find a thread (default: threads minus a quarter).",
+    )
     host_header: Literal["upstream", "preserve"] = Field(
         "upstream",
         description="Host sent to the portal: its own ('upstream') or the client's ('preserve').",
@@ -472,6 +502,22 @@ class Settings(_Section):
         return self.limits.storage or self.sessions.store
 
     _resolve_paths = _paths_relative_to_settings("policies")
+
+    @property
+    def upstream_concurrency(self) -> int:
+        """Portal requests forwarded at once per worker (``upstream.max_concurrent`` or its default)."""
+        threads = self.server.threads
+        return self.upstream.max_concurrent or max(1, threads - max(1, threads // 4))
+
+    @model_validator(mode="after")
+    def _own_pages_keep_a_thread(self) -> Settings:
+        limit = self.upstream.max_concurrent
+        if limit is not None and self.server.threads > 1 and limit >= self.server.threads:
+            raise ValueError(
+                f"upstream.max_concurrent ({limit}) must be below server.threads ({self.server.threads}): "
+                "the gateway's own pages (health, login) need a thread while the portal is slow"
+            )
+        return self
 
     @model_validator(mode="after")
     def _memory_store_is_one_process(self) -> Settings:

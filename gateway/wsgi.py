@@ -81,3 +81,8 @@ def request_headers(environ: dict[str, Any]) -> list[tuple[str, str]]:
     if environ.get("CONTENT_TYPE"):
         headers.append(("Content-Type", environ["CONTENT_TYPE"]))
     return headers
+
+
+class RequestBodyTimeout(TimeoutError):
+    """The client sent its request body too slowly (``server.body_timeout``, ``server.body_min_rate``);
+    raised by the server from reads of ``wsgi.input``."""

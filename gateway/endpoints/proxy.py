@@ -24,7 +24,7 @@ from gateway.policy.decision import Reason
 from gateway.policy.paths import NormalisedTarget
 from gateway.proxy.forward import forward, identity_headers
 from gateway.proxy.headers import filter_request_headers, in_networks
-from gateway.proxy.upstream import UpstreamError
+from gateway.proxy.upstream import ClientBodyError, UpstreamError
 from gateway.runtime import (
     GATEWAY_PREFIX,
     Gateway,
@@ -105,6 +105,17 @@ class ProxyApp:
             return self._in_flask(environ, refusal)
         try:
             return self._forward(environ, next_path, access)
+        except ClientBodyError as exc:
+            log.info("client body error (request %s): %s", request_id_of(environ), exc.detail)
+            audit_request_event(
+                gateway,
+                environ,
+                "bad_request",
+                rule=access.rule.name if access.rule else None,
+                reasons=[exc.reason.value],
+                detail=exc.detail,
+            )
+            return self._in_flask(environ, partial(refuse, exc.reason, next_path=next_path))
         except UpstreamError as exc:
             log.warning("upstream error (request %s): %s", request_id_of(environ), exc.detail)
             rule = access.rule

@@ -44,6 +44,10 @@ class Reason(enum.StrEnum):
     # Upstream
     UPSTREAM_UNAVAILABLE = "upstream_unavailable"
     UPSTREAM_TIMEOUT = "upstream_timeout"
+    #: The worker already forwards upstream.max_concurrent requests (a slow portal): refused at once.
+    UPSTREAM_BUSY = "upstream_busy"
+    # The client
+    CLIENT_TIMEOUT = "client_timeout"
     # Card login
     CARD_MISSING = "card_missing"
     CARD_UNTRUSTED = "card_untrusted"

@@ -10,7 +10,7 @@ from werkzeug.wsgi import get_input_stream
 
 from gateway.identity import Identity
 from gateway.proxy.headers import filter_response_headers, forwarded_headers
-from gateway.proxy.upstream import StreamedBody, Upstream, request_body
+from gateway.proxy.upstream import Upstream, request_body
 
 
 class UpstreamResponse(Response):
@@ -59,16 +59,17 @@ def forward(
         )
     )
     outgoing.extend(extra_headers)
-    upstream_response = upstream.send(environ["REQUEST_METHOD"], target, outgoing, body, chunked=chunked)
-    response_headers = filter_response_headers(
-        upstream_response.headers.items(), protected_cookies=protected_cookies
-    )
-    return UpstreamResponse(
-        StreamedBody(upstream_response),
-        status=upstream_response.status,
-        headers=response_headers,
-        direct_passthrough=True,
-    )
+    answer = upstream.send(environ["REQUEST_METHOD"], target, outgoing, body, chunked=chunked)
+    try:
+        response_headers = filter_response_headers(
+            answer.headers.items(), protected_cookies=protected_cookies
+        )
+        return UpstreamResponse(
+            answer, status=answer.status, headers=response_headers, direct_passthrough=True
+        )
+    except BaseException:
+        answer.close()  # gives the concurrency slot back: the WSGI server will never see this body
+        raise
 
 
 def _forwarded_values(environ: dict[str, Any]) -> dict[str, str]:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import urllib3
@@ -15,9 +17,13 @@ from urllib3.exceptions import (
     ReadTimeoutError,
 )
 
+from gateway import metrics
 from gateway.policy.decision import Reason
+from gateway.wsgi import RequestBodyTimeout
 
 CHUNK_SIZE = 64 * 1024
+#: Longest wait for a concurrency slot while the portal keeps freeing them (see :class:`Upstream`).
+SLOT_WAIT = 0.25
 
 
 class UpstreamError(Exception):
@@ -27,8 +33,27 @@ class UpstreamError(Exception):
         self.detail = detail
 
 
+class ClientBodyError(Exception):
+    """Reading the client's request body failed while it was being forwarded (e.g. too slow): the client's
+    fault, not the portal's. Deliberately not an OSError: urllib3 would report it as a broken portal."""
+
+    def __init__(self, reason: Reason, detail: str) -> None:
+        super().__init__(detail)
+        self.reason = reason
+        self.detail = detail
+
+
 class Upstream:
-    """One connection pool per process to the portal; thread-safe (the pool is)."""
+    """One connection pool per process to the portal; thread-safe (the pool is).
+
+    At most ``max_concurrent`` requests are forwarded at once: beyond, :meth:`send` fails fast with
+    ``upstream_busy`` instead of taking one more thread into a wait on a slow portal, so that the threads left
+    keep serving the gateway's own pages (health, login). A slot is held from :meth:`send` until the body of
+    the answer is closed (:class:`StreamedBody`). A healthy portal under load frees slots every few
+    milliseconds: a request finding none waits for one up to ``SLOT_WAIT``, but only while some slot was
+    taken or freed within that time; when the portal is slow (every request in flight is older than that and
+    none finished since) it is refused at once.
+    """
 
     def __init__(
         self,
@@ -37,9 +62,15 @@ class Upstream:
         connect_timeout: float,
         read_timeout: float,
         pool_size: int,
+        max_concurrent: int,
         ca_file: str | None = None,
     ) -> None:
         self.url = url
+        self.max_concurrent = max_concurrent
+        self._slots = threading.BoundedSemaphore(max_concurrent)
+        #: When a slot was last taken or freed: long ago means every request in flight is old.
+        self._last_change = 0.0
+        metrics.upstream_concurrency_limit(max_concurrent)
         self.timeout = urllib3.Timeout(connect=connect_timeout, read=read_timeout)
         tls = {"ca_certs": ca_file} if url.startswith("https://") and ca_file else {}
         self.pool = urllib3.connectionpool.connection_from_url(
@@ -63,8 +94,35 @@ class Upstream:
         body: Any = None,
         *,
         chunked: bool = False,
+    ) -> StreamedBody:
+        """Send a request whose body streams from ``body`` (file-like or iterable); the answer's body is unread.
+
+        The caller owns one concurrency slot until it closes the returned :class:`StreamedBody`.
+        """
+        if not self._slots.acquire(blocking=False) and (
+            time.monotonic() - self._last_change > SLOT_WAIT or not self._slots.acquire(timeout=SLOT_WAIT)
+        ):
+            metrics.upstream_busy()
+            raise UpstreamError(
+                Reason.UPSTREAM_BUSY,
+                f"{self.max_concurrent} portal requests already in flight in this worker",
+            )
+        self._last_change = time.monotonic()
+        metrics.upstream_started()
+        try:
+            return StreamedBody(self._urlopen(method, target, headers, body, chunked), self._release)
+        except BaseException:
+            self._release()
+            raise
+
+    def _release(self) -> None:
+        metrics.upstream_finished()
+        self._last_change = time.monotonic()
+        self._slots.release()
+
+    def _urlopen(
+        self, method: str, target: str, headers: Sequence[tuple[str, str]], body: Any, chunked: bool
     ) -> urllib3.BaseHTTPResponse:
-        """Send a request whose body streams from ``body`` (file-like or iterable); the response is unread."""
         try:
             return self.pool.urlopen(
                 method,
@@ -94,29 +152,34 @@ def _timeout_reason(exc: Exception) -> Reason:
 
 
 class StreamedBody:
-    """The portal's response body as a WSGI iterable; returns the connection to the pool only when clean."""
+    """The portal's answer: its status and headers, and its body as a WSGI iterable. Closing it returns the
+    connection to the pool (only when the body was read cleanly) and the request's concurrency slot."""
 
-    def __init__(self, response: urllib3.BaseHTTPResponse, on_error: Any = None) -> None:
+    def __init__(self, response: urllib3.BaseHTTPResponse, release: Callable[[], None]) -> None:
         self._response = response
         self._complete = False
-        self._on_error = on_error
+        self._release: Callable[[], None] | None = release
+        self.status = response.status
+        self.headers = response.headers
 
     def __iter__(self) -> Iterator[bytes]:
-        try:
-            for chunk in self._response.stream(CHUNK_SIZE, decode_content=False):
-                if chunk:
-                    yield chunk
-            self._complete = True
-        except (ReadTimeoutError, ProtocolError, OSError) as exc:
-            # Headers are already sent: the only honest signal left is to cut the connection.
-            if self._on_error is not None:
-                self._on_error(exc)
-            raise
+        # A failure here propagates: the headers are already sent, cutting the connection is the only honest
+        # signal left.
+        for chunk in self._response.stream(CHUNK_SIZE, decode_content=False):
+            if chunk:
+                yield chunk
+        self._complete = True
 
     def close(self) -> None:
-        if not self._complete:
-            self._response.close()  # never hand a half-read connection back to the pool
-        self._response.release_conn()
+        if self._release is None:
+            return
+        try:
+            if not self._complete:
+                self._response.close()  # never hand a half-read connection back to the pool
+            self._response.release_conn()
+        finally:
+            release, self._release = self._release, None
+            release()
 
 
 def request_body(environ: dict[str, Any], stream: Any) -> tuple[Any, bool, str | None]:
@@ -126,10 +189,24 @@ def request_body(environ: dict[str, Any], stream: Any) -> tuple[Any, bool, str |
     """
     length = environ.get("CONTENT_LENGTH") or None
     if length is not None:
-        return (stream if int(length) > 0 else b""), False, length
+        return (_ClientBody(stream) if int(length) > 0 else b""), False, length
     if "chunked" in environ.get("HTTP_TRANSFER_ENCODING", "").lower():
-        return _iter_stream(stream), True, None
+        return _iter_stream(_ClientBody(stream)), True, None
     return None, False, None
+
+
+class _ClientBody:
+    """The client's body as urllib3 reads it, with the client's failures named as such."""
+
+    def __init__(self, stream: Any) -> None:
+        self._stream = stream
+
+    def read(self, size: int = -1) -> bytes:
+        try:
+            data: bytes = self._stream.read(size)
+        except RequestBodyTimeout as exc:
+            raise ClientBodyError(Reason.CLIENT_TIMEOUT, str(exc)) from None
+        return data
 
 
 def _iter_stream(stream: Any) -> Iterable[bytes]:
