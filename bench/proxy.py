@@ -35,7 +35,7 @@ rules:
     login: { professions: [10] }
 """
 WORKERS, THREADS = 2, 16
-GATEWAY_WORKER = "gateway.server.LingeringThreadWorker"
+GATEWAY_WORKER = "gateway.server.GatewayWorker"
 
 
 def main() -> int:
