@@ -10,7 +10,7 @@ from collections.abc import Callable
 from flask import Flask, Response, current_app, request
 
 from gateway.audit import AuditLog
-from gateway.authn.ecps import EcpsError, ProSanteConnect
+from gateway.authn.ecps import ProSanteConnect, ProviderState
 from gateway.endpoints import card, ecps, forward_auth, logout, operations, pages
 from gateway.endpoints.proxy import ProxyApp
 from gateway.i18n import load_catalogs
@@ -59,14 +59,18 @@ def create_app(
     app.extensions[_LIMITER] = limiter
     login_rate = limiter.limit(
         settings.limits.login_requests_per_ip,
-        # PSC's own server calls the back-channel endpoint: never rate-limit a logout.
-        exempt_when=lambda: request.endpoint == "gateway_ecps.backchannel_logout",
+        # PSC's servers call the back-channel endpoint: it has a limit of its own, never the browsers'.
+        exempt_when=lambda: request.endpoint == ecps.BACKCHANNEL_LOGOUT_ENDPOINT,
     )
     if settings.ecps is not None and gateway.ecps is not None:
         _wire_ecps(app, settings.ecps.login_cookie_secret)
         gateway.ecps.init_app(app)
-        gateway.readiness.register("ecps_metadata", _psc_metadata_check(gateway.ecps))
-        ecps_routes = ecps.blueprint()
+        # PSC down must not take the instance out of the load balancer: card login and public pages work.
+        gateway.readiness.register("ecps", _psc_state_check(gateway.ecps), required=False)
+        gateway.ecps.start_background_discovery()
+        ecps_routes = ecps.blueprint(
+            backchannel_rate=limiter.limit(settings.limits.backchannel_logout_requests_per_ip)
+        )
         login_rate(ecps_routes)  # flask-limiter marks the blueprint (and returns nothing)
         app.register_blueprint(ecps_routes)
     if settings.card is not None:
@@ -121,11 +125,11 @@ def _too_many_requests(error: Exception) -> Response:
     return refuse(Reason.RATE_LIMITED, retry_after=retry_after)
 
 
-def _psc_metadata_check(client: ProSanteConnect) -> Callable[[], None]:
+def _psc_state_check(client: ProSanteConnect) -> Callable[[], None]:
     def check() -> None:
-        try:
-            client.check_metadata()
-        except EcpsError as exc:
-            raise NotReady(f"Pro Santé Connect discovery unavailable: {exc.reason.value}") from None
+        status = client.status()
+        if status.state is not ProviderState.UP:
+            detail = f": {status.detail}" if status.detail else ""
+            raise NotReady(f"Pro Santé Connect {status.state.value}{detail}")
 
     return check

@@ -35,6 +35,9 @@ ID_TYPE_RPPS_PRACTICE = "6"
 ID_TYPE_RPPS = "8"
 #: idNat types that designate an establishment's staff or an organisation, not a health professional.
 STAFF_OR_ORGANISATION_ID_TYPES = frozenset({ID_TYPE_FINESS, ID_TYPE_SIREN, ID_TYPE_SIRET})
+#: ``auth_time`` when the login method did not say when the professional authenticated (PSC may omit it when
+#: no max_age was asked): the epoch, so the login counts as too old for any rule with a ``max_age``.
+UNKNOWN_AUTH_TIME = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,7 +45,8 @@ class Identity:
     """A professional after a successful strong login.
 
     ``auth_time`` is the POSIX time of the login itself (not of the session's last use): policies
-    compare it with their ``max_age`` to ask for a fresh login (step-up).
+    compare it with their ``max_age`` to ask for a fresh login (step-up). :data:`UNKNOWN_AUTH_TIME` when
+    the provider did not say.
     """
 
     idnat: str

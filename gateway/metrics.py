@@ -79,6 +79,12 @@ UPSTREAM_BUSY = Counter(
     "gateway_upstream_busy_total",
     "Portal requests refused with 503 because the worker already forwarded upstream.max_concurrent.",
 )
+IDENTITY_PROVIDER_UP = Gauge(
+    "gateway_identity_provider_up",
+    "1 when the identity provider (psc) answered its last call and accepts this gateway's client, else 0.",
+    ["provider"],
+    multiprocess_mode="livemin",  # down as soon as one live worker cannot reach it
+)
 
 
 # --- Functions the rest of the gateway calls ----------------------------------------------------------
@@ -132,6 +138,11 @@ def quota_breach(rule: str, action: str) -> None:
 
 def crl_age(issuer: str, seconds: float) -> None:
     CRL_AGE.labels(issuer=issuer).set(seconds)
+
+
+def identity_provider_state(provider: str, state: str) -> None:
+    """``state``: "up", or why not ("starting", "down", "misconfigured"); also in /.gateway/readyz."""
+    IDENTITY_PROVIDER_UP.labels(provider=provider).set(1 if state == "up" else 0)
 
 
 def config_reload(outcome: str) -> None:

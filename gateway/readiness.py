@@ -1,8 +1,10 @@
 """Readiness: named checks that must all pass before a load balancer sends traffic to this instance.
 
 The registry lives on the Gateway object; login methods register their own checks at start-up (CRL
-freshness, IdP metadata...). A check returns None when ready and raises :class:`NotReady` (or anything
-else) when not. No Flask here: ``endpoints/operations.py`` turns the results into HTTP.
+freshness, IdP state...). A check returns None when ready and raises :class:`NotReady` (or anything
+else) when not. A check registered with ``required=False`` is only reported: the instance stays ready
+without it (Pro Santé Connect down must not take away card logins and public pages). No Flask here:
+``endpoints/operations.py`` turns the results into HTTP.
 """
 
 from __future__ import annotations
@@ -27,21 +29,32 @@ class NotReady(Exception):
 class CheckResult:
     ok: bool
     detail: str = ""
+    #: False: reported only, the instance is ready whatever the outcome.
+    required: bool = True
 
     def as_json(self) -> dict[str, object]:
-        return {"ok": self.ok, "detail": self.detail} if self.detail else {"ok": self.ok}
+        result: dict[str, object] = {"ok": self.ok}
+        if self.detail:
+            result["detail"] = self.detail
+        if not self.required:
+            result["required"] = False
+        return result
+
+    @property
+    def blocks_readiness(self) -> bool:
+        return self.required and not self.ok
 
 
 class ReadinessRegistry:
     """Named checks, run in registration order. Registration happens at start-up only."""
 
     def __init__(self) -> None:
-        self._checks: dict[str, ReadinessCheck] = {}
+        self._checks: dict[str, tuple[ReadinessCheck, bool]] = {}
 
-    def register(self, name: str, check: ReadinessCheck) -> None:
+    def register(self, name: str, check: ReadinessCheck, *, required: bool = True) -> None:
         if name in self._checks:
             raise ValueError(f"readiness check {name!r} is already registered")
-        self._checks[name] = check
+        self._checks[name] = (check, required)
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -49,15 +62,15 @@ class ReadinessRegistry:
 
     def run(self) -> dict[str, CheckResult]:
         results: dict[str, CheckResult] = {}
-        for name, check in self._checks.items():
+        for name, (check, required) in self._checks.items():
             try:
                 check()
             except NotReady as exc:
-                results[name] = CheckResult(False, str(exc))
+                results[name] = CheckResult(False, str(exc), required)
             except Exception as exc:  # a broken check must say "not ready", never crash the probe
-                results[name] = CheckResult(False, type(exc).__name__)
+                results[name] = CheckResult(False, type(exc).__name__, required)
             else:
-                results[name] = CheckResult(True)
+                results[name] = CheckResult(True, required=required)
         return results
 
 

@@ -12,9 +12,10 @@ from urllib.parse import urlsplit
 from flask import Flask, Response, current_app, request
 from werkzeug.exceptions import HTTPException
 
+from gateway import metrics
 from gateway.audit import AuditLog
 from gateway.authn.card.challenge import ChallengeIssuer, NonceStore
-from gateway.authn.card.setup import build_card_login, crls_ready
+from gateway.authn.card.setup import build_card_login, crls_ready, nonce_store
 from gateway.authn.card.verify import CardVerifier, CrlStore
 from gateway.authn.ecps import ProSanteConnect
 from gateway.config_source import ConfigError, ConfigErrors
@@ -109,8 +110,13 @@ def build_audit_log(settings: Settings) -> AuditLog:
     return AuditLog(settings.audit.file)
 
 
-def build_ecps(config: EcpsSettings) -> ProSanteConnect:
+def build_ecps(config: EcpsSettings, settings: Settings) -> ProSanteConnect:
     private_key = config.private_key_file.read_text(encoding="utf-8") if config.private_key_file else None
+    certificate = (
+        (str(config.client_certificate_file), str(config.client_certificate_key_file))
+        if config.client_certificate_file and config.client_certificate_key_file
+        else None
+    )
     return ProSanteConnect(
         metadata_url=config.metadata_url,
         expected_issuer=config.issuer,
@@ -119,6 +125,12 @@ def build_ecps(config: EcpsSettings) -> ProSanteConnect:
         client_secret=config.client_secret,
         private_key_pem=private_key,
         key_id=config.key_id,
+        tls_client_certificate=certificate,
+        server_ca_file=str(config.server_ca_file) if config.server_ca_file else None,
+        pushed_authorization_requests=config.pushed_authorization_requests,
+        # Consumed states and logout-token jti: shared by every instance (another one refuses the replay).
+        single_use=nonce_store(settings.sessions.store, prefix="gw:ecps-used:"),
+        on_state_change=lambda state: metrics.identity_provider_state("psc", state.value),
         redirect_uri=config.redirect_uri,
         post_logout_redirect_uri=config.post_logout_redirect_uri,
         scopes=config.scopes,
@@ -167,7 +179,7 @@ def build_gateway(
         ),
         # The login cookie is the gateway's too: never forwarded to the portal.
         protected_cookies=frozenset({settings.sessions.cookie_name, LOGIN_COOKIE_NAME}),
-        ecps=build_ecps(settings.ecps) if settings.ecps else None,
+        ecps=build_ecps(settings.ecps, settings) if settings.ecps else None,
         ecps_login_url=ECPS_LOGIN_PATH if settings.ecps else None,
     )
     gateway.readiness.register("sessions", gateway.sessions.ping)

@@ -15,11 +15,15 @@ import re
 import types
 import typing
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
 import pydantic
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 from pydantic import ConfigDict, Field, field_validator, model_validator
 
 from gateway.config_source import (
@@ -267,6 +271,10 @@ class LimitsSettings(_Section):
         description="Requests of any kind to the login endpoints per client IP (flask-limiter; e.g. challenges).",
     )
     login_attempts_per_ip: str = Field("20/minute", description="Login attempts allowed per client IP.")
+    backchannel_logout_requests_per_ip: str = Field(
+        "120/minute",
+        description="POSTs to the e-CPS back-channel logout endpoint per client IP (PSC's servers send them).",
+    )
     login_attempts_per_identity: str = Field(
         "10/minute", description="Login attempts allowed per claimed identity (card serial or idNat)."
     )
@@ -274,7 +282,12 @@ class LimitsSettings(_Section):
     ban_window: Duration = Field(600.0, description="Window in which failed logins are counted.")
     ban_duration: Duration = Field(900.0, description="How long a ban lasts (at least ban_window).")
 
-    @field_validator("login_requests_per_ip", "login_attempts_per_ip", "login_attempts_per_identity")
+    @field_validator(
+        "login_requests_per_ip",
+        "login_attempts_per_ip",
+        "login_attempts_per_identity",
+        "backchannel_logout_requests_per_ip",
+    )
     @classmethod
     def _rate(cls, value: str) -> str:
         if not re.match(r"^\d+\s*(/|per)\s*(\d+\s*)?(second|minute|hour|day)s?$", value.strip()):
@@ -323,20 +336,35 @@ class EcpsSettings(_Section):
         None, description="Expected issuer; when set, the discovery document must name exactly this one."
     )
     client_id: str = Field(description="Client id registered with ANS for this service.")
-    client_auth: Literal["client_secret_basic", "private_key_jwt"] = Field(
+    client_auth: Literal["client_secret_basic", "private_key_jwt", "tls_client_auth"] = Field(
         "client_secret_basic",
         description=(
-            "Token endpoint client authentication: client_secret_basic or private_key_jwt. "
-            "tls_client_auth (mTLS, required in the ANS 'Espace de Confiance') is not supported yet."
+            "Token endpoint client authentication: client_secret_basic, private_key_jwt (RS256 or ES256, "
+            "from the key) or tls_client_auth (mTLS, required in the ANS 'Espace de Confiance')."
         ),
     )
     client_secret: str | None = Field(
         None, description="Client secret for client_secret_basic; write a ${ENV} reference, never the value."
     )
     private_key_file: Path | None = Field(
-        None, description="PEM private key signing the private_key_jwt client assertion."
+        None,
+        description="PEM private key signing the private_key_jwt client assertion: RSA (RS256) or EC P-256 (ES256).",
     )
     key_id: str | None = Field(None, description="`kid` of private_key_file as registered with ANS.")
+    client_certificate_file: Path | None = Field(
+        None,
+        description="tls_client_auth: PEM certificate the gateway presents to PSC (token, userinfo, PAR).",
+    )
+    client_certificate_key_file: Path | None = Field(
+        None, description="tls_client_auth: unencrypted PEM private key of client_certificate_file."
+    )
+    server_ca_file: Path | None = Field(
+        None, description="PEM CA certificates PSC's TLS certificates must chain to (none: the system's)."
+    )
+    pushed_authorization_requests: bool = Field(
+        False,
+        description="Send the authorization request to PSC's PAR endpoint first (RFC 9126); always when PSC requires it.",
+    )
     scopes: str = Field("openid scope_all", description="Requested scopes (must include openid).")
     acr_values: str = Field("eidas1", description="acr_values sent in the authorization request.")
     accepted_acr: list[str] = Field(
@@ -361,8 +389,24 @@ class EcpsSettings(_Section):
         ),
     )
 
-    _resolve_paths = _paths_relative_to_settings("private_key_file")
-    _files_exist = _files_must_exist("private_key_file")
+    _resolve_paths = _paths_relative_to_settings(
+        "private_key_file", "client_certificate_file", "client_certificate_key_file", "server_ca_file"
+    )
+    _files_exist = _files_must_exist("private_key_file", "client_certificate_key_file")
+
+    @field_validator("private_key_file", mode="after")
+    @classmethod
+    def _assertion_key(cls, value: Path | None, info: pydantic.ValidationInfo) -> Path | None:
+        if value is not None and value.is_file():
+            _check_client_assertion_key(_load_private_key(value))
+        return value
+
+    @field_validator("client_certificate_file", "server_ca_file", mode="after")
+    @classmethod
+    def _certificate_files(cls, value: Path | None, info: pydantic.ValidationInfo) -> Path | None:
+        if value is not None:
+            _check_certificates(value, info)
+        return value
 
     @field_validator("metadata_url", "redirect_uri", "post_logout_redirect_uri")
     @classmethod
@@ -384,7 +428,61 @@ class EcpsSettings(_Section):
             raise ValueError("client_auth client_secret_basic needs client_secret")
         if self.client_auth == "private_key_jwt" and self.private_key_file is None:
             raise ValueError("client_auth private_key_jwt needs private_key_file (and usually key_id)")
+        if self.client_auth == "tls_client_auth":
+            if self.client_certificate_file is None or self.client_certificate_key_file is None:
+                raise ValueError(
+                    "client_auth tls_client_auth needs client_certificate_file and client_certificate_key_file"
+                )
+            if self.client_certificate_file.is_file() and self.client_certificate_key_file.is_file():
+                _check_tls_client_certificate(self.client_certificate_file, self.client_certificate_key_file)
         return self
+
+
+def _load_private_key(path: Path) -> PrivateKeyTypes:
+    try:
+        return serialization.load_pem_private_key(path.read_bytes(), password=None)
+    except TypeError:
+        raise ValueError(
+            f"{path}: the key is encrypted; give it unencrypted (file readable by the gateway only)"
+        ) from None
+    except ValueError:
+        raise ValueError(f"{path}: not a PEM private key") from None
+
+
+def _check_client_assertion_key(key: PrivateKeyTypes) -> None:
+    """Only keys whose algorithm PSC can be asked to accept: RSA (RS256) or EC P-256 (ES256)."""
+    if isinstance(key, rsa.RSAPrivateKey):
+        if key.key_size < 2048:
+            raise ValueError(f"an RSA key of {key.key_size} bits is too short: use 2048 bits or more")
+        return
+    if isinstance(key, ec.EllipticCurvePrivateKey):
+        if not isinstance(key.curve, ec.SECP256R1):
+            raise ValueError(f"an EC key on {key.curve.name} cannot sign ES256: use P-256 (or RSA for RS256)")
+        return
+    raise ValueError(
+        f"a {type(key).__name__} cannot sign RS256 or ES256 client assertions: use RSA or EC P-256"
+    )
+
+
+def _check_tls_client_certificate(certificate_file: Path, key_file: Path) -> None:
+    """The certificate and its key belong together, and the certificate can authenticate a TLS client now."""
+    key = _load_private_key(key_file)
+    certificate = x509.load_pem_x509_certificates(certificate_file.read_bytes())[0]
+    public_format = (serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    if key.public_key().public_bytes(*public_format) != certificate.public_key().public_bytes(*public_format):
+        raise ValueError(f"{key_file} is not the private key of {certificate_file}")
+    now = datetime.now(UTC)
+    if not certificate.not_valid_before_utc <= now <= certificate.not_valid_after_utc:
+        raise ValueError(
+            f"{certificate_file} is not valid now (from {certificate.not_valid_before_utc:%Y-%m-%d} "
+            f"to {certificate.not_valid_after_utc:%Y-%m-%d})"
+        )
+    try:
+        usages = certificate.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    except x509.ExtensionNotFound:
+        return
+    if x509.ExtendedKeyUsageOID.CLIENT_AUTH not in usages:
+        raise ValueError(f"{certificate_file} lacks the TLS client authentication usage (extendedKeyUsage)")
 
 
 def _check_certificates(path: Path, info: pydantic.ValidationInfo) -> None:

@@ -9,21 +9,33 @@ The "approve on your phone" page stands in for the e-CPS mobile app. Everything 
 ``psc_test_auto_approve`` parameter are STAND-IN FEATURES for tests: no real provider has them.
 Never expose this process beyond the loopback interface.
 
+Client authentication: client_secret_basic, private_key_jwt (RS256 or ES256 assertions, the algorithms
+advertised being settable) and tls_client_auth (RFC 8705). For the latter the stand-in sits behind a TLS
+terminator that asks for the client certificate (nginx with ``ssl_verify_client``) and hands it over in
+``X-SSL-Client-Cert`` / ``X-SSL-Client-Verify`` (``--client-certificate-header``); access tokens issued to a
+client that presented a certificate are bound to it (``cnf.x5t#S256``), and userinfo then demands that same
+certificate. ``--mtls-url`` publishes that terminator's endpoints as ``mtls_endpoint_aliases``. Pushed
+authorization requests (RFC 9126) are served, and can be required (``--require-par``).
+
 Run::
 
     python -m gateway.devtools.psc --port 9080 [--issuer-path /auth/realms/esante-wallet] \
         [--identities identities.yaml] [--clients clients.yaml] \
         [--client-id gateway --client-secret S --redirect-uri https://gw.example/.gateway/ecps/callback \
          --post-logout-redirect-uri URI --backchannel-logout-uri URI \
-         --client-public-key pub.pem --key-id K --userinfo-format jwt|json]
+         --client-public-key pub.pem --key-id K --userinfo-format jwt|json] \
+        [--public-url https://127.0.0.1:9443 --mtls-url https://127.0.0.1:9444 --client-certificate-header] \
+        [--client-assertion-alg RS256 ...] [--require-par]
 
-The issuer is ``http://127.0.0.1:<port><issuer-path>``; discovery is at
-``<issuer>/.well-known/wallet-openid-configuration`` (and the standard path).
+The issuer is ``<public-url><issuer-path>`` (public URL by default ``http://127.0.0.1:<port>``); discovery is
+at ``<issuer>/.well-known/wallet-openid-configuration`` (and the standard path).
 """
 
 from __future__ import annotations
 
 import argparse
+import base64
+import hashlib
 import html
 import secrets
 import threading
@@ -33,22 +45,27 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlencode, urlsplit
+from urllib.parse import unquote, urlencode, urlsplit
 
 import requests
 import yaml
 from authlib.integrations.flask_oauth2 import AuthorizationServer, ResourceProtector, current_token
-from authlib.oauth2 import OAuth2Error
-from authlib.oauth2.rfc6749 import InvalidRequestError, grants
+from authlib.integrations.flask_oauth2.requests import FlaskOAuth2Payload, FlaskOAuth2Request
+from authlib.oauth2 import OAuth2Error, OAuth2Request
+from authlib.oauth2.rfc6749 import InvalidClientError, InvalidRequestError, grants
 from authlib.oauth2.rfc6749.models import AuthorizationCodeMixin, ClientMixin, TokenMixin
-from authlib.oauth2.rfc6750 import BearerTokenValidator
+from authlib.oauth2.rfc6750 import BearerTokenValidator, InvalidTokenError
 from authlib.oauth2.rfc7523 import JWTBearerClientAssertion
 from authlib.oauth2.rfc7636 import CodeChallenge
 from authlib.oidc.core.grants import OpenIDCode
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 from flask import Flask, Response, jsonify, redirect, request
 from joserfc import jwt
 from joserfc.errors import JoseError
-from joserfc.jwk import KeySet, RSAKey
+from joserfc.jwk import ECKey, KeySet, RSAKey
+from werkzeug.datastructures import MultiDict
 
 DEFAULT_ISSUER_PATH = "/auth/realms/esante-wallet"
 PSC_DISCOVERY_SUFFIX = "/.well-known/wallet-openid-configuration"
@@ -59,6 +76,16 @@ DEFAULT_ACR = "eidas1"
 ID_TOKEN_LIFETIME = 300
 ACCESS_TOKEN_LIFETIME = 120  # PSC: 2 minutes
 CODE_LIFETIME = 60
+PAR_LIFETIME = 60
+PAR_REQUEST_URI_PREFIX = "urn:ietf:params:oauth:request_uri:"
+TOKEN_PATH = "/protocol/openid-connect/token"  # noqa: S105 - a path
+USERINFO_PATH = "/protocol/openid-connect/userinfo"
+PAR_PATH = "/protocol/openid-connect/ext/par/request"  # Keycloak's
+CLIENT_AUTH_METHODS = ("client_secret_basic", "private_key_jwt", "tls_client_auth")
+DEFAULT_CLIENT_ASSERTION_ALGS = ("RS256", "ES256")
+#: Set by the TLS terminator in front (nginx: $ssl_client_escaped_cert and $ssl_client_verify).
+CLIENT_CERT_HEADER = "X-SSL-Client-Cert"
+CLIENT_VERIFY_HEADER = "X-SSL-Client-Verify"
 #: Stand-in feature: ``psc_test_auto_approve=1&login_hint=<idNat>`` approves without the page,
 #: ``psc_test_auto_approve=deny`` refuses (as if the user pressed "Refuser").
 AUTO_APPROVE_PARAM = "psc_test_auto_approve"
@@ -72,6 +99,7 @@ FAULT_NAMES = frozenset(
         "unavailable",
         "omit_acr",  # id_token without acr (observed at PSC)
         "acr",  # force this acr value instead of the requested one
+        "omit_auth_time",  # id_token without auth_time, even when max_age was requested
     }
 )
 
@@ -150,9 +178,11 @@ class RegisteredClient(ClientMixin):
     client_id: str
     redirect_uris: tuple[str, ...]
     client_secret: str = ""
-    #: "client_secret_basic" or "private_key_jwt" (then ``jwks`` holds the public keys).
+    #: One of CLIENT_AUTH_METHODS: private_key_jwt needs ``jwks`` (the public keys), tls_client_auth
+    #: ``tls_client_auth_subject_dn`` (RFC 8705 2.1.2, compared with the certificate's RFC 4514 subject).
     token_endpoint_auth_method: str = "client_secret_basic"  # noqa: S105 - a method name
     jwks: dict[str, Any] | None = None
+    tls_client_auth_subject_dn: str = ""
     post_logout_redirect_uris: tuple[str, ...] = ()
     backchannel_logout_uri: str = ""
     #: "jwt" (signed, application/jwt) or "json".
@@ -174,7 +204,7 @@ class RegisteredClient(ClientMixin):
         return bool(self.client_secret) and secrets.compare_digest(self.client_secret, client_secret)
 
     def check_endpoint_auth_method(self, method: str, endpoint: str) -> bool:
-        return endpoint == "token" and method == self.token_endpoint_auth_method
+        return endpoint in ("token", "par") and method == self.token_endpoint_auth_method
 
     def check_response_type(self, response_type: str) -> bool:
         return response_type == "code"
@@ -186,8 +216,7 @@ class RegisteredClient(ClientMixin):
     def from_dict(cls, data: dict[str, Any]) -> RegisteredClient:
         jwks = data.get("jwks")
         if jwks is None and data.get("public_key_pem"):
-            key = RSAKey.import_key(str(data["public_key_pem"]))
-            public = dict(key.as_dict(private=False))
+            public = public_jwk(str(data["public_key_pem"]))
             if data.get("key_id"):
                 public["kid"] = str(data["key_id"])
             jwks = {"keys": [public]}
@@ -197,10 +226,18 @@ class RegisteredClient(ClientMixin):
             client_secret=str(data.get("client_secret", "")),
             token_endpoint_auth_method=str(data.get("token_endpoint_auth_method", "client_secret_basic")),
             jwks=jwks,
+            tls_client_auth_subject_dn=str(data.get("tls_client_auth_subject_dn", "")),
             post_logout_redirect_uris=tuple(str(u) for u in data.get("post_logout_redirect_uris", ())),
             backchannel_logout_uri=str(data.get("backchannel_logout_uri", "")),
             userinfo_format=str(data.get("userinfo_format", "jwt")),
         )
+
+
+def public_jwk(public_key_pem: str) -> dict[str, Any]:
+    """The JWK of an RSA or EC public key (a client registering for private_key_jwt)."""
+    key = serialization.load_pem_public_key(public_key_pem.encode())
+    key_class = ECKey if isinstance(key, ec.EllipticCurvePublicKey) else RSAKey
+    return dict(key_class.import_key(public_key_pem).as_dict(private=False))
 
 
 @dataclass(frozen=True, slots=True)
@@ -210,6 +247,12 @@ class PscConfig:
     identities: tuple[TestIdentity, ...] = DEFAULT_IDENTITIES
     #: Accept the stand-in auto-approve parameter (tests); the page is always available.
     allow_auto_approve: bool = True
+    #: Believe the client certificate headers of the TLS terminator in front (mTLS).
+    client_certificate_header: bool = False
+    #: Base URL of the terminator's mTLS endpoints, published as mtls_endpoint_aliases (RFC 8705 5).
+    mtls_url: str = ""
+    client_assertion_algs: tuple[str, ...] = DEFAULT_CLIENT_ASSERTION_ALGS
+    require_par: bool = False
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -264,6 +307,8 @@ class AccessToken(TokenMixin):
     scope: str
     approval: Approval
     expires_at: float
+    #: RFC 8705 3: SHA-256 thumbprint of the client certificate the token is bound to ("" when unbound).
+    certificate_thumbprint: str = ""
 
     def check_client(self, client: ClientMixin) -> bool:
         return client.get_client_id() == self.client.client_id
@@ -296,6 +341,8 @@ class ProviderState:
     tokens: dict[str, AccessToken] = field(default_factory=dict)
     used_nonces: set[tuple[str, str]] = field(default_factory=set)
     used_assertion_ids: set[str] = field(default_factory=set)
+    #: Pushed authorization requests: request_uri -> (parameters, expiry).
+    pushed_requests: dict[str, tuple[MultiDict[str, str], float]] = field(default_factory=dict)
     #: sid -> (identity, client ids that received an id_token in that PSC session)
     sessions: dict[str, tuple[TestIdentity, set[str]]] = field(default_factory=dict)
     faults: dict[str, Any] = field(default_factory=dict)
@@ -306,6 +353,7 @@ class ProviderState:
             self.tokens.clear()
             self.used_nonces.clear()
             self.used_assertion_ids.clear()
+            self.pushed_requests.clear()
             self.sessions.clear()
             self.faults.clear()
 
@@ -340,9 +388,25 @@ class Provider:
     def url(self, suffix: str) -> str:
         return self.issuer + suffix
 
+    def mtls_url(self, suffix: str) -> str:
+        return self.config.mtls_url.rstrip("/") + _path_of(self.issuer) + suffix
+
     @property
     def token_endpoint(self) -> str:
-        return self.url("/protocol/openid-connect/token")
+        return self.url(TOKEN_PATH)
+
+    def presented_certificate(self) -> x509.Certificate | None:
+        """The client certificate the TLS terminator verified on this request, if it says so."""
+        if (
+            not self.config.client_certificate_header
+            or request.headers.get(CLIENT_VERIFY_HEADER) != "SUCCESS"
+        ):
+            return None
+        escaped = request.headers.get(CLIENT_CERT_HEADER, "")
+        try:
+            return x509.load_pem_x509_certificate(unquote(escaped).encode())
+        except ValueError:
+            return None
 
     def fault(self, name: str) -> Any:
         return self.state.faults.get(name)
@@ -372,7 +436,9 @@ class Provider:
         approval = code.approval
         claims = approval.identity.claims()
         claims.update(self.registered_claims(code.client_id))
-        claims.update({"auth_time": approval.auth_time, "sid": approval.sid, "azp": code.client_id})
+        claims.update({"sid": approval.sid, "azp": code.client_id})
+        if not self.fault("omit_auth_time"):
+            claims["auth_time"] = approval.auth_time
         if code.nonce:
             claims["nonce"] = "not-your-nonce" if self.fault("wrong_nonce") else code.nonce
         acr = self.fault("acr") or code.acr
@@ -387,24 +453,24 @@ class Provider:
         claims.update(self.registered_claims(token.client.client_id))
         return Response(self.sign(claims), content_type="application/jwt")
 
-    def logout_token(self, identity: TestIdentity, sid: str, client_id: str) -> str:
+    def logout_token(self, identity: TestIdentity, sid: str | None, client_id: str) -> str:
+        """``sid=None``: a token naming only the subject (the RP ends all its sessions of that sub)."""
         claims = self.registered_claims(client_id)
         claims.update(
-            {
-                "sub": identity.sub,
-                "sid": sid,
-                "jti": secrets.token_urlsafe(16),
-                "events": {BACKCHANNEL_LOGOUT_EVENT: {}},
-            }
+            {"sub": identity.sub, "jti": secrets.token_urlsafe(16), "events": {BACKCHANNEL_LOGOUT_EVENT: {}}}
         )
+        if sid is not None:
+            claims["sid"] = sid
         return self.sign(claims, typ="logout+jwt")
 
     def metadata(self) -> dict[str, Any]:
-        return {
+        document = {
             "issuer": self.issuer,
             "authorization_endpoint": self.url("/protocol/openid-connect/auth"),
             "token_endpoint": self.token_endpoint,
-            "userinfo_endpoint": self.url("/protocol/openid-connect/userinfo"),
+            "userinfo_endpoint": self.url(USERINFO_PATH),
+            "pushed_authorization_request_endpoint": self.url(PAR_PATH),
+            "require_pushed_authorization_requests": self.config.require_par,
             "end_session_endpoint": self.url("/protocol/openid-connect/logout"),
             "jwks_uri": self.url("/protocol/openid-connect/certs"),
             "scopes_supported": list(SUPPORTED_SCOPES),
@@ -414,8 +480,9 @@ class Provider:
             "subject_types_supported": ["public"],
             "id_token_signing_alg_values_supported": ["RS256"],
             "userinfo_signing_alg_values_supported": ["RS256"],
-            "token_endpoint_auth_methods_supported": ["client_secret_basic", "private_key_jwt"],
-            "token_endpoint_auth_signing_alg_values_supported": ["RS256", "ES256"],
+            "token_endpoint_auth_methods_supported": list(CLIENT_AUTH_METHODS),
+            "token_endpoint_auth_signing_alg_values_supported": list(self.config.client_assertion_algs),
+            "tls_client_certificate_bound_access_tokens": True,
             "code_challenge_methods_supported": ["S256"],
             "acr_values_supported": ["eidas1", "eidas2", "eidas3"],
             "claims_parameter_supported": False,
@@ -423,6 +490,13 @@ class Provider:
             "backchannel_logout_supported": True,
             "backchannel_logout_session_supported": True,
         }
+        if self.config.mtls_url:
+            document["mtls_endpoint_aliases"] = {
+                "token_endpoint": self.mtls_url(TOKEN_PATH),
+                "userinfo_endpoint": self.mtls_url(USERINFO_PATH),
+                "pushed_authorization_request_endpoint": self.mtls_url(PAR_PATH),
+            }
+        return document
 
 
 class PkceRequiredForEveryClient(CodeChallenge):
@@ -449,7 +523,7 @@ def build_grant_classes(provider: Provider) -> tuple[type[grants.AuthorizationCo
     state = provider.state
 
     class PscAuthorizationCodeGrant(grants.AuthorizationCodeGrant):
-        TOKEN_ENDPOINT_AUTH_METHODS = ["client_secret_basic", "private_key_jwt"]
+        TOKEN_ENDPOINT_AUTH_METHODS = list(CLIENT_AUTH_METHODS)
 
         def save_authorization_code(self, code: str, request: Any) -> None:
             data = request.payload.data
@@ -521,11 +595,40 @@ def build_client_assertion(provider: Provider) -> JWTBearerClientAssertion:
     return PrivateKeyJwtAssertion()
 
 
+def build_tls_client_auth(provider: Provider) -> Any:
+    """RFC 8705 2.1: the client is who its certificate's subject says (the terminator verified the chain)."""
+
+    def authenticate(query_client: Any, oauth_request: Any) -> RegisteredClient | None:
+        client = query_client(oauth_request.payload.data.get("client_id", ""))
+        certificate = provider.presented_certificate()
+        if client is None or certificate is None or not client.tls_client_auth_subject_dn:
+            return None
+        if certificate.subject.rfc4514_string() != client.tls_client_auth_subject_dn:
+            return None
+        return client
+
+    return authenticate
+
+
+def certificate_thumbprint(certificate: x509.Certificate) -> str:
+    """``x5t#S256`` (RFC 8705 3.1)."""
+    digest = hashlib.sha256(certificate.public_bytes(serialization.Encoding.DER)).digest()
+    return base64.urlsafe_b64encode(digest).rstrip(b"=").decode()
+
+
 def build_resource_protector(provider: Provider) -> ResourceProtector:
     class InMemoryBearerTokenValidator(BearerTokenValidator):
         def authenticate_token(self, token_string: str) -> AccessToken | None:
             with provider.state.lock:
                 return provider.state.tokens.get(token_string)
+
+        def validate_token(self, token: AccessToken, scopes: Any, request: Any) -> None:
+            super().validate_token(token, scopes, request)
+            if token.certificate_thumbprint:
+                # A certificate-bound token is only good with the certificate it is bound to.
+                presented = provider.presented_certificate()
+                if presented is None or certificate_thumbprint(presented) != token.certificate_thumbprint:
+                    raise InvalidTokenError(description="the token is bound to another client certificate")
 
     protector = ResourceProtector()
     protector.register_token_validator(InMemoryBearerTokenValidator())
@@ -536,6 +639,35 @@ def build_resource_protector(provider: Provider) -> ResourceProtector:
 # Views
 
 
+class PushedPayload(FlaskOAuth2Payload):
+    """The parameters of a pushed authorization request, standing in for those of the browser's request."""
+
+    def __init__(self, parameters: MultiDict[str, str]) -> None:
+        self._parameters = parameters
+
+    @property
+    def data(self) -> MultiDict[str, str]:
+        return self._parameters
+
+
+class PushedAuthorizationRequest(FlaskOAuth2Request):
+    def __init__(self, parameters: MultiDict[str, str]) -> None:
+        super().__init__(request)
+        self.payload = PushedPayload(parameters)
+
+    @property
+    def args(self) -> MultiDict[str, str]:
+        return self.payload.data
+
+
+class PscAuthorizationServer(AuthorizationServer):
+    def create_oauth2_request(self, oauth_request: Any) -> OAuth2Request:
+        # The authorization endpoint passes a pushed request's parameters in; anything else is Flask's.
+        if isinstance(oauth_request, OAuth2Request):
+            return oauth_request
+        return super().create_oauth2_request(oauth_request)
+
+
 def create_app(config: PscConfig) -> Flask:
     provider = Provider(config)
     app = Flask(__name__)
@@ -543,6 +675,7 @@ def create_app(config: PscConfig) -> Flask:
     app.extensions["psc_provider"] = provider
 
     def save_token(token: dict[str, Any], oauth_request: Any) -> None:
+        certificate = provider.presented_certificate()
         with provider.state.lock:
             provider.state.tokens[token["access_token"]] = AccessToken(
                 access_token=token["access_token"],
@@ -550,12 +683,14 @@ def create_app(config: PscConfig) -> Flask:
                 scope=token.get("scope", ""),
                 approval=oauth_request.user,
                 expires_at=time.time() + int(token.get("expires_in", ACCESS_TOKEN_LIFETIME)),
+                certificate_thumbprint=certificate_thumbprint(certificate) if certificate else "",
             )
 
-    server = AuthorizationServer(app, query_client=provider.clients.get, save_token=save_token)
+    server = PscAuthorizationServer(app, query_client=provider.clients.get, save_token=save_token)
     grant_cls, openid_code = build_grant_classes(provider)
     server.register_grant(grant_cls, [PkceRequiredForEveryClient(), openid_code])
     server.register_client_auth_method("private_key_jwt", build_client_assertion(provider))
+    server.register_client_auth_method("tls_client_auth", build_tls_client_auth(provider))
     require_oauth = build_resource_protector(provider)
     base = _path_of(provider.issuer)
 
@@ -578,24 +713,41 @@ def create_app(config: PscConfig) -> Flask:
 
     @app.route(base + "/protocol/openid-connect/auth", methods=["GET", "POST"])
     def authorize() -> Any:
+        request_uri = request.args.get("request_uri", "")
+        pushed = _pushed_request(provider, request_uri) if request_uri else None
+        if request_uri and pushed is None:
+            return jsonify(
+                error="invalid_request_uri", error_description="unknown or expired request_uri"
+            ), 400
+        if pushed is None and config.require_par:
+            return jsonify(
+                error="invalid_request", error_description="pushed authorization request required"
+            ), 400
+        oauth_request = PushedAuthorizationRequest(pushed) if pushed is not None else None
         try:
-            grant = server.get_consent_grant(end_user=None)
+            grant = server.get_consent_grant(oauth_request, end_user=None)
         except OAuth2Error as error:
             return server.handle_error_response(request, error)
         if request.method == "POST":
             approval = _approval_from_form(provider)
-            return server.create_authorization_response(grant=grant, grant_user=approval)
-        auto = request.args.get(AUTO_APPROVE_PARAM)
-        if auto and config.allow_auto_approve:
+        elif (auto := request.args.get(AUTO_APPROVE_PARAM)) and config.allow_auto_approve:
             approval = None if auto == "deny" else _approval_for(provider, request.args.get("login_hint", ""))
-            return server.create_authorization_response(grant=grant, grant_user=approval)
-        return Response(_approval_page(provider, grant), content_type="text/html; charset=utf-8")
+        else:
+            return Response(_approval_page(provider, grant), content_type="text/html; charset=utf-8")
+        if request_uri:
+            with provider.state.lock:  # single use, once answered
+                provider.state.pushed_requests.pop(request_uri, None)
+        return server.create_authorization_response(oauth_request, grant=grant, grant_user=approval)
 
-    @app.post(base + "/protocol/openid-connect/token")
+    @app.post(base + TOKEN_PATH)
     def issue_token() -> Any:
         return server.create_token_response()
 
-    @app.route(base + "/protocol/openid-connect/userinfo", methods=["GET", "POST"])
+    @app.post(base + PAR_PATH)
+    def push_authorization_request() -> Any:
+        return _push_authorization_request(provider, server)
+
+    @app.route(base + USERINFO_PATH, methods=["GET", "POST"])
     @require_oauth("openid")
     def userinfo() -> Response:
         return provider.userinfo(current_token)
@@ -636,12 +788,70 @@ def register_test_endpoints(app: Flask, provider: Provider) -> None:
 
     @app.post("/_test/backchannel-logout")
     def backchannel_logout() -> Any:
+        """End the PSC sessions of ``idnat``, ``sub`` or ``sid``; ``omit_sid`` sends tokens naming only sub."""
         wanted = request.get_json(force=True, silent=True) or {}
-        return jsonify(deliveries=_send_backchannel_logouts(provider, wanted.get("idnat"), wanted.get("sub")))
+        deliveries = _send_backchannel_logouts(
+            provider, wanted.get("idnat"), wanted.get("sub"), wanted.get("sid"), bool(wanted.get("omit_sid"))
+        )
+        return jsonify(deliveries=deliveries)
+
+    @app.post("/_test/logout-token")
+    def mint_logout_token() -> Any:
+        """A logout token for the PSC session ``sid`` and ``client_id``, handed back instead of delivered."""
+        wanted = request.get_json(force=True, silent=True) or {}
+        with provider.state.lock:
+            entry = provider.state.sessions.get(str(wanted.get("sid", "")))
+        if entry is None:
+            return jsonify(error="unknown sid"), 404
+        token = provider.logout_token(entry[0], str(wanted["sid"]), str(wanted.get("client_id", "")))
+        return jsonify(logout_token=token)
+
+    @app.get("/_test/sessions")
+    def sessions() -> Any:
+        with provider.state.lock:
+            listed = [
+                {"sid": sid, "idnat": identity.idnat, "sub": identity.sub, "clients": sorted(clients)}
+                for sid, (identity, clients) in provider.state.sessions.items()
+            ]
+        return jsonify(sessions=listed)
 
 
 def _path_of(issuer: str) -> str:
     return urlsplit(issuer).path.rstrip("/")
+
+
+def _push_authorization_request(provider: Provider, server: AuthorizationServer) -> Any:
+    """RFC 9126 2: authenticate the client like at the token endpoint, keep the parameters, hand back a
+    single-use request_uri."""
+    oauth_request = server.create_oauth2_request(request)
+    try:
+        client = server.authenticate_client(oauth_request, list(CLIENT_AUTH_METHODS), endpoint="par")
+    except OAuth2Error as error:
+        return server.handle_error_response(request, error)
+    parameters = MultiDict(request.form)
+    if "request_uri" in parameters or parameters.get("client_id") != client.client_id:
+        return server.handle_error_response(request, InvalidRequestError("bad pushed request parameters"))
+    if not client.check_redirect_uri(parameters.get("redirect_uri", "")):
+        return server.handle_error_response(request, InvalidClientError("unregistered redirect_uri"))
+    for name in ("client_assertion", "client_assertion_type", "client_secret"):
+        parameters.pop(name, None)
+    request_uri = PAR_REQUEST_URI_PREFIX + secrets.token_urlsafe(24)
+    with provider.state.lock:
+        provider.state.pushed_requests[request_uri] = (parameters, time.time() + PAR_LIFETIME)
+    return jsonify(request_uri=request_uri, expires_in=PAR_LIFETIME), 201
+
+
+def _pushed_request(provider: Provider, request_uri: str) -> MultiDict[str, str] | None:
+    """The pushed parameters, with the browser's own stand-in parameters (auto-approve) added."""
+    with provider.state.lock:
+        entry = provider.state.pushed_requests.get(request_uri)
+    if entry is None or entry[1] < time.time() or request.args.get("client_id") != entry[0].get("client_id"):
+        return None
+    parameters = MultiDict(entry[0])
+    for name in (AUTO_APPROVE_PARAM, "login_hint"):
+        if name in request.args:
+            parameters[name] = request.args[name]
+    return parameters
 
 
 def _approval_for(provider: Provider, idnat: str) -> Approval | None:
@@ -712,12 +922,14 @@ def _end_session(provider: Provider) -> Any:
     return redirect(f"{redirect_uri}{'&' if '?' in redirect_uri else '?'}{query}" if query else redirect_uri)
 
 
-def _send_backchannel_logouts(provider: Provider, idnat: str | None, sub: str | None) -> list[dict[str, Any]]:
+def _send_backchannel_logouts(
+    provider: Provider, idnat: str | None, sub: str | None, only_sid: str | None, omit_sid: bool
+) -> list[dict[str, Any]]:
     with provider.state.lock:
         matching = [
             (sid, identity, sorted(clients))
             for sid, (identity, clients) in provider.state.sessions.items()
-            if (idnat and identity.idnat == idnat) or (sub and identity.sub == sub)
+            if (idnat and identity.idnat == idnat) or (sub and identity.sub == sub) or sid == only_sid
         ]
         for sid, _, _ in matching:
             provider.state.sessions.pop(sid, None)
@@ -727,7 +939,7 @@ def _send_backchannel_logouts(provider: Provider, idnat: str | None, sub: str | 
             client = provider.clients.get(client_id)
             if client is None or not client.backchannel_logout_uri:
                 continue
-            token = provider.logout_token(identity, sid, client_id)
+            token = provider.logout_token(identity, None if omit_sid else sid, client_id)
             try:
                 answer = requests.post(client.backchannel_logout_uri, data={"logout_token": token}, timeout=5)
                 status: int | str = answer.status_code
@@ -771,6 +983,26 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--key-id", default="")
     parser.add_argument("--userinfo-format", choices=("jwt", "json"), default="jwt")
+    parser.add_argument(
+        "--public-url", default="", help="base URL users reach (default http://127.0.0.1:PORT)"
+    )
+    parser.add_argument(
+        "--mtls-url", default="", help="base URL of the mTLS terminator (mtls_endpoint_aliases)"
+    )
+    parser.add_argument(
+        "--client-certificate-header",
+        action="store_true",
+        help=f"believe {CLIENT_CERT_HEADER}/{CLIENT_VERIFY_HEADER} from the TLS terminator in front",
+    )
+    parser.add_argument(
+        "--client-assertion-alg",
+        action="append",
+        choices=("RS256", "PS256", "ES256"),
+        help="advertised private_key_jwt algorithm (repeatable; default RS256 and ES256)",
+    )
+    parser.add_argument(
+        "--require-par", action="store_true", help="refuse authorization requests not pushed first"
+    )
     return parser.parse_args(argv)
 
 
@@ -791,8 +1023,16 @@ def config_from_args(args: argparse.Namespace) -> PscConfig:
             entry["key_id"] = args.key_id
         clients.append(RegisteredClient.from_dict(entry))
     identities = load_identities(args.identities) if args.identities else DEFAULT_IDENTITIES
-    issuer = f"http://127.0.0.1:{args.port}{args.issuer_path.rstrip('/')}"
-    return PscConfig(issuer=issuer, clients=tuple(clients), identities=identities)
+    base = args.public_url.rstrip("/") or f"http://127.0.0.1:{args.port}"
+    return PscConfig(
+        issuer=base + args.issuer_path.rstrip("/"),
+        clients=tuple(clients),
+        identities=identities,
+        client_certificate_header=args.client_certificate_header,
+        mtls_url=args.mtls_url,
+        client_assertion_algs=tuple(args.client_assertion_alg or DEFAULT_CLIENT_ASSERTION_ALGS),
+        require_par=args.require_par,
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -8,6 +8,7 @@ authorization codes are never logged nor audited (EcpsError.detail is safe by co
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 from flask import Blueprint, Response, request, session
@@ -28,17 +29,20 @@ from gateway.runtime import (
     gateway_of,
     refuse,
 )
-from gateway.sessions import SessionStoreUnavailable, idnat_tag
+from gateway.sessions import SessionStoreUnavailable, psc_sid_tag, psc_sub_tag
 
 CALLBACK_PATH = "/ecps/callback"
 BACKCHANNEL_LOGOUT_PATH = "/ecps/backchannel-logout"
+BACKCHANNEL_LOGOUT_ENDPOINT = "gateway_ecps.backchannel_logout"
 
 
-def blueprint() -> Blueprint:
+def blueprint(backchannel_rate: Callable[[Callable[[], Response]], Any] | None = None) -> Blueprint:
+    """``backchannel_rate``: the rate limit of the (unauthenticated) back-channel logout endpoint."""
     ecps = Blueprint("gateway_ecps", __name__, url_prefix=GATEWAY_PREFIX)
     ecps.add_url_rule("/login/ecps", "login", begin_login, methods=["GET"])
     ecps.add_url_rule(CALLBACK_PATH, "callback", complete_login, methods=["GET"])
-    ecps.add_url_rule(BACKCHANNEL_LOGOUT_PATH, "backchannel_logout", backchannel_logout, methods=["POST"])
+    logout_view = backchannel_rate(backchannel_logout) if backchannel_rate else backchannel_logout
+    ecps.add_url_rule(BACKCHANNEL_LOGOUT_PATH, "backchannel_logout", logout_view, methods=["POST"])
     return ecps
 
 
@@ -84,8 +88,12 @@ def complete_login() -> Response:
         return refuse(exc.reason, next_path=exc.next_path or "/")
     metrics.login_attempt(LoginMethod.ECPS.value, "success")
     data = {"id_token": login.id_token, "sid": login.sid or ""}
+    # Back-channel logout names the PSC session (sid) or the subject (sub): index the session by both.
+    tags = [psc_sub_tag(login.sub)] + ([psc_sid_tag(login.sid)] if login.sid else [])
     try:
-        response, _ = open_session(gateway, login.identity, safe_next_path(login.next_path), data=data)
+        response, _ = open_session(
+            gateway, login.identity, safe_next_path(login.next_path), data=data, tags=tags
+        )
     except SessionStoreUnavailable:
         return refuse(Reason.SESSION_STORE_UNAVAILABLE, next_path="/")
     # The login cookie's job is done: the state is consumed, the gateway session takes over.
@@ -98,25 +106,31 @@ _SUSPICIOUS = frozenset({Reason.TOKEN_INVALID, Reason.STATE_MISMATCH, Reason.ACR
 
 
 def backchannel_logout() -> Response:
-    """PSC says a PSC session ended: end the professional's gateway sessions (OIDC Back-Channel Logout)."""
+    """PSC says a PSC session ended: end the gateway sessions opened through it (OIDC Back-Channel Logout
+    1.0, section 2.7): those of its ``sid`` when the token names one, else every e-CPS session of its
+    ``sub``. Card sessions of the same professional are not PSC's to end."""
     gateway = gateway_of()
     token = request.form.get("logout_token", "")
     try:
         logout = _client(gateway).verify_logout_token(token)
     except EcpsError as exc:
         _audit_logout(gateway, None, "deny", exc.reason.value, detail=exc.detail)
-        return _no_store(Response("", 400))
-    if logout.idnat is None:
-        # Our sessions are indexed by idNat; a token naming only a PSC sid cannot be mapped to them.
-        _audit_logout(gateway, None, "deny", Reason.TOKEN_INVALID.value, detail="logout token without sub")
+        # 503 when the replay store is down: PSC may deliver again; 400 for a token that is not valid.
+        status = 503 if exc.reason is Reason.SESSION_STORE_UNAVAILABLE else 400
+        return _no_store(Response("", status))
+    if logout.sid:
+        tag, scope = psc_sid_tag(logout.sid), "sid"
+    elif logout.sub:
+        tag, scope = psc_sub_tag(logout.sub), "sub"
+    else:  # verify_logout_token refuses such tokens; never end sessions on nothing
         return _no_store(Response("", 400))
     try:
-        ended = gateway.sessions.delete_tagged(idnat_tag(logout.idnat))
+        ended = gateway.sessions.delete_tagged(tag)
     except SessionStoreUnavailable:
         # 503: PSC may deliver again; the session must not outlive the PSC session silently.
         _audit_logout(gateway, logout.idnat, "deny", Reason.SESSION_STORE_UNAVAILABLE.value)
         return _no_store(Response("", 503))
-    _audit_logout(gateway, logout.idnat, "allow", "backchannel_logout", sessions_ended=ended)
+    _audit_logout(gateway, logout.idnat, "allow", "backchannel_logout", sessions_ended=ended, scope=scope)
     return _no_store(Response("", 200))
 
 

@@ -13,7 +13,7 @@ def blueprint() -> Blueprint:
     @operations.get("/readyz")
     def readyz() -> Response:
         results = gateway_of().readiness.run()
-        ready = all(result.ok for result in results.values())
+        ready = not any(result.blocks_readiness for result in results.values())
         response = jsonify(
             status="ready" if ready else "not_ready",
             checks={name: result.as_json() for name, result in results.items()},

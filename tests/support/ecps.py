@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from http.cookies import SimpleCookie
 from pathlib import Path
@@ -85,59 +85,112 @@ class EcpsWorld:
         return next(e for e in reversed(self.audit_events()) if e["event"] == event)
 
 
-@contextlib.contextmanager
-def running_ecps_world(
-    directory: Path, upstream_url: str, assertion_key: Path, limits: dict[str, Any] | None = None
-) -> Iterator[EcpsWorld]:
-    """PSC stand-in + gateway (``gateway.cli serve``, one worker: memory sessions) on free loopback ports.
+GENEROUS_LIMITS = {
+    "ban_after": 1000,
+    "login_attempts_per_ip": "1000/minute",
+    "login_requests_per_ip": "1000/minute",
+}
 
-    Login limits are generous unless ``limits`` says otherwise: these tests fail logins on purpose.
-    """
-    gateway_port, metrics_port = free_port(), free_port()
-    gateway_url = f"http://127.0.0.1:{gateway_port}"
-    client = {
+
+def gateway_registration(gateway_url: str, **overrides: Any) -> dict[str, Any]:
+    """The gateway as a client registered with PSC (secret authentication unless ``overrides`` say)."""
+    return {
         "client_id": CLIENT_ID,
         "client_secret": CLIENT_SECRET,
         "redirect_uris": [gateway_url + "/.gateway/ecps/callback"],
         "post_logout_redirect_uris": [gateway_url + "/"],
         "backchannel_logout_uri": gateway_url + "/.gateway/ecps/backchannel-logout",
+        **overrides,
     }
-    with running_psc(directory, [client], identities=IDENTITIES) as psc:
-        config = write_config(
+
+
+@contextlib.contextmanager
+def running_ecps_gateway(
+    directory: Path,
+    psc: PscServer,
+    *,
+    port: int,
+    upstream_url: str,
+    assertion_key: Path,
+    limits: dict[str, Any] | None = None,
+    ecps: dict[str, Any] | None = None,
+    extra: dict[str, Any] | None = None,
+    policies: str = ECPS_POLICIES,
+    public_url: str | None = None,
+) -> Iterator[EcpsWorld]:
+    """A gateway process (``gateway.cli serve``; one worker unless ``extra`` says) on ``port``, e-CPS login
+    against ``psc``: secret authentication unless ``ecps`` says otherwise. ``public_url``: the origin PSC
+    sends browsers back to (another instance's, behind one load balancer)."""
+    metrics_port = free_port()
+    gateway_url = f"http://127.0.0.1:{port}"
+    origin = public_url or gateway_url
+    config = write_config(
+        directory,
+        upstream_url=upstream_url,
+        assertion_key=assertion_key,
+        policies=policies,
+        listen=f"127.0.0.1:{port}",
+        extra={
+            "server": {"workers": 1, "threads": 8},
+            "metrics": {"listen": f"127.0.0.1:{metrics_port}"},
+            "limits": limits or GENEROUS_LIMITS,
+            "ecps": {
+                "metadata_url": psc.metadata_url,
+                "client_id": CLIENT_ID,
+                "client_secret": "${TEST_PSC_CLIENT_SECRET}",
+                "redirect_uri": origin + "/.gateway/ecps/callback",
+                "post_logout_redirect_uri": origin + "/",
+                "timeout": "3s",
+                "login_cookie_secret": "${TEST_LOGIN_COOKIE_SECRET}",
+                **(ecps or {}),
+            },
+            **(extra or {}),
+        },
+    )
+    env = {
+        **os.environ,
+        "TEST_PSC_CLIENT_SECRET": CLIENT_SECRET,
+        "TEST_LOGIN_COOKIE_SECRET": LOGIN_COOKIE_SECRET,
+    }
+    with running(serve_argv(config), port, env=env, log=directory / "gateway.log") as gateway:
+        wait_for_port(metrics_port, gateway)  # the master opens it once its workers are up
+        yield EcpsWorld(gateway_url, psc, config.parent, f"http://127.0.0.1:{metrics_port}")
+
+
+@contextlib.contextmanager
+def running_ecps_world(
+    directory: Path,
+    upstream_url: str,
+    assertion_key: Path,
+    limits: dict[str, Any] | None = None,
+    *,
+    registration: dict[str, Any] | None = None,
+    psc_args: Sequence[str] = (),
+    ecps: dict[str, Any] | None = None,
+    extra: dict[str, Any] | None = None,
+    policies: str = ECPS_POLICIES,
+) -> Iterator[EcpsWorld]:
+    """PSC stand-in + gateway (one worker: memory sessions unless ``extra`` says) on free loopback ports.
+
+    Login limits are generous unless ``limits`` says otherwise: these tests fail logins on purpose.
+    """
+    gateway_port = free_port()
+    client = gateway_registration(f"http://127.0.0.1:{gateway_port}", **(registration or {}))
+    with (
+        running_psc(directory, [client], identities=IDENTITIES, args=psc_args) as psc,
+        running_ecps_gateway(
             directory / "gateway",
+            psc,
+            port=gateway_port,
             upstream_url=upstream_url,
             assertion_key=assertion_key,
-            policies=ECPS_POLICIES,
-            listen=f"127.0.0.1:{gateway_port}",
-            extra={
-                "server": {"workers": 1, "threads": 8},
-                "metrics": {"listen": f"127.0.0.1:{metrics_port}"},
-                "limits": limits
-                or {
-                    "ban_after": 1000,
-                    "login_attempts_per_ip": "1000/minute",
-                    "login_requests_per_ip": "1000/minute",
-                },
-                "ecps": {
-                    "metadata_url": psc.metadata_url,
-                    "client_id": CLIENT_ID,
-                    "client_secret": "${TEST_PSC_CLIENT_SECRET}",
-                    "redirect_uri": client["redirect_uris"][0],
-                    "post_logout_redirect_uri": gateway_url + "/",
-                    "timeout": "3s",
-                    "login_cookie_secret": "${TEST_LOGIN_COOKIE_SECRET}",
-                },
-            },
-        )
-        env = {
-            **os.environ,
-            "TEST_PSC_CLIENT_SECRET": CLIENT_SECRET,
-            "TEST_LOGIN_COOKIE_SECRET": LOGIN_COOKIE_SECRET,
-        }
-        argv = serve_argv(config)
-        with running(argv, gateway_port, env=env, log=directory / "gateway.log") as gateway:
-            wait_for_port(metrics_port, gateway)  # the master opens it once its workers are up
-            yield EcpsWorld(gateway_url, psc, config.parent, f"http://127.0.0.1:{metrics_port}")
+            limits=limits,
+            ecps=ecps,
+            extra=extra,
+            policies=policies,
+        ) as world,
+    ):
+        yield world
 
 
 class Browser:

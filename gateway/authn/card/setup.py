@@ -33,12 +33,12 @@ def _certificates(paths: list[Path]) -> list[x509.Certificate]:
     return [cert for path in paths for cert in x509.load_pem_x509_certificates(path.read_bytes())]
 
 
-def nonce_store(url: str) -> NonceStore:
+def nonce_store(url: str, prefix: str = "gw:card-nonce:") -> NonceStore:
     if url.startswith("memory://"):
         return MemoryNonceStore()
     import redis
 
-    return RedisNonceStore(redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2))
+    return RedisNonceStore(redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2), prefix)
 
 
 def build_card_login(settings: Settings, card: CardSettings) -> CardLogin:

@@ -12,10 +12,11 @@ from urllib.parse import parse_qs, urlsplit
 
 import pytest
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from flask import Flask, jsonify, request
 from flask.testing import FlaskClient
 
+from gateway.authn.card.challenge import MemoryNonceStore
 from gateway.authn.ecps import EcpsError, ProSanteConnect
 from tests.support.processes import free_port
 from tests.support.psc import PscServer, running_psc
@@ -26,6 +27,7 @@ POST_LOGOUT_URI = RP_BASE + "/.gateway/logged-out"
 SECRET_CLIENT = "gateway-secret"
 SECRET = "s3cret-for-tests"
 JWT_CLIENT = "gateway-jwt"
+ES256_CLIENT = "gateway-es256"
 JSON_USERINFO_CLIENT = "gateway-json"
 JWT_KEY_ID = "gateway-key-1"
 DOCTOR_APP = "810001234567"
@@ -51,6 +53,20 @@ class PscWorld:
     psc: PscServer
     receiver: LogoutReceiver
     private_key_pem: str
+    #: EC P-256 key of ES256_CLIENT (private_key_jwt with ES256).
+    ec_private_key_pem: str
+
+
+def pem_pair(key: rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey) -> tuple[str, str]:
+    private = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    ).decode()
+    public = (
+        key.public_key()
+        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+        .decode()
+    )
+    return private, public
 
 
 @pytest.fixture(scope="package")
@@ -78,15 +94,8 @@ def logout_receiver() -> Iterator[LogoutReceiver]:
 
 @pytest.fixture(scope="package")
 def world(tmp_path_factory: pytest.TempPathFactory, logout_receiver: LogoutReceiver) -> Iterator[PscWorld]:
-    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    private_pem = key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    ).decode()
-    public_pem = (
-        key.public_key()
-        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
-        .decode()
-    )
+    private_pem, public_pem = pem_pair(rsa.generate_private_key(public_exponent=65537, key_size=2048))
+    ec_private_pem, ec_public_pem = pem_pair(ec.generate_private_key(ec.SECP256R1()))
     common = {"redirect_uris": [REDIRECT_URI], "post_logout_redirect_uris": [POST_LOGOUT_URI]}
     clients = [
         {
@@ -102,10 +111,17 @@ def world(tmp_path_factory: pytest.TempPathFactory, logout_receiver: LogoutRecei
             "key_id": JWT_KEY_ID,
             **common,
         },
+        {
+            "client_id": ES256_CLIENT,
+            "token_endpoint_auth_method": "private_key_jwt",
+            "public_key_pem": ec_public_pem,
+            "key_id": "gateway-ec-1",
+            **common,
+        },
         {"client_id": JSON_USERINFO_CLIENT, "client_secret": SECRET, "userinfo_format": "json", **common},
     ]
     with running_psc(Path(tmp_path_factory.mktemp("psc")), clients) as psc:
-        yield PscWorld(psc=psc, receiver=logout_receiver, private_key_pem=private_pem)
+        yield PscWorld(psc, logout_receiver, private_pem, ec_private_pem)
 
 
 @pytest.fixture
@@ -126,6 +142,7 @@ def make_rp(metadata_url: str, **overrides: Any) -> tuple[Flask, ProSanteConnect
         "timeout": 3.0,
     }
     settings.update(overrides)
+    settings.setdefault("single_use", MemoryNonceStore())
     ecps = ProSanteConnect(**settings)
     app = Flask("rp")
     app.config.update(

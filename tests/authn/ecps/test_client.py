@@ -4,19 +4,23 @@ from __future__ import annotations
 
 import socket
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
 import requests
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from joserfc import jwt
+from joserfc.jwk import RSAKey
 
-from gateway.authn.ecps import EcpsError
-from gateway.identity import LoginMethod
+from gateway.authn.ecps import EcpsError, ProviderState
+from gateway.identity import UNKNOWN_AUTH_TIME, LoginMethod
 from gateway.policy.decision import Reason
 from tests.authn.ecps.conftest import (
     DOCTOR_APP,
     DOCTOR_CARD,
+    ES256_CLIENT,
     JSON_USERINFO_CLIENT,
     JWT_CLIENT,
     JWT_KEY_ID,
@@ -25,10 +29,11 @@ from tests.authn.ecps.conftest import (
     PscWorld,
     follow_callback,
     make_rp,
+    pem_pair,
     start_login,
 )
 from tests.support.processes import free_port
-from tests.support.psc import PscServer, query_of
+from tests.support.psc import PscServer, query_of, running_psc
 
 
 def login(psc: PscServer, idnat: str = DOCTOR_APP, **rp_settings: Any) -> Any:
@@ -357,3 +362,127 @@ def test_unknown_key_ids_do_not_make_the_gateway_hammer_the_jwks(psc: PscServer)
     assert_refused(
         follow_callback(client, psc.approve(start_login(client), DOCTOR_APP)), Reason.TOKEN_INVALID
     )
+
+
+def test_private_key_jwt_with_an_ec_p256_key_signs_es256(psc: PscServer, world: PscWorld) -> None:
+    app, ecps = make_rp(
+        psc.metadata_url,
+        client_id=ES256_CLIENT,
+        client_auth="private_key_jwt",
+        client_secret=None,
+        private_key_pem=world.ec_private_key_pem,
+        key_id="gateway-ec-1",
+    )
+    client = app.test_client()
+    answer = follow_callback(client, psc.approve(start_login(client), DOCTOR_APP))
+    # The stand-in verified the assertion with the registered EC key: only an ES256 signature passes.
+    assert answer.status_code == 200, answer.get_data(as_text=True)
+    assert answer.get_json()["identity"]["idnat"] == DOCTOR_APP
+    assert ecps.client_assertion_alg == "ES256"
+
+
+@pytest.mark.parametrize("key", ["ec-p384", "rsa-public"])
+def test_keys_that_cannot_sign_a_client_assertion_are_refused_at_construction(key: str) -> None:
+    if key == "ec-p384":
+        pem, _ = pem_pair(ec.generate_private_key(ec.SECP384R1()))
+    else:
+        _, pem = pem_pair(rsa.generate_private_key(public_exponent=65537, key_size=2048))
+    with pytest.raises(ValueError):
+        make_rp("http://127.0.0.1:9/x", client_auth="private_key_jwt", private_key_pem=pem)
+
+
+def test_a_provider_not_advertising_the_key_s_algorithm_refuses_logins_with_a_reason(
+    tmp_path: Path, world: PscWorld
+) -> None:
+    client = {
+        "client_id": ES256_CLIENT,
+        "token_endpoint_auth_method": "private_key_jwt",
+        "public_key_pem": pem_pair(ec.generate_private_key(ec.SECP256R1()))[1],
+        "redirect_uris": ["https://localhost/.gateway/ecps/callback"],
+    }
+    with running_psc(tmp_path, [client], args=["--client-assertion-alg", "RS256"]) as rs256_only:
+        app, ecps = make_rp(
+            rs256_only.metadata_url,
+            client_id=ES256_CLIENT,
+            client_auth="private_key_jwt",
+            client_secret=None,
+            private_key_pem=world.ec_private_key_pem,
+        )
+        answer = app.test_client().get("/.gateway/login/ecps", base_url="https://localhost")
+    assert_refused(answer, Reason.IDP_ERROR)
+    assert "ES256" in answer.get_json()["detail"]
+    assert ecps.status().state is ProviderState.MISCONFIGURED
+
+
+def test_without_max_age_an_id_token_may_omit_auth_time(psc: PscServer) -> None:
+    psc.set_faults(omit_auth_time=True)
+    answer = login(psc)
+    assert answer.status_code == 200, answer.get_data(as_text=True)
+    # Unknown: as old as can be, so that any rule with a max_age asks for a fresh login.
+    assert answer.get_json()["identity"]["auth_time"] == UNKNOWN_AUTH_TIME
+
+
+def test_with_max_age_an_id_token_without_auth_time_is_refused(psc: PscServer) -> None:
+    psc.set_faults(omit_auth_time=True)
+    app, _ = make_rp(psc.metadata_url)
+    client = app.test_client()
+    answer = follow_callback(client, psc.approve(start_login(client, max_age=60), DOCTOR_APP))
+    assert_refused(answer, Reason.TOKEN_INVALID)
+
+
+def forged_logout_token(kid: str) -> str:
+    """Signed with a key PSC never had, under a key id it never published: anyone can make one."""
+    key = RSAKey.generate_key(2048, {"kid": kid})
+    claims = {"iss": "x", "aud": "y", "iat": int(time.time()), "jti": kid, "sub": "f:x:1"}
+    return jwt.encode({"alg": "RS256", "kid": kid}, claims, key)
+
+
+def test_forged_logout_tokens_cannot_spend_the_jwks_refetch_a_login_needs(psc: PscServer) -> None:
+    app, ecps = make_rp(psc.metadata_url)
+    client = app.test_client()
+    assert follow_callback(client, psc.approve(start_login(client), DOCTOR_APP)).status_code == 200
+    for attempt in range(3):  # the back-channel logout endpoint is open to anyone
+        with pytest.raises(EcpsError):
+            ecps.verify_logout_token(forged_logout_token(f"unknown-{attempt}"))
+    psc.rotate_keys()  # PSC rotates its keys just then: the next login's id_token has a new kid
+    answer = follow_callback(client, psc.approve(start_login(client), DOCTOR_APP))
+    assert answer.status_code == 200, answer.get_data(as_text=True)
+
+
+def test_the_provider_s_state_follows_what_it_answers(psc: PscServer) -> None:
+    changes: list[ProviderState] = []
+    app, ecps = make_rp(psc.metadata_url, on_state_change=changes.append)
+    assert ecps.status().state is ProviderState.STARTING
+    client = app.test_client()
+    authorization_url = start_login(client)  # discovery
+    assert ecps.status().state is ProviderState.UP
+    callback = psc.approve(authorization_url, DOCTOR_APP)
+    psc.set_faults(unavailable=True)
+    assert_refused(follow_callback(client, callback), Reason.IDP_UNAVAILABLE)
+    status = ecps.status()
+    assert status.state is ProviderState.DOWN and "token request" in status.detail
+    psc.set_faults(unavailable=False)
+    assert follow_callback(client, psc.approve(start_login(client), DOCTOR_APP)).status_code == 200
+    assert ecps.status().state is ProviderState.UP
+    assert changes == [ProviderState.UP, ProviderState.DOWN, ProviderState.UP]
+
+
+def test_discovery_is_retried_in_the_background_until_the_provider_answers(
+    tmp_path: Path, world: PscWorld
+) -> None:
+    port = free_port()
+    _, ecps = make_rp(
+        f"http://127.0.0.1:{port}/auth/realms/esante-wallet/.well-known/wallet-openid-configuration"
+    )
+    ecps.start_background_discovery()
+    try:
+        deadline = time.monotonic() + 10
+        while ecps.status().state is not ProviderState.DOWN:
+            assert time.monotonic() < deadline, ecps.status()
+            time.sleep(0.05)
+        with running_psc(tmp_path, [], port=port):
+            while ecps.status().state is not ProviderState.UP:  # nobody logs in: the thread found it
+                assert time.monotonic() < deadline + 20, ecps.status()
+                time.sleep(0.1)
+    finally:
+        ecps.stop_background_discovery()
