@@ -17,7 +17,7 @@ from gateway.audit import AuditLog
 from gateway.authn.card.challenge import ChallengeIssuer, NonceStore
 from gateway.authn.card.setup import build_card_login, crls_ready, nonce_store
 from gateway.authn.card.verify import CardVerifier, CrlStore
-from gateway.authn.ecps import ProSanteConnect
+from gateway.authn.ecps import ProSanteConnect, ProviderState
 from gateway.config_source import ConfigError, ConfigErrors
 from gateway.identity import Identity
 from gateway.limits import STORAGE_ERRORS, LoginThrottle, QuotaGuard
@@ -117,6 +117,7 @@ def build_ecps(config: EcpsSettings, settings: Settings) -> ProSanteConnect:
         if config.client_certificate_file and config.client_certificate_key_file
         else None
     )
+    metrics.identity_provider_state("psc", ProviderState.STARTING.value)
     return ProSanteConnect(
         metadata_url=config.metadata_url,
         expected_issuer=config.issuer,

@@ -2,26 +2,37 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass, replace
 from pathlib import Path
 from urllib.parse import urljoin
 
 import pytest
 import requests
 
+from gateway.identity import Identity, LoginMethod
+from gateway.sessions import RedisSessionStore
 from tests.support.ecps import (
+    CLIENT_ID,
     DOCTOR,
+    GENEROUS_LIMITS,
+    IDENTITIES,
     LOGIN_COOKIE,
     PHARMACIST,
     PHYSIO,
     SESSION_COOKIE,
     Browser,
     EcpsWorld,
+    gateway_registration,
+    running_ecps_gateway,
     running_ecps_world,
 )
-from tests.support.metrics import login_attempts
-from tests.support.psc import query_of
+from tests.support.metrics import login_attempts, scraped_value
+from tests.support.processes import free_port
+from tests.support.psc import PscServer, query_of, running_psc
+from tests.support.redis import RedisServer, redis_server
 
 
 @pytest.fixture(scope="module")
@@ -253,3 +264,193 @@ def test_repeated_forged_callbacks_ban_the_client(
         assert 890 <= int(banned.headers["Retry-After"]) <= 901  # ceil of the ban end
         ban = strict.last_audit("ban")
         assert ban["banned_ip"] == "127.0.0.1" and ban["failures"] == 3
+
+
+def test_an_id_token_without_auth_time_logs_in_and_counts_as_too_old_for_a_step_up_rule(
+    world: EcpsWorld,
+) -> None:
+    world.psc.set_faults(omit_auth_time=True)  # allowed when no max_age was asked (OIDC Core 2)
+    browser = Browser()
+    page = log_in(world, browser, "/echo/protected/x")
+    assert page.status_code == 200
+    assert page.json()["headers"]["x-gateway-auth-time"] == "0"  # unknown, not "now"
+    # A rule that needs the login's age asks PSC for a fresh one, with max_age: auth_time is required then.
+    assert_refused(browser.get(world.gateway_url + "/echo/stepup/x"), 401, "login_too_old", "Identification")
+    assert_refused(
+        browser.get(world.psc.approve(start_login(world, browser, "/echo/stepup/x"), DOCTOR)),
+        401,
+        "token_invalid",
+        "Identification refusée",
+    )
+    world.psc.set_faults(omit_auth_time=False)
+    answer = browser.get(world.psc.approve(start_login(world, browser, "/echo/stepup/x"), DOCTOR))
+    assert browser.follow(answer).json()["headers"]["x-gateway-subject"] == DOCTOR
+
+
+def test_the_backchannel_logout_endpoint_has_a_rate_limit_of_its_own(
+    tmp_path: Path, upstream_url: str, assertion_key: Path
+) -> None:
+    limits = {**GENEROUS_LIMITS, "backchannel_logout_requests_per_ip": "3/minute"}
+    with running_ecps_world(tmp_path, upstream_url, assertion_key, limits=limits) as strict:
+        url = strict.gateway_url + "/.gateway/ecps/backchannel-logout"
+        forged = {"logout_token": "eyJhbGciOiJub25lIn0.e30."}
+        statuses = [requests.post(url, data=forged, timeout=5).status_code for _ in range(4)]
+        assert statuses == [400, 400, 400, 429]
+        # Browsers' login requests are counted apart: logging in still works.
+        assert log_in(strict, Browser(), "/echo/protected/x").status_code == 200
+
+
+def test_a_provider_down_at_start_up_leaves_the_instance_ready_and_is_retried(
+    tmp_path: Path, upstream_url: str, assertion_key: Path
+) -> None:
+    psc_port, gateway_port = free_port(), free_port()
+    not_yet = PscServer(port=psc_port, log=tmp_path / "psc.log")
+    with running_ecps_gateway(
+        tmp_path / "gateway",
+        not_yet,
+        port=gateway_port,
+        upstream_url=upstream_url,
+        assertion_key=assertion_key,
+    ) as world:
+        ready = requests.get(world.gateway_url + "/.gateway/readyz", timeout=5)
+        assert ready.status_code == 200, ready.text  # card login and public pages work: stay in the pool
+        report = ready.json()["checks"]["ecps"]
+        assert report["ok"] is False and report["required"] is False
+        assert "Pro Santé Connect" in report["detail"]
+        assert scraped_value(world.metrics_url, "gateway_identity_provider_up", provider="psc") == 0
+        assert_refused(
+            Browser().get(world.gateway_url + "/.gateway/login/ecps"),
+            503,
+            "idp_unavailable",
+            "Pro Santé Connect indisponible",
+        )
+
+        client = gateway_registration(world.gateway_url)
+        with running_psc(tmp_path, [client], identities=IDENTITIES, port=psc_port) as psc:
+            deadline = time.monotonic() + 40  # the background retries back off up to 30 s
+            while not requests.get(world.gateway_url + "/.gateway/readyz", timeout=5).json()["checks"][
+                "ecps"
+            ]["ok"]:
+                assert time.monotonic() < deadline, "discovery was not retried"
+                time.sleep(0.2)
+            assert scraped_value(world.metrics_url, "gateway_identity_provider_up", provider="psc") == 1
+            started = replace(world, psc=psc)
+            assert log_in(started, Browser(), "/echo/protected/x").status_code == 200
+
+
+@dataclass(frozen=True)
+class SharedWorlds:
+    """Two gateway instances behind one public origin (the first's), one Redis, one PSC stand-in."""
+
+    first: EcpsWorld
+    second: EcpsWorld
+    redis: RedisServer
+
+
+@pytest.fixture(scope="module")
+def shared(
+    tmp_path_factory: pytest.TempPathFactory, upstream_url: str, assertion_key: Path
+) -> Iterator[SharedWorlds]:
+    directory = tmp_path_factory.mktemp("ecps-shared")
+    ports = free_port(), free_port()
+    origin = f"http://127.0.0.1:{ports[0]}"
+    with contextlib.ExitStack() as stack:
+        redis = stack.enter_context(redis_server())
+        psc = stack.enter_context(
+            running_psc(directory, [gateway_registration(origin)], identities=IDENTITIES)
+        )
+        extra = {"sessions": {"store": redis.url, "local_cache_seconds": 0}}
+        first, second = (
+            stack.enter_context(
+                running_ecps_gateway(
+                    directory / f"gw{index}",
+                    psc,
+                    port=port,
+                    upstream_url=upstream_url,
+                    assertion_key=assertion_key,
+                    extra=extra,
+                    public_url=origin,
+                )
+            )
+            for index, port in enumerate(ports)
+        )
+        yield SharedWorlds(first, second, redis)
+
+
+def card_session(redis: RedisServer, idnat: str) -> str:
+    """A card login's session of the same professional, as the card endpoints store it."""
+    identity = Identity(idnat, LoginMethod.CARD, time.time(), professions=("10",), auth_mode="CARD")
+    return RedisSessionStore(redis.url).create(identity, time.time(), tags=["card:" + "ab" * 32]).id
+
+
+def can_read(world: EcpsWorld, session_id: str) -> bool:
+    answer = requests.get(
+        world.gateway_url + "/echo/protected/x",
+        headers={"Cookie": f"{SESSION_COOKIE}={session_id}"},
+        timeout=5,
+    )
+    return answer.status_code == 200
+
+
+def psc_session_of_last_login(world: EcpsWorld) -> str:
+    return str(world.psc.sessions(DOCTOR)[-1]["sid"])
+
+
+def test_backchannel_logout_by_sid_ends_only_the_sessions_of_that_psc_session(shared: SharedWorlds) -> None:
+    first, second = Browser(), Browser()
+    assert log_in(shared.first, first, "/echo/protected/x").status_code == 200
+    first_sid = psc_session_of_last_login(shared.first)
+    assert log_in(shared.first, second, "/echo/protected/x").status_code == 200
+    card = card_session(shared.redis, DOCTOR)
+
+    deliveries = shared.first.psc.backchannel_logout(sid=first_sid)
+
+    assert [d["status"] for d in deliveries] == [200]
+    assert not can_read(shared.second, first.cookies[SESSION_COOKIE])  # every instance: the store is shared
+    assert can_read(shared.second, second.cookies[SESSION_COOKIE]), "another PSC session of the same person"
+    assert can_read(shared.second, card), "a card session is not PSC's to end"
+    audit = shared.first.last_audit("logout")
+    assert (audit["idnat"], audit["scope"], audit["sessions_ended"]) == (DOCTOR, "sid", 1)
+
+
+def test_backchannel_logout_without_sid_ends_every_ecps_session_of_the_sub_but_no_card_session(
+    shared: SharedWorlds,
+) -> None:
+    browsers = [Browser(), Browser()]
+    for browser in browsers:
+        assert log_in(shared.first, browser, "/echo/protected/x").status_code == 200
+    card = card_session(shared.redis, DOCTOR)
+
+    deliveries = shared.first.psc.backchannel_logout(
+        sid=psc_session_of_last_login(shared.first), omit_sid=True
+    )
+
+    assert [d["status"] for d in deliveries] == [200]
+    assert not any(can_read(shared.second, b.cookies[SESSION_COOKIE]) for b in browsers)
+    assert can_read(shared.second, card)
+    assert shared.first.last_audit("logout")["scope"] == "sub"
+
+
+def test_a_logout_token_replayed_to_another_instance_is_refused(shared: SharedWorlds) -> None:
+    assert log_in(shared.first, Browser(), "/echo/protected/x").status_code == 200
+    token = shared.first.psc.logout_token(psc_session_of_last_login(shared.first), CLIENT_ID)
+    path = "/.gateway/ecps/backchannel-logout"
+    assert (
+        requests.post(shared.first.gateway_url + path, data={"logout_token": token}, timeout=5).status_code
+        == 200
+    )
+    replay = requests.post(shared.second.gateway_url + path, data={"logout_token": token}, timeout=5)
+    assert replay.status_code == 400
+    assert shared.second.last_audit("logout")["detail"] == "logout token replayed"
+
+
+def test_a_callback_replayed_to_another_instance_is_refused(shared: SharedWorlds) -> None:
+    browser = Browser()
+    callback = callback_after_approval(shared.first, browser, "/echo/protected/x", DOCTOR)
+    copied_login_cookie = dict(browser.cookies)  # e.g. from a proxy log or the browser's disk
+    assert browser.get(callback).status_code == 303
+    replayer = Browser()
+    replayer.cookies.update(copied_login_cookie)
+    other_instance = callback.replace(shared.first.gateway_url, shared.second.gateway_url)
+    assert_refused(replayer.get(other_instance), 400, "state_mismatch", "Identification expirée")
+    assert shared.second.last_audit("login")["detail"] == "state already used"
