@@ -364,15 +364,19 @@ def test_unknown_key_ids_do_not_make_the_gateway_hammer_the_jwks(psc: PscServer)
     )
 
 
+def es256_client(world: PscWorld) -> dict[str, Any]:
+    """The relying party's settings for private_key_jwt with its EC P-256 key."""
+    return {
+        "client_id": ES256_CLIENT,
+        "client_auth": "private_key_jwt",
+        "client_secret": None,
+        "private_key_pem": world.ec_private_key_pem,
+        "key_id": "gateway-ec-1",
+    }
+
+
 def test_private_key_jwt_with_an_ec_p256_key_signs_es256(psc: PscServer, world: PscWorld) -> None:
-    app, ecps = make_rp(
-        psc.metadata_url,
-        client_id=ES256_CLIENT,
-        client_auth="private_key_jwt",
-        client_secret=None,
-        private_key_pem=world.ec_private_key_pem,
-        key_id="gateway-ec-1",
-    )
+    app, ecps = make_rp(psc.metadata_url, **es256_client(world))
     client = app.test_client()
     answer = follow_callback(client, psc.approve(start_login(client), DOCTOR_APP))
     # The stand-in verified the assertion with the registered EC key: only an ES256 signature passes.
@@ -401,13 +405,7 @@ def test_a_provider_not_advertising_the_key_s_algorithm_refuses_logins_with_a_re
         "redirect_uris": ["https://localhost/.gateway/ecps/callback"],
     }
     with running_psc(tmp_path, [client], args=["--client-assertion-alg", "RS256"]) as rs256_only:
-        app, ecps = make_rp(
-            rs256_only.metadata_url,
-            client_id=ES256_CLIENT,
-            client_auth="private_key_jwt",
-            client_secret=None,
-            private_key_pem=world.ec_private_key_pem,
-        )
+        app, ecps = make_rp(rs256_only.metadata_url, **es256_client(world))
         answer = app.test_client().get("/.gateway/login/ecps", base_url="https://localhost")
     assert_refused(answer, Reason.IDP_ERROR)
     assert "ES256" in answer.get_json()["detail"]
