@@ -21,6 +21,7 @@ from gateway.devtools.pki import INTERMEDIATE_CN, DevPki, ensure_dev_pki
 from gateway.pkcs11 import SOFTHSM_MODULE
 from tests.support.browser import CHROMIUM, CHROMIUM_ARGS
 from tests.support.card_stack import CardStack, card_stack
+from tests.support.openssl_pki import softhsm_config
 
 POLICY_DIR = Path("/etc/chromium/policies/managed")
 POLICY_FILE = POLICY_DIR / "cps-gateway-card-test.json"
@@ -117,3 +118,56 @@ def _browse(stack: CardStack, env: dict[str, str], profile: Path) -> str:
             return str(page.inner_text("body"))
         finally:
             context.close()
+
+
+#: What card middleware without RSA-PSS offers (e.g. an older Cryptolib): PKCS#1 v1.5 signatures only.
+PSS_MECHANISMS = (
+    "CKM_RSA_PKCS_PSS",
+    "CKM_SHA1_RSA_PKCS_PSS",
+    "CKM_SHA224_RSA_PKCS_PSS",
+    "CKM_SHA256_RSA_PKCS_PSS",
+    "CKM_SHA384_RSA_PKCS_PSS",
+    "CKM_SHA512_RSA_PKCS_PSS",
+)
+
+
+@pytest.fixture(scope="module")
+def pss_less_pki(dev_pki: DevPki, tmp_path_factory: pytest.TempPathFactory) -> Iterator[DevPki]:
+    """Like browser_pki, but its SoftHSM hides every RSA-PSS mechanism (softhsm2.conf slots.mechanisms)."""
+    copy = tmp_path_factory.mktemp("pss-less-pki") / "pki"
+    shutil.copytree(dev_pki.base_dir, copy, ignore=shutil.ignore_patterns("softhsm"))
+    pki = ensure_dev_pki(copy)
+    softhsm_config(copy / "softhsm", disabled_mechanisms=PSS_MECHANISMS)
+    try:
+        create_card(copy, "pss-less-doctor", "810002813851", "FABRE", "LEA", "10")  # RSA-2048, private=False
+    finally:
+        use_softhsm(dev_pki.base_dir)
+    mechanisms = subprocess.run(
+        ["pkcs11-tool", "--module", SOFTHSM_MODULE, "--list-mechanisms"],
+        env=softhsm_env(copy),
+        capture_output=True,
+        text=True,
+        check=True,
+        stdin=subprocess.DEVNULL,
+        timeout=30,
+    ).stdout
+    assert "RSA-PKCS," in mechanisms and "PSS" not in mechanisms, mechanisms
+    yield pki
+
+
+def test_chromium_logs_in_with_an_rsa_card_whose_module_lacks_pss(
+    pss_less_pki: DevPki,
+    upstream_url: str,
+    assertion_key: Path,
+    tmp_path: Path,
+    auto_select_policy: None,
+) -> None:
+    # TLS 1.3 allows only RSA-PSS in a client's CertificateVerify, and Chromium does not retry with TLS 1.2:
+    # over 1.3 this card fails with ERR_SSL_CLIENT_AUTH_NO_COMMON_ALGORITHMS. The shipped card-host template
+    # negotiates TLS 1.2, where PKCS#1 v1.5 signatures are allowed.
+    env = _nss_home(pss_less_pki, tmp_path / "home")
+    with card_stack(tmp_path / "stack", pss_less_pki, upstream_url, assertion_key) as stack:
+        _write_policy(stack.card_origin)
+        page = json.loads(_browse(stack, env, tmp_path / "profile"))
+    assert page["path"] == CARD_ROUTE
+    assert page["headers"]["x-gateway-subject"] == "810002813851"

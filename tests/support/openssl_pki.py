@@ -344,7 +344,9 @@ def softhsm_config(directory: Path, *, disabled_mechanisms: Sequence[str] = ()) 
         "slots.removable = false",
     ]
     if disabled_mechanisms:
-        lines.append("slots.mechanisms = " + ",".join(f"-{name}" for name in disabled_mechanisms))
+        # "-" then the list: disable these. SoftHSM 2.6.1 keeps the "-" on the first name, which it then does not
+        # recognise (and a minus before each name disables nothing): hence "-," before the first one.
+        lines.append("slots.mechanisms = -," + ",".join(disabled_mechanisms))
     config = directory / "softhsm2.conf"
     config.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return dict(os.environ, SOFTHSM2_CONF=str(config.resolve()))

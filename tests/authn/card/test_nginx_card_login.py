@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import http.server
 import json
+import subprocess
 import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -106,3 +107,29 @@ def test_nginx_overwrites_a_forged_certificate_header(
     forwarded = client_certificate_from_headers(headers, "127.0.0.1", TRUSTED)
     assert forwarded.certificate is None
     assert forwarded.terminator_verify == "NONE"
+
+
+def _handshake(pki: DevPki, port: int, *options: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [
+            "openssl",
+            "s_client",
+            "-connect",
+            f"127.0.0.1:{port}",
+            "-CAfile",
+            str(pki.server_ca.cert_path),
+            *options,
+        ],
+        capture_output=True,
+        text=True,
+        stdin=subprocess.DEVNULL,
+        timeout=20,
+        check=False,
+    )
+
+
+def test_the_card_host_negotiates_tls_1_2_whatever_the_client_offers(nginx: int, dev_pki: DevPki) -> None:
+    # TLS 1.3 would forbid the PKCS#1 v1.5 signature of an RSA card without PSS (see the template).
+    assert "New, TLSv1.2, Cipher is ECDHE-" in _handshake(dev_pki, nginx).stdout
+    only_13 = _handshake(dev_pki, nginx, "-tls1_3")
+    assert only_13.returncode != 0 and "New, TLSv1.3" not in only_13.stdout
