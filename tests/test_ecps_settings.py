@@ -39,7 +39,12 @@ def test_defaults_and_environment_references(tmp_path: Path, assertion_key: Path
 
 
 def test_errors_name_the_file_and_line(tmp_path: Path, assertion_key: Path) -> None:
-    broken = {**ECPS, "client_auth": "client_secret_jwt", "login_cookie_secret": "short", "scopes": "scope_all"}
+    broken = {
+        **ECPS,
+        "client_auth": "client_secret_jwt",
+        "login_cookie_secret": "short",
+        "scopes": "scope_all",
+    }
     path = config_with(tmp_path, assertion_key, broken)
     with pytest.raises(ConfigErrors) as caught:
         load_settings(path, ENV)
