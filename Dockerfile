@@ -1,7 +1,9 @@
-# CPS / e-CPS gateway. UNTESTED here (no Docker engine on the build machine): build and smoke-test before use.
-#   docker build -t cps-gateway .
-#   docker run -v ./conf:/etc/gateway:ro ... cps-gateway            (see docs/operations.md)
-FROM python:3.11-slim
+# CPS / e-CPS gateway: `make image` builds it and `make test` builds and runs it (tests/test_image.py).
+#   docker build -t cps-gateway .          (BASE: any image with Python >= 3.11 whose `pip` installs into PATH)
+#   docker run --read-only --tmpfs /tmp -v /srv/gateway:/etc/gateway:ro -v gateway-audit:/var/log/gateway \
+#       -p 8080:8080 cps-gateway                                                   (see docs/operations.md)
+ARG BASE=python:3.11-slim
+FROM ${BASE}
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
@@ -24,9 +26,11 @@ COPY deploy/nginx ./deploy/nginx
 RUN pip install . \
  && rm -rf /opt/gateway/build
 
-RUN mkdir -p /etc/gateway/policies /etc/gateway/certs /var/log/gateway \
+# The audit directory belongs to the gateway user. No VOLUME instruction: the operator mounts the
+# configuration (/etc/gateway, with its policies/ and certs/ inside) and the audit directory; a VOLUME would
+# hide what is mounted above it and leave an anonymous volume behind every container.
+RUN mkdir -p /etc/gateway /var/log/gateway \
  && chown gateway:gateway /var/log/gateway
-VOLUME ["/etc/gateway", "/etc/gateway/policies", "/etc/gateway/certs", "/var/log/gateway"]
 
 USER gateway
 EXPOSE 8080 9108

@@ -7,22 +7,31 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # softhsm2/opensc/libengine-pkcs11-openssl: test cards; nginx: TLS terminator; redis-server: shared state;
-# chromium/libnss3-tools: browser tests; wrk: benchmarks.
-DEBIAN_PACKAGES := softhsm2 opensc libengine-pkcs11-openssl redis-server nginx chromium libnss3-tools wrk curl
+# chromium/libnss3-tools: browser tests; wrk: benchmarks; docker.io/mmdebstrap: the container image
+# (`make image`, tests/test_image.py: a private dockerd and a base image made from Debian's packages).
+DEBIAN_PACKAGES := softhsm2 opensc libengine-pkcs11-openssl redis-server nginx chromium libnss3-tools wrk curl \
+	docker.io mmdebstrap
 
-.PHONY: demo test lint bench deps debian-packages clean translations
+.PHONY: demo test lint bench image image-stop deps debian-packages clean translations
 
 demo: deps translations
 	$(VENV)/bin/gateway demo
 
 test: deps translations
 	$(PY) -m pytest -q -p no:cacheprovider
-	$(VENV)/bin/ruff check gateway tests bench
+	$(VENV)/bin/ruff check gateway tests bench deploy
 	$(VENV)/bin/mypy
 
 lint: deps
-	$(VENV)/bin/ruff check gateway tests bench
+	$(VENV)/bin/ruff check gateway tests bench deploy
 	$(VENV)/bin/mypy
+
+# The container image, built on a base made here from Debian's packages (no registry needed; deploy/image.py).
+image: debian-packages
+	$(PYTHON) deploy/image.py build
+
+image-stop:
+	$(PYTHON) deploy/image.py stop
 
 bench: deps
 	$(PY) -m pip install -q -e ".[test,bench]"
@@ -51,5 +60,5 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e ".[test]"
 	touch $(STAMP)
 
-clean:
+clean: image-stop
 	rm -rf $(VENV) var build *.egg-info

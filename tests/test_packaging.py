@@ -13,6 +13,7 @@ import sys
 import tomllib
 from pathlib import Path
 
+import pytest
 import requests
 
 from tests.support.demo import ORIGIN, demo_ports
@@ -80,6 +81,7 @@ def _build_wheel(tmp_path: Path, env: dict[str, str]) -> Path:
     return wheel
 
 
+@pytest.mark.timeout(600)  # a wheel build and a fresh virtualenv with every dependency: about a minute
 def test_the_wheel_installed_without_extras_checks_and_serves_the_embedded_default(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV", "SOFTHSM2_CONF")}
     wheel = _build_wheel(tmp_path, env)
