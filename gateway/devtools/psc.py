@@ -829,7 +829,8 @@ def _push_authorization_request(provider: Provider, server: AuthorizationServer)
     except OAuth2Error as error:
         return server.handle_error_response(request, error)
     parameters = MultiDict(request.form)
-    if "request_uri" in parameters or parameters.get("client_id") != client.client_id:
+    repeated = any(len(parameters.getlist(name)) > 1 for name in parameters)
+    if repeated or "request_uri" in parameters or parameters.get("client_id") != client.client_id:
         return server.handle_error_response(request, InvalidRequestError("bad pushed request parameters"))
     if not client.check_redirect_uri(parameters.get("redirect_uri", "")):
         return server.handle_error_response(request, InvalidClientError("unregistered redirect_uri"))

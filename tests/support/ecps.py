@@ -117,6 +117,7 @@ def running_ecps_gateway(
     extra: dict[str, Any] | None = None,
     policies: str = ECPS_POLICIES,
     public_url: str | None = None,
+    env: dict[str, str] | None = None,
 ) -> Iterator[EcpsWorld]:
     """A gateway process (``gateway.cli serve``; one worker unless ``extra`` says) on ``port``, e-CPS login
     against ``psc``: secret authentication unless ``ecps`` says otherwise. ``public_url``: the origin PSC
@@ -147,12 +148,13 @@ def running_ecps_gateway(
             **(extra or {}),
         },
     )
-    env = {
+    environment = {
         **os.environ,
         "TEST_PSC_CLIENT_SECRET": CLIENT_SECRET,
         "TEST_LOGIN_COOKIE_SECRET": LOGIN_COOKIE_SECRET,
+        **(env or {}),
     }
-    with running(serve_argv(config), port, env=env, log=directory / "gateway.log") as gateway:
+    with running(serve_argv(config), port, env=environment, log=directory / "gateway.log") as gateway:
         wait_for_port(metrics_port, gateway)  # the master opens it once its workers are up
         yield EcpsWorld(gateway_url, psc, config.parent, f"http://127.0.0.1:{metrics_port}")
 

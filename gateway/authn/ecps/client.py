@@ -32,7 +32,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit
 
 import requests
 from authlib.integrations.base_client import OAuthError
-from authlib.integrations.flask_client import OAuth
+from authlib.integrations.flask_client import FlaskOAuth2App, OAuth
 from authlib.integrations.requests_client import OAuth2Session
 from authlib.oauth2.auth import encode_none
 from authlib.oauth2.rfc7523 import PrivateKeyJWT
@@ -126,6 +126,21 @@ class LogoutRequest:
     sub: str | None
     sid: str | None
     idnat: str | None
+
+
+class _PscSession(OAuth2Session):
+    """authlib's requests session, keeping its own ``verify`` (``ecps.server_ca_file``): requests lets
+    REQUESTS_CA_BUNDLE / CURL_CA_BUNDLE replace a session's CA file unless each request names it."""
+
+    def request(
+        self, method: str, url: str, withhold_token: bool = False, auth: Any = None, **kwargs: Any
+    ) -> Any:
+        kwargs.setdefault("verify", self.verify)
+        return super().request(method, url, withhold_token=withhold_token, auth=auth, **kwargs)
+
+
+class _PscApp(FlaskOAuth2App):
+    client_cls = _PscSession
 
 
 class ProSanteConnect:
@@ -223,6 +238,7 @@ class ProSanteConnect:
         self._oauth.init_app(app)
         self._remote = self._oauth.register(
             self.name,
+            client_cls=_PscApp,
             client_id=self.client_id,
             client_secret=self._client_credential(),
             server_metadata_url=self.metadata_url,
@@ -319,6 +335,8 @@ class ProSanteConnect:
         the browser then carries only ``client_id`` and the ``request_uri`` PSC gave back."""
         endpoint = str(metadata["pushed_authorization_request_endpoint"])
         parameters = dict(parse_qsl(urlsplit(url).query, keep_blank_values=True))
+        if self.client_auth == TLS_CLIENT_AUTH:
+            parameters.pop("client_id")  # the client authentication adds it to the body (RFC 8705 2)
         with self._idp_call("pushed authorization request"), self._client_session() as client:
             answer = client.post(
                 endpoint,
@@ -346,7 +364,7 @@ class ProSanteConnect:
     @contextmanager
     def _client_session(self) -> Iterator[Any]:
         """A requests session authenticating as this client (what authlib's token request uses)."""
-        client = OAuth2Session(
+        client = _PscSession(
             client_id=self.client_id,
             client_secret=self._client_credential(),
             token_endpoint_auth_method=self.client_auth,
