@@ -38,7 +38,15 @@ bench: deps
 	$(PY) bench/servers.py
 	$(PY) bench/proxy.py
 
-deps: debian-packages $(STAMP)
+# The e-CPS tests' second OpenID Connect provider (panva/oidc-provider on the machine's node 20 and npm),
+# pinned by its package-lock.json; npm ci writes node_modules/.package-lock.json last.
+OIDC_PROVIDER := tests/support/oidc_provider
+OIDC_PROVIDER_STAMP := $(OIDC_PROVIDER)/node_modules/.package-lock.json
+
+deps: debian-packages $(STAMP) $(OIDC_PROVIDER_STAMP)
+
+$(OIDC_PROVIDER_STAMP): $(OIDC_PROVIDER)/package-lock.json $(OIDC_PROVIDER)/package.json
+	npm ci --prefix $(OIDC_PROVIDER) --no-audit --no-fund --loglevel=error
 
 # The page wording: gateway/translations/*/LC_MESSAGES/gateway.po, compiled to .mo (every pip build does it too).
 CATALOGS := $(wildcard gateway/translations/*/LC_MESSAGES/gateway.po)
@@ -61,4 +69,4 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 clean: image-stop
-	rm -rf $(VENV) var build *.egg-info
+	rm -rf $(VENV) var build *.egg-info $(OIDC_PROVIDER)/node_modules
