@@ -15,6 +15,7 @@ from gateway.endpoints import card, ecps, forward_auth, logout, operations, page
 from gateway.endpoints.proxy import ProxyApp
 from gateway.i18n import load_catalogs
 from gateway.limits import build_limiter
+from gateway.login import refuse_cross_site_logins
 from gateway.policy.decision import Reason
 from gateway.policy.loader import LoadedPolicies
 from gateway.readiness import NotReady
@@ -55,6 +56,8 @@ def create_app(
     app.register_blueprint(pages.blueprint())
     app.register_blueprint(operations.blueprint())
     app.register_blueprint(logout.blueprint())
+    # Registered before the limiter's own hook: a cross-site request is refused before anything counts it.
+    app.before_request(refuse_cross_site_logins)
     limiter = build_limiter(app, settings.limits_storage, lambda: client_ip(gateway_of()), key_prefix="gw:rl")
     app.extensions[_LIMITER] = limiter
     login_rate = limiter.limit(

@@ -130,19 +130,17 @@ class LoginThrottle:
         self.ban_duration = float(ban_duration)
         self._prefix = key_prefix
 
-    def check(self, ip: str, claimed_identity: str | None, now: float) -> Verdict:
-        """Count one login attempt and say whether it may proceed. Call record_failure / record_success
-        only for attempts that were allowed and then tried."""
+    def check(self, ip: str | None, claimed_identity: str | None, now: float) -> Verdict:
+        """Count one login attempt (per IP, per identity, or both) and say whether it may proceed. Call
+        record_failure / record_success only for attempts that were allowed and then tried."""
         try:
             for subject, value in self._subjects(ip, claimed_identity):
                 until = self._banned_until(subject, value, now)
                 if until > now:
                     return Verdict(False, Reason.BANNED, max(1, math.ceil(until - now)))
             refusals = [
-                self._hit(subject, value, limit, now)
-                for (subject, value), limit in zip(
-                    self._subjects(ip, claimed_identity), (self._per_ip, self._per_identity), strict=False
-                )
+                self._hit(subject, value, self._per_ip if subject == "ip" else self._per_identity, now)
+                for subject, value in self._subjects(ip, claimed_identity)
             ]
         except limits.errors.StorageError as exc:
             raise _unavailable(exc) from None
@@ -194,8 +192,9 @@ class LoginThrottle:
         if not ok:
             raise LimitsUnavailable("limits storage unavailable")
 
-    def _subjects(self, ip: str, claimed_identity: str | None) -> Iterable[tuple[str, str]]:
-        yield ("ip", ip)
+    def _subjects(self, ip: str | None, claimed_identity: str | None) -> Iterable[tuple[str, str]]:
+        if ip:
+            yield ("ip", ip)
         if claimed_identity:
             yield ("id", claimed_identity)
 

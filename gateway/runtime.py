@@ -14,7 +14,8 @@ from werkzeug.exceptions import HTTPException
 
 from gateway import metrics
 from gateway.audit import AuditLog
-from gateway.authn.card.challenge import ChallengeIssuer, NonceStore
+from gateway.authn.card.challenge import ChallengeIssuer, NonceKind, NonceSpace, NonceStore
+from gateway.authn.card.handoff import BINDING_COOKIE
 from gateway.authn.card.setup import build_card_login, crls_ready, nonce_store
 from gateway.authn.card.verify import CardVerifier, CrlStore
 from gateway.authn.ecps import ProSanteConnect, ProviderState
@@ -130,7 +131,9 @@ def build_ecps(config: EcpsSettings, settings: Settings) -> ProSanteConnect:
         server_ca_file=str(config.server_ca_file) if config.server_ca_file else None,
         pushed_authorization_requests=config.pushed_authorization_requests,
         # Consumed states and logout-token jti: shared by every instance (another one refuses the replay).
-        single_use=nonce_store(settings.sessions.store, prefix="gw:ecps-used:"),
+        single_use=NonceSpace(
+            nonce_store(settings.sessions.store, prefix="gw:ecps-used:"), NonceKind.ECPS_USED
+        ),
         on_state_change=lambda state: metrics.identity_provider_state("psc", state.value),
         redirect_uri=config.redirect_uri,
         post_logout_redirect_uri=config.post_logout_redirect_uri,
@@ -179,7 +182,7 @@ def build_gateway(
             ban_duration=settings.limits.ban_duration,
         ),
         # The login cookie is the gateway's too: never forwarded to the portal.
-        protected_cookies=frozenset({settings.sessions.cookie_name, LOGIN_COOKIE_NAME}),
+        protected_cookies=frozenset({settings.sessions.cookie_name, LOGIN_COOKIE_NAME, BINDING_COOKIE}),
         ecps=build_ecps(settings.ecps, settings) if settings.ecps else None,
         ecps_login_url=ECPS_LOGIN_PATH if settings.ecps else None,
     )
@@ -191,6 +194,8 @@ def build_gateway(
 
 
 CARD_LOGIN_PATH = f"{GATEWAY_PREFIX}/login/card"
+#: On the main host: binds the browser (a cookie), then sends it to the card host (authn/card/handoff.py).
+CARD_START_PATH = f"{GATEWAY_PREFIX}/card/start"
 
 
 def _add_card_login(gateway: Gateway) -> None:
@@ -202,7 +207,7 @@ def _add_card_login(gateway: Gateway) -> None:
     gateway.challenge_issuer = login.challenges
     gateway.crl_store = login.crl_store
     gateway.card_handoffs = login.handoffs
-    gateway.card_login_url = card.login_origin + CARD_LOGIN_PATH
+    gateway.card_login_url = CARD_START_PATH
 
     def card_crls() -> None:
         if not crls_ready(login):

@@ -276,7 +276,8 @@ class LimitsSettings(_Section):
         description="POSTs to the e-CPS back-channel logout endpoint per client IP (PSC's servers send them).",
     )
     login_attempts_per_identity: str = Field(
-        "10/minute", description="Login attempts allowed per claimed identity (card serial or idNat)."
+        "10/minute",
+        description="Login attempts allowed per card, counted once its holder proved it (key and trusted chain).",
     )
     ban_after: int = Field(5, ge=1, description="Failed logins within ban_window that ban the IP / identity.")
     ban_window: Duration = Field(600.0, description="Window in which failed logins are counted.")

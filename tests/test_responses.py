@@ -166,7 +166,7 @@ def test_an_ecps_session_on_a_card_only_page_is_offered_the_card_alone(
     login(app, client, method=LoginMethod.ECPS, auth_mode="MOBILE")
     refused = page(client, "/account/rib", status=401)
     assert "login-ecps" not in refused.links  # it would log in the same way and come back here
-    assert refused.links["login-card"] == f"{CARD_ORIGIN}/.gateway/login/card?next=/account/rib"
+    assert refused.links["login-card"] == "/.gateway/card/start?next=/account/rib"
     assert "Cette page exige une identification par carte CPS." in refused.text
 
 

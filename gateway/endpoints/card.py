@@ -2,28 +2,42 @@
 
 Why a hand-off: the card certificate is requested only by a DEDICATED host (nginx with
 ``ssl_verify_client optional_no_ca``; the main host never asks, as per-path requests would need TLS
-renegotiation). The session cookie is ``__Host-`` (no Domain attribute): a cookie set by the card host is
-never sent to the main host. So the card host opens the session, stores a random, single-use token pointing
-at it (30 s, bound to the client address) and redirects to ``<public_origin>/.gateway/card/complete``, which
-spends the token, rotates the session id (the id never travels in a URL) and sets the cookie on the main host.
+renegotiation), and the session cookie is ``__Host-``: the card host cannot set it for the main host. The
+main host binds the browser first (``/.gateway/card/start``), the card host verifies the card and stores a
+single-use hand-off for that browser, the main host spends it and opens the session (authn/card/handoff.py).
+
+Failed logins count against the client address always, and against the card (its serial and issuer) only
+once the client has proved it holds the card's key (the TLS handshake on the card host, or the signed
+challenge) AND the certificate chains to the trust anchors: anyone holding a card's public certificate, or
+a forged one with its serial, must not be able to lock its owner out.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import secrets
 import time
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import quote
 
 import redis
+from cryptography import x509
 from flask import Blueprint, Response, request
 
 from gateway import metrics
 from gateway.authn.card.certificate import CardError, format_serial
-from gateway.authn.card.challenge import NonceStore, verify_challenge_login
+from gateway.authn.card.challenge import proven_certificate
+from gateway.authn.card.handoff import (
+    BINDING_COOKIE,
+    BINDING_TTL_SECONDS,
+    HandoffUnavailable,
+    issue_handoff,
+    new_binding,
+    reference_of,
+    spend_handoff,
+    well_formed,
+)
 from gateway.authn.card.headers import client_certificate_from_headers
 from gateway.authn.card.verify import load_certificate
 from gateway.endpoints.pages import safe_next_path
@@ -31,6 +45,7 @@ from gateway.identity import Identity
 from gateway.login import (
     LoginRefused,
     admit_login_attempt,
+    admit_proven_identity,
     login_failed,
     login_succeeded,
     open_session,
@@ -40,6 +55,7 @@ from gateway.policy.decision import Reason
 from gateway.responses import SECURITY_HEADERS
 from gateway.runtime import (
     CARD_LOGIN_PATH,
+    CARD_START_PATH,
     GATEWAY_PREFIX,
     Gateway,
     audit_event,
@@ -55,12 +71,11 @@ from gateway.sessions import SessionStoreUnavailable
 log = logging.getLogger("gateway.card")
 
 COMPLETE_PATH = f"{GATEWAY_PREFIX}/card/complete"
-#: Long enough for one redirect, short enough that a leaked hand-off URL is useless almost at once.
-HANDOFF_TTL_SECONDS = 30
 
 
 def blueprint() -> Blueprint:
     card = Blueprint("gateway_card", __name__)
+    card.add_url_rule(CARD_START_PATH, "start", start, methods=["GET"])
     card.add_url_rule(CARD_LOGIN_PATH, "tls_login", tls_login, methods=["GET"])
     card.add_url_rule(COMPLETE_PATH, "complete", complete, methods=["GET"])
     card.add_url_rule(f"{GATEWAY_PREFIX}/card/challenge", "challenge", challenge, methods=["POST"])
@@ -68,13 +83,48 @@ def blueprint() -> Blueprint:
     return card
 
 
+def card_key(certificate: x509.Certificate) -> str:
+    """Whom a proven card's failures count against: its serial (as openssl prints it) at its issuer."""
+    return f"{format_serial(certificate.serial_number)}@{certificate.issuer.rfc4514_string()}"
+
+
 # --------------------------------------------------------------------------- TLS client certificate
 
 
+def start() -> Response:
+    """On the main host: bind this browser (a short-lived cookie), then go to the card host with a reference."""
+    gateway = gateway_of()
+    assert gateway.settings.card is not None
+    next_path = safe_next_path(request.args.get("next"))
+    binding = new_binding()
+    target = (
+        f"{gateway.settings.card.login_origin}{CARD_LOGIN_PATH}"
+        f"?next={quote(next_path, safe='/')}&binding={reference_of(binding)}"
+    )
+    response = see_other(target)
+    response.set_cookie(
+        BINDING_COOKIE,
+        binding,
+        max_age=BINDING_TTL_SECONDS,
+        secure=True,
+        httponly=True,
+        # Lax: the card host's redirect back is a top-level GET navigation, maybe from another site.
+        samesite="Lax",
+        path="/",
+    )
+    return _no_store(response)
+
+
 def tls_login() -> Response:
-    """On the card-login host: the certificate nginx forwarded -> verified identity -> session -> hand-off."""
+    """On the card-login host: the certificate nginx forwarded -> verified identity -> hand-off."""
     gateway = gateway_of()
     next_path = safe_next_path(request.args.get("next"))
+    reference = request.args.get("binding")
+    if not well_formed(reference):
+        # Not started on the main host (a bookmark, an old link): start there, nothing is judged or counted.
+        origin = gateway.settings.server.public_origin
+        return _no_store(see_other(f"{origin}{CARD_START_PATH}?next={quote(next_path, safe='/')}"))
+    assert reference is not None
     forwarded = client_certificate_from_headers(
         dict(request.headers.items()), peer(), gateway.settings.server.tls_terminators
     )
@@ -83,22 +133,24 @@ def tls_login() -> Response:
     if forwarded.certificate is None:
         return _deny(gateway, Reason.CARD_MISSING, "tls", "no client certificate", next_path)
     assert gateway.card_verifier is not None and gateway.card_handoffs is not None
-    facts = _card_facts(forwarded.certificate)
     try:
-        admit_login_attempt(gateway, facts.get("card_serial"))
+        admit_login_attempt(gateway)
     except LoginRefused as refused:
         metrics.login_attempt("card", refused.reason.value)
         return refuse(refused.reason, retry_after=refused.retry_after, next_path=next_path)
     try:
-        identity = gateway.card_verifier.verify(forwarded.certificate, datetime.now(UTC))
+        certificate = load_certificate(forwarded.certificate)
     except CardError as error:
-        return _deny(gateway, error.reason, "tls", error.detail, next_path, facts)
-    login_succeeded(gateway, facts.get("card_serial"))
-    metrics.login_attempt("card", "success")
+        return _deny(gateway, error.reason, "tls", error.detail, next_path)
     try:
-        _, session = open_session(gateway, identity, next_path, audit_fields=_login_facts(identity, "tls"))
-        token = _issue_handoff(gateway.card_handoffs, session.id, client_ip(gateway))
-    except SessionStoreUnavailable:
+        # The card host's TLS handshake proved the key: the certificate stands for its holder.
+        identity = _verify_proven(gateway, certificate, "tls")
+    except _Refused as refused:
+        return refuse(refused.reason, retry_after=refused.retry_after, next_path=next_path)
+    try:
+        token = issue_handoff(gateway.card_handoffs, identity, reference, time.time())
+    except (HandoffUnavailable, redis.RedisError) as error:
+        log.warning("hand-off store unavailable (request %s): %s", request_id(), type(error).__name__)
         return refuse(Reason.SESSION_STORE_UNAVAILABLE, next_path=next_path)
     origin = gateway.settings.server.public_origin
     target = f"{origin}{COMPLETE_PATH}?handoff={token}&next={quote(next_path, safe='/')}"
@@ -106,47 +158,33 @@ def tls_login() -> Response:
 
 
 def complete() -> Response:
-    """On the main host: spend the hand-off token, rotate the session id, set the ``__Host-`` cookie here."""
+    """On the main host: spend the hand-off of THIS browser, open the session, set the ``__Host-`` cookie."""
     gateway = gateway_of()
     next_path = safe_next_path(request.args.get("next"))
     if gateway.card_handoffs is None:
         return refuse(Reason.STATE_MISMATCH, next_path=next_path)
-    now = time.time()
+    binding = request.cookies.get(BINDING_COOKIE, "")
     try:
-        session_id = _spend_handoff(
-            gateway.card_handoffs, request.args.get("handoff", ""), client_ip(gateway), now
+        identity = spend_handoff(gateway.card_handoffs, request.args.get("handoff", ""), binding, time.time())
+    except redis.RedisError as error:
+        log.warning("hand-off store unavailable (request %s): %s", request_id(), type(error).__name__)
+        return refuse(Reason.SESSION_STORE_UNAVAILABLE, next_path=next_path)
+    if identity is None:
+        detail = "unknown, used or expired hand-off, or started in another browser"
+        audit_event(
+            gateway,
+            "card_handoff",
+            decision="deny",
+            reasons=[Reason.STATE_MISMATCH.value],
+            detail=detail if binding else "no binding cookie: the login was not started in this browser",
         )
-        session = gateway.sessions.get(session_id, now) if session_id else None
-        if session is None:
-            audit_event(gateway, "card_handoff", decision="deny", reasons=[Reason.STATE_MISMATCH.value])
-            return refuse(Reason.STATE_MISMATCH, next_path=next_path)
-        fresh = gateway.sessions.rotate(session.id, session.identity, now)
+        return refuse(Reason.STATE_MISMATCH, next_path=next_path)
+    try:
+        response, _ = open_session(gateway, identity, next_path, audit_fields=_login_facts(identity, "tls"))
     except SessionStoreUnavailable:
         return refuse(Reason.SESSION_STORE_UNAVAILABLE, next_path=next_path)
-    response = see_other(next_path)
-    set_session_cookie(gateway, response, fresh.id)
-    audit_event(gateway, "card_handoff", identity=fresh.identity, decision="allow")
+    response.delete_cookie(BINDING_COOKIE, secure=True, httponly=True, samesite="Lax", path="/")
     return _no_store(response)
-
-
-def _issue_handoff(store: NonceStore, session_id: str, address: str) -> str:
-    token = secrets.token_urlsafe(32)
-    record = json.dumps({"sid": session_id, "ip": address})
-    if not store.add(token, record, HANDOFF_TTL_SECONDS, time.time()):
-        raise SessionStoreUnavailable("the hand-off store refused a new token")
-    return token
-
-
-def _spend_handoff(store: NonceStore, token: str, address: str, now: float) -> str | None:
-    """The session id the token stands for; None when unknown, used, expired or from another address."""
-    if not 20 <= len(token) <= 128:
-        return None
-    record = store.take(token, now)  # single use: deleted whatever happens next
-    if record is None:
-        return None
-    data = json.loads(record)
-    # Bound to the address that logged in: a hand-off URL sent to someone else does not log them in.
-    return str(data["sid"]) if data.get("ip") == address else None
 
 
 # --------------------------------------------------------------------------- challenge-response
@@ -168,27 +206,27 @@ def challenge() -> Response:
 def verify() -> Response:
     gateway = gateway_of()
     assert gateway.challenge_issuer is not None and gateway.card_verifier is not None
-    # get_json only parses application/json: a cross-site HTML form cannot post here without a CORS preflight.
+    # Only application/json reaches here (login.refuse_cross_site_logins): no cross-site form can post it.
     body = request.get_json(silent=True)
-    certificate = body.get("certificate") if isinstance(body, dict) else None
-    facts = _card_facts(certificate) if isinstance(certificate, str) else {}
     try:
-        admit_login_attempt(gateway, facts.get("card_serial"))
+        admit_login_attempt(gateway)
     except LoginRefused as refused:
         metrics.login_attempt("card", refused.reason.value)
         return _json_refusal(refused.reason, retry_after=refused.retry_after)
+    now = datetime.now(UTC)
     try:
-        identity = verify_challenge_login(
-            gateway.challenge_issuer, gateway.card_verifier, body, client_ip(gateway), datetime.now(UTC)
-        )
+        certificate = proven_certificate(gateway.challenge_issuer, body, client_ip(gateway), now)
     except CardError as error:
-        _audit_denied(gateway, error.reason, "challenge", error.detail, facts)
+        # No proof the client holds the key: count against its address only, whatever certificate it sent.
+        _audit_denied(gateway, error.reason, "challenge", error.detail, _claimed_card(body))
         return _json_refusal(error.reason)
     except redis.RedisError as error:  # nonce store down: fail closed
         log.warning("nonce store unavailable (request %s): %s", request_id(), type(error).__name__)
         return _json_refusal(Reason.SESSION_STORE_UNAVAILABLE)
-    login_succeeded(gateway, facts.get("card_serial"))
-    metrics.login_attempt("card", "success")
+    try:
+        identity = _verify_proven(gateway, certificate, "challenge")
+    except _Refused as refused:
+        return _json_refusal(refused.reason, retry_after=refused.retry_after)
     try:
         _, session = open_session(gateway, identity, "/", audit_fields=_login_facts(identity, "challenge"))
     except SessionStoreUnavailable:
@@ -196,6 +234,43 @@ def verify() -> Response:
     response = _json({"subject": identity.idnat}, 200)
     set_session_cookie(gateway, response, session.id)
     return response
+
+
+class _Refused(Exception):
+    """A proven card's login refused: by the verifier, or because the card is banned or over its rate."""
+
+    def __init__(self, reason: Reason, retry_after: int | None = None) -> None:
+        super().__init__(reason.value)
+        self.reason = reason
+        self.retry_after = retry_after
+
+
+def _verify_proven(gateway: Gateway, certificate: x509.Certificate, channel: str) -> Identity:
+    """Judge a certificate whose key the client proved it holds: its identity, or _Refused (audited and
+    counted, against the card too when its chain is trusted)."""
+    assert gateway.card_verifier is not None
+    now = datetime.now(UTC)
+    try:
+        identity = gateway.card_verifier.verify(certificate, now)
+    except CardError as error:
+        key = card_key(certificate) if gateway.card_verifier.chains_to_anchor(certificate, now) else None
+        if key is not None:
+            _admit_card(gateway, key)
+        _audit_denied(gateway, error.reason, channel, error.detail, _card_facts(certificate), key)
+        raise _Refused(error.reason) from None
+    key = card_key(certificate)
+    _admit_card(gateway, key)
+    login_succeeded(gateway, key)
+    metrics.login_attempt("card", "success")
+    return identity
+
+
+def _admit_card(gateway: Gateway, key: str) -> None:
+    try:
+        admit_proven_identity(gateway, key)
+    except LoginRefused as refused:
+        metrics.login_attempt("card", refused.reason.value)
+        raise _Refused(refused.reason, refused.retry_after) from None
 
 
 # --------------------------------------------------------------------------- refusals and audit
@@ -215,15 +290,22 @@ def _login_facts(identity: Identity, channel: str) -> dict[str, Any]:
     return facts
 
 
-def _card_facts(certificate: bytes | str) -> dict[str, str]:
-    """Serial and issuer of a refused card, when the certificate can be read at all."""
+def _card_facts(certificate: x509.Certificate) -> dict[str, str]:
+    """Serial and issuer of a card, for the audit (whether or not its holder proved anything)."""
+    return {
+        "card_serial": format_serial(certificate.serial_number),
+        "card_issuer": certificate.issuer.rfc4514_string(),
+    }
+
+
+def _claimed_card(body: object) -> dict[str, str]:
+    """The facts of the certificate a challenge body names, when it can be read at all."""
+    certificate = body.get("certificate") if isinstance(body, dict) else None
+    if not isinstance(certificate, str):
+        return {}
     try:
-        parsed = load_certificate(certificate)
-        return {
-            "card_serial": format_serial(parsed.serial_number),
-            "card_issuer": parsed.issuer.rfc4514_string(),
-        }
-    except (CardError, ValueError):
+        return _card_facts(load_certificate(certificate))
+    except CardError:
         return {}
 
 
@@ -231,7 +313,14 @@ def _card_facts(certificate: bytes | str) -> dict[str, str]:
 _NOT_COUNTED = frozenset({Reason.CARD_MISSING, Reason.CRL_UNAVAILABLE, Reason.SESSION_STORE_UNAVAILABLE})
 
 
-def _audit_denied(gateway: Gateway, reason: Reason, channel: str, detail: str, facts: dict[str, str]) -> None:
+def _audit_denied(
+    gateway: Gateway,
+    reason: Reason,
+    channel: str,
+    detail: str,
+    facts: dict[str, str],
+    proven_card: str | None = None,
+) -> None:
     metrics.login_attempt("card", reason.value)
     fields: dict[str, Any] = {
         "method": "card",
@@ -241,7 +330,7 @@ def _audit_denied(gateway: Gateway, reason: Reason, channel: str, detail: str, f
         "card_issuer": facts.get("card_issuer"),
     }
     if reason not in _NOT_COUNTED:
-        login_failed(gateway, facts.get("card_serial"), reason, **fields)
+        login_failed(gateway, proven_card, reason, **fields)
         return
     audit_event(gateway, "login", decision="deny", reasons=[reason.value], **fields)
 

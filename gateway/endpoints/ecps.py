@@ -56,7 +56,7 @@ def begin_login() -> WerkzeugResponse:
     gateway = gateway_of()
     next_path = safe_next_path(request.args.get("next"))
     try:
-        admit_login_attempt(gateway, None)  # the identity is unknown until PSC answers: per IP only
+        admit_login_attempt(gateway)  # the identity is unknown until PSC answers: per IP only
     except LoginRefused as refused:
         metrics.login_attempt(LoginMethod.ECPS.value, refused.reason.value)
         return refuse(refused.reason, retry_after=refused.retry_after, next_path=next_path)

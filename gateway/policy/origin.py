@@ -28,3 +28,16 @@ def is_cross_site(method: str, origin: str | None, fetch_site: str | None, trust
         # Sec-Fetch-Site without Origin on a POST does not happen in browsers; neither header: not a browser.
         return fetch_site is not None
     return origin.strip().lower() not in trusted
+
+
+#: Sec-Fetch-Site values of a request another site's page made.
+_OTHER_SITES = frozenset({"cross-site", "same-site"})
+
+
+def is_cross_site_subresource(fetch_site: str | None, fetch_mode: str | None) -> bool:
+    """True for a request another site's page made WITHOUT navigating to it (an ``<img>``, a script, a
+    fetch): never how a professional reaches a login step, always how a page would spend a hospital NAT's
+    login budget."""
+    if fetch_site is None or fetch_site.strip().lower() not in _OTHER_SITES:
+        return False
+    return fetch_mode is not None and fetch_mode.strip().lower() != "navigate"

@@ -96,7 +96,12 @@ def _browse(stack: CardStack, env: dict[str, str], profile: Path) -> str:
         try:
             page = context.new_page()
             page.set_default_navigation_timeout(15_000)
-            page.goto(f"{stack.card_origin}/.gateway/login/card?next={CARD_ROUTE}")
+            # As a professional does: the protected page, its "Carte CPS" button (the main host binds the
+            # browser, then the card host asks for the card), back on the page with the session.
+            response = page.goto(f"{stack.gateway_url}{CARD_ROUTE}")
+            assert response is not None and response.status == 401
+            page.click("#login-card")
+            page.wait_for_url(f"{stack.gateway_url}{CARD_ROUTE}")
             assert page.url.startswith(f"{stack.gateway_url}{CARD_ROUTE}"), page.url
             return str(page.inner_text("body"))
         finally:
@@ -159,7 +164,11 @@ def test_chromium_logs_in_with_the_card_and_sees_the_protected_page(
 ) -> None:
     pki: DevPki = request.getfixturevalue(card_pki)
     env = _nss_home(pki, tmp_path / "home")
-    with card_stack(tmp_path / "stack", pki, upstream_url, assertion_key) as stack:
+    # As in the demo: the card host's nginx is not a trusted proxy, so the card host and the main host see
+    # different client addresses; the hand-off is bound to the browser, not to an address.
+    with card_stack(
+        tmp_path / "stack", pki, upstream_url, assertion_key, nginx_is_a_trusted_proxy=False
+    ) as stack:
         _write_policy(stack.card_origin)
         page = json.loads(_browse(stack, env, tmp_path / "profile"))
     assert page["path"] == CARD_ROUTE

@@ -24,7 +24,14 @@ from gateway.authn.card.certificate import format_serial
 from gateway.authn.card.challenge import challenge_message
 from gateway.devtools.cards import Card, softhsm_env
 from gateway.devtools.pki import DevPki
-from tests.support.card_stack import CardStack, card_stack, curl_with_card, curl_with_token
+from tests.support.card_stack import (
+    CardStack,
+    bound_card_login_url,
+    card_stack,
+    curl,
+    curl_with_card,
+    curl_with_token,
+)
 from tests.support.config import TEST_POLICIES
 from tests.support.metrics import login_attempts
 from tests.support.openssl_pki import OpensslPki, ToolToken, printed_serial, softhsm_config, tool_token
@@ -47,8 +54,10 @@ def stack(
 
 
 def _card_host_login(stack: CardStack, label: str, work: Path) -> tuple[int, str, dict[str, str]]:
-    """(status, Location, headers) of GET /.gateway/login/card on the card host with the card."""
-    url = f"{stack.card_origin}/.gateway/login/card?next={quote(CARD_ROUTE)}"
+    """(status, Location, headers) of the card host's answer to the card, as a browser gets there: bound on
+    the main host first (/.gateway/card/start sets the binding cookie in ``work``'s jar)."""
+    url = bound_card_login_url(stack.gateway_url, CARD_ROUTE, work / "jar.txt")
+    assert url.startswith(f"{stack.card_origin}/.gateway/login/card?"), url
     result = curl_with_card(stack.pki, label, url, ["-o", "/dev/null", "-D", "-"], work)
     assert result.returncode == 0, result.stderr
     status_line, *header_lines = result.stdout.strip().splitlines()
@@ -61,14 +70,7 @@ def _card_host_login(stack: CardStack, label: str, work: Path) -> tuple[int, str
 
 def _follow_with_cookie_jar(location: str, jar: Path) -> subprocess.CompletedProcess[str]:
     # curl, like a browser: spend the hand-off on the main host, keep the __Host- cookie, follow to the page.
-    return subprocess.run(
-        ["curl", "-sS", "--max-time", "10", "-L", "-c", str(jar), "-b", str(jar), "-D", "-", location],
-        capture_output=True,
-        text=True,
-        stdin=subprocess.DEVNULL,
-        timeout=20,
-        check=False,
-    )
+    return curl("-L", "-c", str(jar), "-b", str(jar), "-D", "-", location)
 
 
 def _events(stack: CardStack, event: str) -> list[dict[str, object]]:
@@ -93,11 +95,10 @@ def test_card_login_on_the_card_host_opens_a_session_on_the_main_host(
     assert body["headers"]["x-gateway-auth-method"] == "card"
     assert "__Host-gateway-session" in (tmp_path / "jar.txt").read_text()
 
-    # The hand-off is single-use: the same URL a second time logs nobody in.
-    again = requests.get(location, allow_redirects=False, timeout=5)
-    assert again.status_code == 400
-    assert again.headers["X-Gateway-Reason"] == "state_mismatch"
-    assert "Set-Cookie" not in again.headers
+    # The hand-off is single-use: the same URL a second time logs nobody in, even in the same browser.
+    again = curl("-b", str(tmp_path / "jar.txt"), "-o", "/dev/null", "-D", "-", location)
+    assert "HTTP/1.1 400" in again.stdout and "x-gateway-reason: state_mismatch" in again.stdout.lower()
+    assert "set-cookie" not in again.stdout.lower()
 
     logins = [e for e in _events(stack, "login") if e["idnat"] == softhsm_cards["doctor"].idnat]
     assert logins and logins[-1]["decision"] == "allow"
@@ -144,7 +145,7 @@ def test_a_forged_certificate_header_sent_straight_to_the_gateway_is_ignored_and
 ) -> None:
     forged = quote(softhsm_cards["doctor"].pem_path.read_text(), safe="")
     response = requests.get(
-        f"{stack.gateway_url}/.gateway/login/card",
+        f"{stack.gateway_url}/.gateway/login/card?binding={'b' * 43}",
         headers={"X-SSL-Client-Cert": forged, "X-SSL-Client-Verify": "SUCCESS", "Accept": "text/html"},
         allow_redirects=False,
         timeout=5,
@@ -312,7 +313,7 @@ def test_staff_and_organisation_cards_log_in_where_a_rule_allows_them(
     env = softhsm_config(tmp_path / "softhsm")
     token = tool_token(env, f"tool-{kind}")
     certificate = tool_pki.token_card(token, kind, serial)
-    url = f"{tool_stack.card_origin}/.gateway/login/card?next=/echo/staff/page"
+    url = bound_card_login_url(tool_stack.gateway_url, "/echo/staff/page", tmp_path / "jar.txt")
     login = curl_with_token(
         env,
         tool_stack.pki.base_dir / "server-ca.pem",
@@ -334,27 +335,8 @@ def test_staff_and_organisation_cards_log_in_where_a_rule_allows_them(
     assert claims["card_kind"] == card_kind and claims["professions"] == []
     assert (claims["structure_id"], claims["structure_name"], claims["employee_id"]) == structure
 
-    refused = subprocess.run(
-        [
-            *(
-                "curl",
-                "-sS",
-                "--max-time",
-                "10",
-                "-b",
-                str(tmp_path / "jar.txt"),
-                "-D",
-                "-",
-                "-o",
-                "/dev/null",
-            ),
-            f"{tool_stack.gateway_url}{CARD_ROUTE}",
-        ],
-        capture_output=True,
-        text=True,
-        stdin=subprocess.DEVNULL,
-        timeout=20,
-        check=False,
+    refused = curl(
+        "-b", str(tmp_path / "jar.txt"), "-D", "-", "-o", "/dev/null", f"{tool_stack.gateway_url}{CARD_ROUTE}"
     ).stdout.lower()
     assert "x-gateway-reason: staff_card_not_allowed" in refused
 
@@ -438,3 +420,20 @@ def test_cert_id_chooses_the_certificate_and_says_what_is_there(
     assert missing.returncode == 1
     assert "no certificate with CKA_ID 07" in missing.stderr and "CKA_ID 01" in missing.stderr
     assert "Traceback" not in missing.stderr + signature.stderr
+
+
+def test_a_handoff_url_that_leaks_to_another_browser_logs_nobody_in(
+    stack: CardStack, softhsm_cards: CardSet, tmp_path: Path
+) -> None:
+    # The demo's browser card login failed when the card host and the main host saw different client
+    # addresses; the hand-off is now bound to the browser (a cookie), not to an address.
+    status, location, _ = _card_host_login(stack, "test-doctor", tmp_path)
+    assert status == 303
+    leaked = requests.get(location, allow_redirects=False, timeout=5)  # no binding cookie
+    assert (leaked.status_code, leaked.headers["X-Gateway-Reason"]) == (400, "state_mismatch")
+    assert "Set-Cookie" not in leaked.headers
+    followed = _follow_with_cookie_jar(location, tmp_path / "jar.txt")  # not burnt: the owner goes on
+    body = json.loads(followed.stdout.rsplit("\n\n", 1)[1])
+    assert body["headers"]["x-gateway-subject"] == softhsm_cards["doctor"].idnat
+    denied = [e for e in _events(stack, "card_handoff") if e["decision"] == "deny"]
+    assert denied and "binding cookie" in denied[-1]["detail"]

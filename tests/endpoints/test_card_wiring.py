@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -9,6 +10,7 @@ from typing import Any
 from urllib.parse import quote
 
 import pytest
+from cryptography import x509
 from flask import Flask
 from flask.testing import FlaskClient
 
@@ -18,11 +20,12 @@ from gateway.config_source import ConfigErrors
 from gateway.devtools.pki import DevPki
 from gateway.runtime import gateway_of
 from gateway.settings import documented_keys, load_settings
+from tests.support.apps import gateway_app
 from tests.support.audit import audit_records
 from tests.support.card_stack import card_settings
 from tests.support.config import write_config
 from tests.support.openssl_pki import OpensslPki, printed_serial
-from tests.support.pki import software_card
+from tests.support.pki import card_key, software_card
 
 CARD_ORIGIN = "https://card.example:8443"
 
@@ -67,6 +70,14 @@ def _audit(tmp_path: Path) -> list[dict[str, Any]]:
     return audit_records(tmp_path / "audit.log")
 
 
+def _card_login(client: FlaskClient, pem: bytes, next_path: str = "/") -> Any:
+    """The browser's way: bound on the main host (/.gateway/card/start), then on the card host with the card
+    (the test client plays both hosts and keeps the binding cookie)."""
+    start = client.get(f"/.gateway/card/start?next={quote(next_path, safe='/')}")
+    assert start.status_code == 303 and start.headers["Cache-Control"] == "no-store"
+    return client.get(start.headers["Location"].removeprefix(CARD_ORIGIN), headers=_forwarded(pem))
+
+
 def test_every_card_key_is_documented() -> None:
     keys = {key: description for key, _, description in documented_keys()}
     for name in ("trust_anchors", "crls", "crl_refresh", "login_origin", "challenge_ttl", "nonce_store"):
@@ -85,25 +96,72 @@ def test_a_missing_trust_anchor_is_a_located_config_error(
     assert "missing-root.pem" in str(caught.value) and "card" in str(caught.value)
 
 
-def test_the_login_page_offers_the_card_host(client: FlaskClient) -> None:
+def test_the_login_page_offers_the_card_host_through_the_main_host(client: FlaskClient) -> None:
     page = client.get("/.gateway/login?next=/patients/1", headers={"Accept": "text/html"}).get_data(
         as_text=True
     )
-    assert f"{CARD_ORIGIN}/.gateway/login/card?next=/patients/1" in page
+    assert "/.gateway/card/start?next=/patients/1" in page
+    start = client.get("/.gateway/card/start?next=/patients/1")
+    assert start.headers["Location"].startswith(
+        f"{CARD_ORIGIN}/.gateway/login/card?next=/patients/1&binding="
+    )
+    cookie = start.headers["Set-Cookie"]
+    assert cookie.startswith("__Host-gateway-card=") and "Secure" in cookie and "HttpOnly" in cookie
+    assert "SameSite=Lax" in cookie and "Max-Age=600" in cookie and "Path=/" in cookie
+    binding = cookie.split("=", 1)[1].split(";", 1)[0]
+    assert binding not in start.headers["Location"]  # only its reference travels to the card host
 
 
 def test_a_verified_card_is_handed_over_to_the_main_host(client: FlaskClient, dev_pki: DevPki) -> None:
     from cryptography.hazmat.primitives.serialization import Encoding
 
     pem = software_card(dev_pki).public_bytes(Encoding.PEM)
-    response = client.get("/.gateway/login/card?next=//evil.example/x", headers=_forwarded(pem))
+    response = _card_login(client, pem, "//evil.example/x")
     assert response.status_code == 303
     location = response.headers["Location"]
     assert location.startswith("http://127.0.0.1:8080/.gateway/card/complete?handoff=")
     assert location.endswith("&next=/")  # an open redirect attempt falls back to /
     complete = client.get(location.replace("http://127.0.0.1:8080", ""))
     assert complete.status_code == 303 and complete.headers["Location"] == "/"
-    assert "__Host-gateway-session=" in complete.headers["Set-Cookie"]
+    assert complete.headers["Cache-Control"] == "no-store"
+    cookies = complete.headers.getlist("Set-Cookie")
+    assert any(c.startswith("__Host-gateway-session=") for c in cookies)
+    assert any(c.startswith("__Host-gateway-card=;") for c in cookies)  # the binding is done
+
+
+def test_a_handoff_url_opened_in_another_browser_logs_nobody_in_and_is_not_burnt(
+    app: Flask, client: FlaskClient, dev_pki: DevPki
+) -> None:
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    location = _card_login(client, software_card(dev_pki).public_bytes(Encoding.PEM)).headers["Location"]
+    path = location.replace("http://127.0.0.1:8080", "")
+    other = app.test_client()  # no binding cookie: the URL leaked, or an attacker sends his own to a victim
+    refused = other.get(path)
+    assert (refused.status_code, refused.headers["X-Gateway-Reason"]) == (400, "state_mismatch")
+    assert "Set-Cookie" not in refused.headers
+    other.get("/.gateway/card/start")  # a binding of its own does not match either
+    assert other.get(path).headers["X-Gateway-Reason"] == "state_mismatch"
+    assert client.get(path).status_code == 303  # the browser that started it still can
+
+
+def test_a_challenge_nonce_presented_as_a_handoff_is_a_400_not_a_500(client: FlaskClient) -> None:
+    client.get("/.gateway/card/start")
+    nonce = client.post("/.gateway/card/challenge", json={}).get_json()["nonce"]
+    response = client.get(f"/.gateway/card/complete?handoff={nonce}&next=/")
+    assert (response.status_code, response.headers["X-Gateway-Reason"]) == (400, "state_mismatch")
+
+
+def test_a_card_host_request_not_started_on_the_main_host_is_sent_there_unjudged(
+    client: FlaskClient, dev_pki: DevPki, tmp_path: Path
+) -> None:
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    pem = software_card(dev_pki, variant="expired").public_bytes(Encoding.PEM)
+    response = client.get("/.gateway/login/card?next=/patients/1", headers=_forwarded(pem))
+    assert response.status_code == 303
+    assert response.headers["Location"] == "http://127.0.0.1:8080/.gateway/card/start?next=/patients/1"
+    assert not [e for e in _audit(tmp_path) if e["event"] == "login"]
 
 
 def test_no_crl_means_no_card_login(
@@ -113,7 +171,7 @@ def test_no_crl_means_no_card_login(
 
     app = _app(tmp_path, upstream_url, assertion_key, dict(card_settings(dev_pki, CARD_ORIGIN), crls=[]))
     pem = software_card(dev_pki).public_bytes(Encoding.PEM)
-    response = app.test_client().get("/.gateway/login/card", headers=_forwarded(pem))
+    response = _card_login(app.test_client(), pem)
     assert (response.status_code, response.headers["X-Gateway-Reason"]) == (503, "crl_unavailable")
     denied = [e for e in _audit(tmp_path) if e["event"] == "login"]
     assert denied[-1]["decision"] == "deny" and denied[-1]["card_serial"]
@@ -130,7 +188,7 @@ def test_an_unknown_handoff_is_refused(client: FlaskClient) -> None:
 
 def test_verify_answers_json_refusals(client: FlaskClient) -> None:
     form = client.post("/.gateway/card/verify", data={"nonce": "x"})
-    assert (form.status_code, form.get_json()["error"]) == (401, "challenge_invalid")
+    assert (form.status_code, form.get_json()["error"]) == (403, "cross_site_request")
     challenge = client.post("/.gateway/card/challenge", json={}).get_json()
     assert challenge["audience"] == "http://127.0.0.1:8080" and challenge["expires_in"] == 60
     bad = client.post(
@@ -172,15 +230,19 @@ def test_repeated_refused_cards_are_banned(
     app = _app(tmp_path, upstream_url, assertion_key, card_settings(dev_pki, CARD_ORIGIN), limits)
     client = app.test_client()
     expired = software_card(dev_pki, variant="expired")
-    headers = _forwarded(expired.public_bytes(Encoding.PEM))
-    reasons = [
-        client.get("/.gateway/login/card", headers=headers).headers["X-Gateway-Reason"] for _ in range(4)
-    ]
+    pem = expired.public_bytes(Encoding.PEM)
+    reasons = [_card_login(client, pem).headers["X-Gateway-Reason"] for _ in range(4)]
     assert reasons == ["card_expired"] * 3 + ["banned"]
-    banned = client.get("/.gateway/login/card", headers=headers)
+    banned = _card_login(client, pem)
     assert banned.status_code == 429 and int(banned.headers["Retry-After"]) > 800
     (ban,) = [event for event in _audit(tmp_path) if event["event"] == "ban"]
-    assert ban["banned_identity"] == format_serial(expired.serial_number)
+    # An expired card does not chain to the anchors today: its failures count against the address only.
+    assert (ban["banned_ip"], ban["banned_identity"]) == ("127.0.0.1", None)
+    refusals = [e for e in _audit(tmp_path) if e["event"] == "login" and e["reasons"] == ["card_expired"]]
+    assert len(refusals) == 3 and {e["card_serial"] for e in refusals} == {
+        format_serial(expired.serial_number)
+    }
+    assert {e["proven_identity"] for e in refusals} == {None}
     gateway_of(app).crl_store.stop()  # type: ignore[union-attr]
 
 
@@ -215,13 +277,11 @@ def test_audit_bans_and_sessions_print_serials_as_openssl_does(
     app = _app(tmp_path / "gw", upstream_url, assertion_key, pki.card_settings(CARD_ORIGIN), limits)
     client = app.test_client()
     try:
-        handoff = client.get("/.gateway/login/card", headers=_forwarded(valid.read_bytes()))
-        complete = client.get(handoff.headers["Location"].replace("http://127.0.0.1:8080", ""))
-        session_id = complete.headers["Set-Cookie"].split("=", 1)[1].split(";", 1)[0]
+        handoff = _card_login(client, valid.read_bytes())
+        client.get(handoff.headers["Location"].replace("http://127.0.0.1:8080", ""))
+        session_id = client.get_cookie("__Host-gateway-session").value  # type: ignore[union-attr]
         session = gateway_of(app).sessions.get(session_id, time.time())
-        refused = [
-            client.get("/.gateway/login/card", headers=_forwarded(revoked.read_bytes())) for _ in range(2)
-        ]
+        refused = [_card_login(client, revoked.read_bytes()) for _ in range(2)]
         assert [r.headers["X-Gateway-Reason"] for r in refused] == ["card_revoked"] * 2
     finally:
         gateway_of(app).crl_store.stop()  # type: ignore[union-attr]
@@ -230,7 +290,8 @@ def test_audit_bans_and_sessions_print_serials_as_openssl_does(
     assert [e["card_serial"] for e in denied] == [printed_serial(revoked)] * 2 == ["0E1530D2A1B2C3D4"] * 2
     assert all(printed_serial(revoked) in e["detail"] for e in denied)
     (ban,) = [e for e in records if e["event"] == "ban"]
-    assert ban["banned_identity"] == printed_serial(revoked)
+    # A revoked card chains to the anchors, and nginx's handshake proved its key: banned as serial@issuer.
+    assert ban["banned_identity"].startswith(printed_serial(revoked) + "@CN=")
     (allowed,) = [e for e in records if e["event"] == "login" and e["decision"] == "allow"]
     assert allowed["card_serial"] == printed_serial(valid) == "0B0C"
     assert session is not None and session.identity.card_serial == "0B0C"
@@ -248,7 +309,119 @@ def test_a_root_arl_keeps_card_logins_and_readiness(
     client = app.test_client()
     try:
         assert client.get("/.gateway/readyz").status_code == 200
-        response = client.get("/.gateway/login/card", headers=_forwarded(card.read_bytes()))
+        response = _card_login(client, card.read_bytes())
         assert response.status_code == 303, response.headers.get("X-Gateway-Reason")
     finally:
         gateway_of(app).crl_store.stop()  # type: ignore[union-attr]
+
+
+# --- Lock-out abuse: a card's public certificate (or a copy of its serial) must not lock its owner out -----
+
+ATTACKER, OWNER = "203.0.113.9", "198.51.100.20"
+STRICT = {"ban_after": 3, "ban_window": "10m", "ban_duration": "15m"}
+
+
+@pytest.fixture
+def strict_app(tmp_path: Path, upstream_url: str, assertion_key: Path, dev_pki: DevPki) -> Iterator[Flask]:
+    # The test client's peer (127.0.0.1) plays nginx: TLS terminator, and the proxy whose X-Forwarded-For
+    # names the client, as the card host sets it.
+    server = {"tls_terminators": ["127.0.0.1/32"], "trusted_proxies": ["127.0.0.1/32"]}
+    extra = {"server": server, "card": card_settings(dev_pki, CARD_ORIGIN), "limits": STRICT}
+    with gateway_app(tmp_path, upstream_url=upstream_url, assertion_key=assertion_key, extra=extra) as app:
+        yield app
+        gateway_of(app).crl_store.stop()  # type: ignore[union-attr]
+
+
+def _challenge_body(client: FlaskClient, certificate: x509.Certificate, sign: bool, address: str) -> dict:
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import padding
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    from gateway.authn.card.challenge import challenge_message
+
+    nonce = client.post("/.gateway/card/challenge", json={}, headers={"X-Forwarded-For": address}).get_json()[
+        "nonce"
+    ]
+    message = challenge_message("http://127.0.0.1:8080", nonce)
+    signature = card_key().sign(message, padding.PKCS1v15(), hashes.SHA256()) if sign else b"forged"
+    return {
+        "nonce": nonce,
+        "certificate": certificate.public_bytes(Encoding.PEM).decode(),
+        "signature": base64.b64encode(signature).decode(),
+    }
+
+
+def test_bogus_signatures_with_a_cards_certificate_ban_the_sender_not_the_card(
+    strict_app: Flask, dev_pki: DevPki, tmp_path: Path
+) -> None:
+    client = strict_app.test_client()
+    owners_card = software_card(dev_pki)  # its certificate is public; its key (card_key()) is not
+    reasons = []
+    for _ in range(4):
+        body = _challenge_body(client, owners_card, sign=False, address=ATTACKER)
+        verify = client.post("/.gateway/card/verify", json=body, headers={"X-Forwarded-For": ATTACKER})
+        reasons.append(verify.get_json()["error"])
+    assert reasons == ["signature_invalid"] * 3 + ["banned"]
+    (ban,) = [e for e in _audit(tmp_path) if e["event"] == "ban"]
+    assert (ban["banned_ip"], ban["banned_identity"]) == (ATTACKER, None)
+    # The card's owner, elsewhere, logs in at once.
+    body = _challenge_body(client, owners_card, sign=True, address=OWNER)
+    login = client.post("/.gateway/card/verify", json=body, headers={"X-Forwarded-For": OWNER})
+    assert login.status_code == 200 and login.get_json() == {"subject": "810002813839"}
+
+
+def test_a_certificate_copying_a_cards_serial_and_issuer_never_bans_the_card(
+    strict_app: Flask, dev_pki: DevPki, tmp_path: Path
+) -> None:
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    client = strict_app.test_client()
+    owners_card = software_card(dev_pki)
+    own_key = ec.generate_private_key(ec.SECP256R1())  # the forger proves possession of THIS key
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(owners_card.subject)
+        .issuer_name(owners_card.issuer)
+        .serial_number(owners_card.serial_number)
+        .public_key(own_key.public_key())
+        .not_valid_before(owners_card.not_valid_before_utc)
+        .not_valid_after(owners_card.not_valid_after_utc)
+    )
+    for extension in owners_card.extensions:
+        builder = builder.add_extension(extension.value, extension.critical)
+    copy = builder.sign(own_key, hashes.SHA256())
+    forged = {**_forwarded(copy.public_bytes(Encoding.PEM)), "X-Forwarded-For": ATTACKER}
+    binding = f"/.gateway/login/card?binding={'b' * 43}"
+    reasons = [client.get(binding, headers=forged).headers["X-Gateway-Reason"] for _ in range(4)]
+    assert reasons == ["card_untrusted"] * 3 + ["banned"]
+    (ban,) = [e for e in _audit(tmp_path) if e["event"] == "ban"]
+    assert (ban["banned_ip"], ban["banned_identity"]) == (ATTACKER, None)
+    genuine = {**_forwarded(owners_card.public_bytes(Encoding.PEM)), "X-Forwarded-For": OWNER}
+    assert client.get(binding, headers=genuine).status_code == 303  # on to the main host
+
+
+def test_a_revoked_cards_own_failures_ban_it_everywhere(
+    strict_app: Flask, dev_pki: DevPki, tmp_path: Path
+) -> None:
+    # Proven (the handshake) and chained to the anchors: counted against the card, whatever the address.
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    client = strict_app.test_client()
+    revoked = software_card(dev_pki, variant="revoked")
+    assert gateway_of(strict_app).crl_store.refresh() == []  # type: ignore[union-attr]
+    pem = revoked.public_bytes(Encoding.PEM)
+    addresses = ["192.0.2.1", "192.0.2.2", "192.0.2.3", "192.0.2.4"]
+    binding = f"/.gateway/login/card?binding={'b' * 43}"
+    reasons = [
+        client.get(binding, headers={**_forwarded(pem), "X-Forwarded-For": address}).headers[
+            "X-Gateway-Reason"
+        ]
+        for address in addresses
+    ]
+    assert reasons == ["card_revoked"] * 3 + ["banned"]
+    (ban,) = [e for e in _audit(tmp_path) if e["event"] == "ban"]
+    assert ban["banned_ip"] is None and ban["banned_identity"].startswith(
+        format_serial(revoked.serial_number)
+    )

@@ -256,6 +256,8 @@ def test_repeated_forged_callbacks_ban_the_client(
     limits = {"ban_after": 3, "ban_window": "10m", "ban_duration": "15m"}
     with running_ecps_world(tmp_path, upstream_url, assertion_key, limits=limits) as strict:
         browser = Browser()
+        # A browser with a login in progress (its login cookie) answering with forged states: counted.
+        browser.get(strict.gateway_url + "/.gateway/login/ecps", params={"next": "/"})
         forged = f"{strict.gateway_url}/.gateway/ecps/callback?code=stolen&state=guessed"
         for _ in range(3):
             assert browser.get(forged).headers["X-Gateway-Reason"] == "state_mismatch"
@@ -454,3 +456,27 @@ def test_a_callback_replayed_to_another_instance_is_refused(shared: SharedWorlds
     other_instance = callback.replace(shared.first.gateway_url, shared.second.gateway_url)
     assert_refused(replayer.get(other_instance), 400, "state_mismatch", "Identification expirée")
     assert shared.second.last_audit("login")["detail"] == "state already used"
+
+
+def test_a_cross_site_page_cannot_spend_the_login_budget_nor_ban_the_address(
+    tmp_path: Path, upstream_url: str, assertion_key: Path
+) -> None:
+    """Five <img> of a page on another site, from a hospital NAT: callbacks without the login cookie and
+    login starts fetched as images are refused and never counted (as failures nor as attempts)."""
+    limits = {"ban_after": 3, "login_attempts_per_ip": "4/minute", "login_requests_per_ip": "6/minute"}
+    with running_ecps_world(tmp_path, upstream_url, assertion_key, limits=limits) as strict:
+        image = {"Sec-Fetch-Site": "cross-site", "Sec-Fetch-Mode": "no-cors", "Sec-Fetch-Dest": "image"}
+        for _ in range(8):
+            callback = requests.get(
+                f"{strict.gateway_url}/.gateway/ecps/callback?state=x", headers=image, timeout=5
+            )
+            assert callback.headers["X-Gateway-Reason"] == "cross_site_request"
+            no_cookie = requests.get(f"{strict.gateway_url}/.gateway/ecps/callback?state=x", timeout=5)
+            assert (no_cookie.status_code, no_cookie.headers["X-Gateway-Reason"]) == (400, "state_mismatch")
+            start = requests.get(f"{strict.gateway_url}/.gateway/login/ecps", headers=image, timeout=5)
+            assert start.headers["X-Gateway-Reason"] == "cross_site_request"
+        assert not [e for e in strict.audit_events() if e["event"] in ("ban", "rate_limited")]
+        # The professional behind the same address still logs in.
+        browser = Browser()
+        started = browser.get(strict.gateway_url + "/.gateway/login/ecps", params={"next": "/"})
+        assert started.status_code == 302 and "/protocol/openid-connect/auth?" in started.headers["Location"]

@@ -10,6 +10,7 @@ import pytest
 import requests
 from cryptography.hazmat.primitives.serialization import Encoding
 
+from gateway.authn.card.handoff import new_binding, reference_of
 from gateway.devtools.pki import DevPki
 from tests.support.card_stack import card_settings
 from tests.support.gateways import running_gateways
@@ -43,10 +44,10 @@ def two_gateways(
 def test_failures_on_one_instance_ban_on_the_other(two_gateways: list[str], dev_pki: DevPki) -> None:
     expired = software_card(dev_pki, variant="expired").public_bytes(Encoding.PEM)
     header = {"X-SSL-Client-Cert": quote(expired.decode(), safe=""), "Accept": "text/html"}
+    # The card host's URL as /.gateway/card/start builds it (the browser binding's reference in it).
+    login = f"/.gateway/login/card?binding={reference_of(new_binding())}"
     reasons = [
-        requests.get(f"{two_gateways[n % 2]}/.gateway/login/card", headers=header, timeout=5).headers[
-            "X-Gateway-Reason"
-        ]
+        requests.get(two_gateways[n % 2] + login, headers=header, timeout=5).headers["X-Gateway-Reason"]
         for n in range(4)
     ]
     assert reasons == ["card_expired"] * 3 + ["banned"]

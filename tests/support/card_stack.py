@@ -73,11 +73,14 @@ def card_stack(
     *,
     cards: Callable[[str], dict[str, Any]] | None = None,
     policies: str = TEST_POLICIES,
+    nginx_is_a_trusted_proxy: bool = True,
 ) -> Iterator[CardStack]:
     """nginx (card host) + the gateway as real processes; login limits generous unless ``limits`` says so.
 
     ``pki`` gives nginx its server certificate, and the gateway its card trust unless ``cards`` maps the card
-    origin to another ``card`` section (e.g. an openssl-made hierarchy's).
+    origin to another ``card`` section (e.g. an openssl-made hierarchy's). ``nginx_is_a_trusted_proxy=False``
+    is the demo's configuration: the card host sees nginx's address as the client's, the main host the
+    browser's.
     """
     gateway_port, nginx_port, metrics_port = free_port(), free_port(), free_port()
     card_origin = f"https://127.0.0.1:{nginx_port}"
@@ -89,7 +92,11 @@ def card_stack(
         policies=policies,
         listen=f"127.0.0.1:{gateway_port}",
         extra={
-            "server": {"tls_terminators": [terminator], "trusted_proxies": [terminator], "workers": 1},
+            "server": {
+                "tls_terminators": [terminator],
+                "trusted_proxies": [terminator] if nginx_is_a_trusted_proxy else [],
+                "workers": 1,
+            },
             "card": (cards or functools.partial(card_settings, pki))(card_origin),
             "metrics": {"listen": f"127.0.0.1:{metrics_port}"},
             "limits": limits
@@ -118,6 +125,34 @@ def card_stack(
             pki,
             f"http://127.0.0.1:{metrics_port}",
         )
+
+
+def curl(*argv: str) -> subprocess.CompletedProcess[str]:
+    """curl (no card), stdin closed, bounded in time; the caller checks the outcome."""
+    return subprocess.run(
+        ["curl", "-sS", "--max-time", "10", *argv],
+        capture_output=True,
+        text=True,
+        stdin=subprocess.DEVNULL,
+        timeout=20,
+        check=False,
+    )
+
+
+def bound_card_login_url(gateway_url: str, next_path: str, jar: Path) -> str:
+    """The card host's login URL as a browser reaches it: the main host's /.gateway/card/start puts the
+    binding cookie in ``jar`` (curl's cookie jar) and redirects there."""
+    start = curl(
+        "-c",
+        str(jar),
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{redirect_url}",
+        f"{gateway_url}/.gateway/card/start?next={quote(next_path)}",
+    )
+    assert "/.gateway/login/card?" in start.stdout and "binding=" in start.stdout, start.stdout + start.stderr
+    return start.stdout
 
 
 def curl_with_card(

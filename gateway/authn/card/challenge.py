@@ -3,13 +3,16 @@
 The gateway hands out a single-use nonce bound to the client IP, valid a short time; the client signs
 ``b"cps-gateway-challenge-v1\\n" + audience + b"\\n" + nonce`` with the card key. The audience is the
 gateway's public origin, so a nonce relayed from another site that asked the card to sign gives a signature
-that is useless here. Nonces live in a :class:`NonceStore` (memory for one process, Redis for several).
+that is useless here. Nonces live in a :class:`NonceStore` (memory for one process, Redis for several),
+typed by :class:`NonceKind`: a challenge nonce is never found when presented as a card-host hand-off token,
+nor the reverse.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import enum
 import json
 import secrets
 import threading
@@ -17,9 +20,10 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Protocol
 
+from cryptography import x509
+
 from gateway.authn.card.certificate import CardError
-from gateway.authn.card.verify import CardVerifier, load_certificate, verify_challenge_signature
-from gateway.identity import Identity
+from gateway.authn.card.verify import load_certificate, verify_challenge_signature
 from gateway.policy.decision import Reason
 
 CHALLENGE_PREFIX = b"cps-gateway-challenge-v1\n"
@@ -31,12 +35,22 @@ def challenge_message(audience: str, nonce: str) -> bytes:
     return CHALLENGE_PREFIX + audience.encode("utf-8") + b"\n" + nonce.encode("ascii")
 
 
+class NonceKind(enum.StrEnum):
+    """What a single-use value stands for; part of its key, so one kind is never taken for another."""
+
+    CHALLENGE = "challenge"
+    CARD_HANDOFF = "card-handoff"
+    #: e-CPS states and back-channel logout token ids already consumed (replays refused on every instance).
+    ECPS_USED = "ecps-used"
+
+
 class NonceStore(Protocol):
-    """Single-use values, expiring: ``add`` refuses an existing key, ``take`` reads and deletes atomically."""
+    """Single-use values, expiring: ``add`` refuses an existing key, ``take`` reads and deletes atomically.
+    Keys live in one namespace per :class:`NonceKind`."""
 
-    def add(self, key: str, value: str, ttl_seconds: int, now: float) -> bool: ...
+    def add(self, kind: NonceKind, key: str, value: str, ttl_seconds: int, now: float) -> bool: ...
 
-    def take(self, key: str, now: float) -> str | None: ...
+    def take(self, kind: NonceKind, key: str, now: float) -> str | None: ...
 
 
 class MemoryNonceStore:
@@ -51,26 +65,41 @@ class MemoryNonceStore:
         for key in [k for k, (_, expires) in self._entries.items() if expires <= now]:
             del self._entries[key]
 
-    def add(self, key: str, value: str, ttl_seconds: int, now: float) -> bool:
+    def add(self, kind: NonceKind, key: str, value: str, ttl_seconds: int, now: float) -> bool:
         with self._lock:
             if len(self._entries) >= self._max_entries:
                 self._purge(now)
                 if len(self._entries) >= self._max_entries:
                     return False  # bounded memory: refuse rather than grow without limit
-            if key in self._entries:
+            stored_key = f"{kind}:{key}"
+            if stored_key in self._entries:
                 return False
-            self._entries[key] = (value, now + ttl_seconds)
+            self._entries[stored_key] = (value, now + ttl_seconds)
             return True
 
-    def take(self, key: str, now: float) -> str | None:
+    def take(self, kind: NonceKind, key: str, now: float) -> str | None:
         with self._lock:
-            entry = self._entries.pop(key, None)
+            entry = self._entries.pop(f"{kind}:{key}", None)
         if entry is None or entry[1] <= now:
             return None
         return entry[0]
 
     def __len__(self) -> int:
         return len(self._entries)
+
+
+class NonceSpace:
+    """One kind's view of a :class:`NonceStore`, for a component that keeps a single kind of value."""
+
+    def __init__(self, store: NonceStore, kind: NonceKind) -> None:
+        self._store = store
+        self._kind = kind
+
+    def add(self, key: str, value: str, ttl_seconds: int, now: float) -> bool:
+        return self._store.add(self._kind, key, value, ttl_seconds, now)
+
+    def take(self, key: str, now: float) -> str | None:
+        return self._store.take(self._kind, key, now)
 
 
 class RedisLike(Protocol):
@@ -92,11 +121,11 @@ class RedisNonceStore:
         self._redis = client
         self._prefix = prefix
 
-    def add(self, key: str, value: str, ttl_seconds: int, now: float) -> bool:
-        return bool(self._redis.set(self._prefix + key, value, nx=True, ex=ttl_seconds))
+    def add(self, kind: NonceKind, key: str, value: str, ttl_seconds: int, now: float) -> bool:
+        return bool(self._redis.set(f"{self._prefix}{kind}:{key}", value, nx=True, ex=ttl_seconds))
 
-    def take(self, key: str, now: float) -> str | None:
-        value = self._redis.getdel(self._prefix + key)
+    def take(self, kind: NonceKind, key: str, now: float) -> str | None:
+        value = self._redis.getdel(f"{self._prefix}{kind}:{key}")
         if value is None:
             return None
         return value.decode("utf-8") if isinstance(value, bytes) else str(value)
@@ -123,7 +152,7 @@ class ChallengeIssuer:
     def issue(self, client_ip: str, now: float) -> Challenge:
         nonce = secrets.token_urlsafe(32)
         record = json.dumps({"ip": client_ip, "exp": now + self.ttl_seconds})
-        if not self._store.add(nonce, record, self.ttl_seconds, now):
+        if not self._store.add(NonceKind.CHALLENGE, nonce, record, self.ttl_seconds, now):
             raise CardError(Reason.CHALLENGE_INVALID, "nonce store refused a new nonce")
         return Challenge(nonce, self.ttl_seconds, self.audience)
 
@@ -131,7 +160,7 @@ class ChallengeIssuer:
         """Spend the nonce (whatever the outcome) and return the message the card must have signed."""
         if not isinstance(nonce, str) or not 20 <= len(nonce) <= 128:
             raise CardError(Reason.CHALLENGE_INVALID, "malformed nonce")
-        record = self._store.take(nonce, now)
+        record = self._store.take(NonceKind.CHALLENGE, nonce, now)
         if record is None:
             raise CardError(Reason.CHALLENGE_INVALID, "unknown, expired or already used nonce")
         try:
@@ -146,19 +175,15 @@ class ChallengeIssuer:
         return challenge_message(self.audience, nonce)
 
 
-def verify_challenge_login(
-    issuer: ChallengeIssuer,
-    verifier: CardVerifier,
-    body: object,
-    client_ip: str,
-    now: datetime,
-) -> Identity:
-    """The whole ``POST /.gateway/card/verify`` check on the parsed JSON body, in the safe order.
+def proven_certificate(
+    issuer: ChallengeIssuer, body: object, client_ip: str, now: datetime
+) -> x509.Certificate:
+    """The certificate whose key signed this request's challenge (``POST /.gateway/card/verify``, parsed JSON).
 
-    1. spend the nonce (single use, this client, not expired) -> CHALLENGE_INVALID;
-    2. the signature over the audience-bound message with the certificate's key -> SIGNATURE_INVALID
-       (before judging the certificate: only a holder of the key gets a precise card reason);
-    3. the certificate itself (chain, dates, key usage, CRLs, subject) -> its CardError reason.
+    The proof of possession, in the safe order: 1. spend the nonce (single use, this client, not expired)
+    -> CHALLENGE_INVALID; 2. the signature over the audience-bound message with the certificate's key ->
+    SIGNATURE_INVALID. The certificate itself (chain, dates, CRLs) is judged afterwards by the verifier:
+    only a holder of the key learns a precise card reason, and only then may a failure count against it.
     """
     if not isinstance(body, dict):
         raise CardError(Reason.CHALLENGE_INVALID, "body is not a JSON object")
@@ -176,4 +201,4 @@ def verify_challenge_login(
         raise CardError(Reason.SIGNATURE_INVALID, "signature is not base64") from None
     card = load_certificate(certificate.encode("ascii", "replace"))
     verify_challenge_signature(card, message, raw_signature)
-    return verifier.verify(card, now)
+    return card

@@ -432,6 +432,15 @@ class CardVerifier:
                     f"stale CRL of {issuer.subject.rfc4514_string()}: {next_update:%Y-%m-%d %H:%M}Z",
                 )
 
+    def chains_to_anchor(self, certificate: x509.Certificate, now: datetime) -> bool:
+        """True when the certificate chains to a trust anchor at ``now``, whatever else is wrong with it (a
+        revoked card does; a self-made certificate copying a card's serial and issuer does not)."""
+        try:
+            self._chain(certificate, _utc(now))
+        except CardError:
+            return False
+        return True
+
     def verify(self, certificate: x509.Certificate | bytes | str, now: datetime) -> Identity:
         """An :class:`Identity` for a trusted, valid, unrevoked card; :class:`CardError` otherwise."""
         now = _utc(now)

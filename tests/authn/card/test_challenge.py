@@ -15,13 +15,16 @@ from gateway import pkcs11 as tokens
 from gateway.authn.card.challenge import (
     ChallengeIssuer,
     MemoryNonceStore,
+    NonceKind,
     NonceStore,
     RedisNonceStore,
     challenge_message,
-    verify_challenge_login,
+    proven_certificate,
 )
+from gateway.authn.card.handoff import issue_handoff, new_binding, reference_of, spend_handoff
 from gateway.authn.card.verify import CardError, CardVerifier, verify_challenge_signature
 from gateway.devtools.pki import DevPki
+from gateway.identity import Identity, LoginMethod
 from gateway.policy.decision import Reason
 from tests.support.pki import verifier_for
 from tests.support.processes import free_port, running
@@ -144,9 +147,14 @@ def _login_body(card_set: CardSet, issuer: ChallengeIssuer, signer: str, present
     }
 
 
+def _login(issuer: ChallengeIssuer, verifier: CardVerifier, body: object) -> Identity:
+    now = datetime.now(UTC)
+    return verifier.verify(proven_certificate(issuer, body, "192.0.2.1", now), now)
+
+
 def _login_reason(issuer: ChallengeIssuer, verifier: CardVerifier, body: object) -> Reason:
     with pytest.raises(CardError) as caught:
-        verify_challenge_login(issuer, verifier, body, "192.0.2.1", datetime.now(UTC))
+        _login(issuer, verifier, body)
     return caught.value.reason
 
 
@@ -154,7 +162,7 @@ def test_challenge_login_end_to_end(softhsm_cards: CardSet, dev_pki: DevPki) -> 
     issuer = ChallengeIssuer(MemoryNonceStore(), AUDIENCE)
     verifier, _ = verifier_for(dev_pki)
     body = _login_body(softhsm_cards, issuer, "doctor", "doctor")
-    identity = verify_challenge_login(issuer, verifier, body, "192.0.2.1", datetime.now(UTC))
+    identity = _login(issuer, verifier, body)
     assert identity.idnat == softhsm_cards["doctor"].idnat
     assert _login_reason(issuer, verifier, body) is Reason.CHALLENGE_INVALID  # replayed request
 
@@ -174,3 +182,36 @@ def test_challenge_login_reasons(softhsm_cards: CardSet, dev_pki: DevPki) -> Non
     assert _login_reason(issuer, verifier, garbage) is Reason.CARD_MALFORMED
     assert _login_reason(issuer, verifier, {"certificate": "x"}) is Reason.CHALLENGE_INVALID
     assert _login_reason(issuer, verifier, ["not", "an", "object"]) is Reason.CHALLENGE_INVALID
+
+
+IDENTITY = Identity("810001234567", LoginMethod.CARD, NOW, professions=("10",), auth_mode="CARD")
+
+
+def test_a_challenge_nonce_is_never_a_handoff_token_nor_the_reverse(store: NonceStore) -> None:
+    issuer = ChallengeIssuer(store, AUDIENCE)
+    nonce = issuer.issue("192.0.2.1", NOW).nonce
+    assert store.take(NonceKind.CARD_HANDOFF, nonce, NOW + 1) is None
+    binding = new_binding()
+    token = issue_handoff(store, IDENTITY, reference_of(binding), NOW)
+    _refused(issuer, token, "192.0.2.1", NOW + 1)
+    assert issuer.consume(nonce, "192.0.2.1", NOW + 1)  # neither attempt spent the other kind's value
+    assert spend_handoff(store, token, binding, NOW + 1) == IDENTITY
+
+
+def test_a_handoff_is_spent_only_by_the_browser_that_started_it(store: NonceStore) -> None:
+    binding = new_binding()
+    token = issue_handoff(store, IDENTITY, reference_of(binding), NOW)
+    assert spend_handoff(store, token, new_binding(), NOW + 1) is None  # another browser's cookie
+    assert spend_handoff(store, token, "", NOW + 1) is None  # no cookie
+    assert spend_handoff(store, token, binding, NOW + 31) is None  # expired (30 s)
+    token = issue_handoff(store, IDENTITY, reference_of(binding), NOW)
+    assert spend_handoff(store, token, binding, NOW + 1) == IDENTITY  # not spent by the attempts above
+    assert spend_handoff(store, token, binding, NOW + 2) is None  # single use
+
+
+def test_an_unreadable_handoff_record_is_refused_not_an_error(store: NonceStore) -> None:
+    binding = new_binding()
+    for record in ("not json", "[]", '{"identity": {}}', '{"exp": "x"}'):
+        token = new_binding()
+        assert store.add(NonceKind.CARD_HANDOFF, f"{reference_of(binding)}.{token}", record, 30, NOW)
+        assert spend_handoff(store, token, binding, NOW + 1) is None

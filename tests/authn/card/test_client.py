@@ -17,7 +17,7 @@ from cryptography.hazmat.primitives import serialization
 from flask import Flask, jsonify, request
 from werkzeug.serving import make_server
 
-from gateway.authn.card.challenge import ChallengeIssuer, MemoryNonceStore, verify_challenge_login
+from gateway.authn.card.challenge import ChallengeIssuer, MemoryNonceStore, proven_certificate
 from gateway.authn.card.client import CardLoginError, authentication_certificate, card_login
 from gateway.authn.card.verify import CardError
 from gateway.devtools.pki import DevPki, key_usage
@@ -44,13 +44,9 @@ def _stand_in_gateway(pki: DevPki, origin_holder: list[str], audience_override: 
     @app.post("/.gateway/card/verify")
     def verify():  # type: ignore[no-untyped-def]
         try:
-            identity = verify_challenge_login(
-                issuer(),
-                verifier,
-                request.get_json(silent=True),
-                request.remote_addr or "",
-                datetime.now(UTC),
-            )
+            now = datetime.now(UTC)
+            body = request.get_json(silent=True)
+            identity = verifier.verify(proven_certificate(issuer(), body, request.remote_addr or "", now), now)
         except CardError as error:
             return jsonify({"error": error.reason.value}), 403
         session_id = secrets.token_urlsafe(16)

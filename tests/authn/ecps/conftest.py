@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from flask import Flask, jsonify, request
 from flask.testing import FlaskClient
 
-from gateway.authn.card.challenge import MemoryNonceStore
+from gateway.authn.card.challenge import MemoryNonceStore, NonceKind, NonceSpace
 from gateway.authn.ecps import EcpsError, ProSanteConnect
 from tests.support.processes import free_port
 from tests.support.psc import PscServer, running_psc
@@ -142,7 +142,7 @@ def make_rp(metadata_url: str, **overrides: Any) -> tuple[Flask, ProSanteConnect
         "timeout": 3.0,
     }
     settings.update(overrides)
-    settings.setdefault("single_use", MemoryNonceStore())
+    settings.setdefault("single_use", NonceSpace(MemoryNonceStore(), NonceKind.ECPS_USED))
     ecps = ProSanteConnect(**settings)
     app = Flask("rp")
     app.config.update(
