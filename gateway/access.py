@@ -15,6 +15,7 @@ from flask import request
 from werkzeug.http import parse_cookie
 
 from gateway import metrics
+from gateway.authn.card.revocation import REVOCATION_EVENT
 from gateway.limits import LimitsUnavailable, QuotaSpec
 from gateway.policy.decision import Decision, Outcome, Reason
 from gateway.policy.engine import decide_rule
@@ -78,7 +79,26 @@ def session_of(gateway: Gateway, environ: dict[str, Any], now: float) -> Session
     session_id = cookies.get(gateway.settings.sessions.cookie_name)
     if not session_id:
         return None
-    return gateway.sessions.get(session_id, now)
+    session = gateway.sessions.get(session_id, now)
+    verifier = gateway.card_verifier
+    if session is not None and verifier is not None and verifier.revoked_since_login(session.identity):
+        # A revocation no CRL refresh of this process acted on (it loaded the CRL already listing the card).
+        gateway.sessions.delete(session_id)
+        audit_request_event(
+            gateway,
+            environ,
+            REVOCATION_EVENT,
+            identity=session.identity,
+            now=now,
+            decision="deny",
+            reasons=[Reason.CARD_REVOKED.value],
+            card_serial=session.identity.card_serial,
+            card_issuer=session.identity.card_issuer,
+            sessions_ended=1,
+            detected="session_use",
+        )
+        return None
+    return session
 
 
 def current_session(gateway: Gateway, now: float) -> Session | None:

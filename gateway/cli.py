@@ -424,6 +424,13 @@ def _add_dev_card_commands(dev: argparse._SubParsersAction[argparse.ArgumentPars
         variant.add_argument(f"--{name}", dest="variant", action="store_const", const=name)
     card.set_defaults(run=_dev_card, variant=None)
 
+    revoke = dev.add_parser(
+        "revoke", help="list a test card in the dev CRL (its logins refused, sessions ended)"
+    )
+    revoke.add_argument("--label", required=True, help="token label of the card")
+    revoke.add_argument("--dir", type=Path, default=DEV_DIR, help="dev PKI directory (default certs/dev)")
+    revoke.set_defaults(run=_dev_revoke)
+
     cards = dev.add_parser("cards", help="list the SoftHSM test cards")
     cards.add_argument("--dir", type=Path, default=DEV_DIR, help="dev PKI directory (default certs/dev)")
     cards.set_defaults(run=_dev_cards)
@@ -452,6 +459,30 @@ def _dev_card(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     print(f"card {card.label}: idNat {card.idnat}, certificate {card.pem_path}")
     print(f"use it with: SOFTHSM2_CONF={softhsm_env(args.dir)['SOFTHSM2_CONF']}")
+    if args.variant == "revoked":
+        print(REVOCATION_TAKES_EFFECT)
+    return EXIT_OK
+
+
+#: When a revocation in the dev CRL reaches a gateway (what `dev card --revoked` and `dev revoke` print).
+REVOCATION_TAKES_EFFECT = (
+    "revoked in the dev CRL: a running gateway refuses the card, and ends the sessions it opened, at its next CRL"
+    " refresh (card.crl_refresh: every 5 min by default, 30 s in the demo); a gateway started now refuses it at"
+    " once"
+)
+
+
+def _dev_revoke(args: argparse.Namespace) -> int:
+    from gateway.authn.card.certificate import format_serial
+    from gateway.devtools.cards import revoke_card
+
+    try:
+        certificates = revoke_card(args.dir, args.label)
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    serials = ", ".join(format_serial(certificate.serial_number) for certificate in certificates)
+    print(f"card {args.label}: serial {serials} {REVOCATION_TAKES_EFFECT}")
     return EXIT_OK
 
 

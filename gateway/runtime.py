@@ -16,6 +16,7 @@ from gateway import metrics
 from gateway.audit import AuditLog
 from gateway.authn.card.challenge import ChallengeIssuer, NonceKind, NonceSpace, NonceStore
 from gateway.authn.card.handoff import BINDING_COOKIE
+from gateway.authn.card.revocation import RevokedCardSessions
 from gateway.authn.card.setup import build_card_login, crls_ready, nonce_store
 from gateway.authn.card.verify import CardVerifier, CrlStore
 from gateway.authn.ecps import ProSanteConnect, ProviderState
@@ -202,7 +203,7 @@ def _add_card_login(gateway: Gateway) -> None:
     card = gateway.settings.card
     if card is None:
         return
-    login = build_card_login(gateway.settings, card)
+    login = build_card_login(gateway.settings, card, RevokedCardSessions(gateway.sessions, gateway.audit))
     gateway.card_verifier = login.verifier
     gateway.challenge_issuer = login.challenges
     gateway.crl_store = login.crl_store

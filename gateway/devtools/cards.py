@@ -28,6 +28,7 @@ from gateway.devtools.pki import (
     check_card_holder,
     ensure_dev_pki,
     issue_card_certificate,
+    revoke,
 )
 from gateway.identity import CardKind
 
@@ -141,3 +142,20 @@ def list_cards(base_dir: Path, module_path: str = tokens.SOFTHSM_MODULE) -> list
     """The tokens of this base_dir's SoftHSM and their certificates."""
     use_softhsm(base_dir, module_path)
     return tokens.list_tokens(module_path)
+
+
+def revoke_card(base_dir: Path, label: str, now: datetime | None = None) -> list[x509.Certificate]:
+    """List the certificates of the card ``label`` in the dev PKI's CRL (re-signed); returns them.
+
+    A running gateway acts on it at its next CRL refresh (``card.crl_refresh``): it refuses the card and ends
+    the sessions the card opened; a gateway started afterwards refuses it at once and ends such a session at
+    its next use.
+    """
+    tokens_found = [info for info in list_cards(base_dir) if info.label == label]
+    if not tokens_found:
+        raise ValueError(f"no card labelled {label!r} in {softhsm_dir(base_dir)}")
+    pki = ensure_dev_pki(base_dir, now)
+    certificates = [x509.load_der_x509_certificate(c.der) for c in tokens_found[0].certificates]
+    for certificate in certificates:
+        revoke(pki, certificate.serial_number, now or datetime.now(UTC))
+    return certificates

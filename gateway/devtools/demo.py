@@ -52,6 +52,7 @@ def run_demo() -> int:
         "    SOFTHSM2_CONF=certs/dev/softhsm/softhsm2.conf gateway card login --url "
         f"{origin} --token-label demo-doctor --cookie-jar cookies.txt\n"
         f"    curl -b cookies.txt {origin}/patients/180017512345678\n"
+        f"  Revoke it: gateway dev revoke --label demo-doctor{_revocation_note(settings)}\n"
         f"  Browser card login: the card button leads to the nginx card host{_card_host_note(settings)}.\n"
         "  A browser needs a card (or a SoftHSM token in its NSS database, see docs/card.md).\n"
         "  Ctrl-C stops everything.\n",
@@ -72,6 +73,15 @@ def run_demo() -> int:
             gateway.send_signal(signal.SIGTERM)
             gateway.wait(30)
             return 0
+
+
+def _revocation_note(settings: Settings) -> str:
+    if settings.card is None:
+        return ""
+    return (
+        f" (the gateway refuses the card, and ends the sessions it opened, at its next CRL refresh:"
+        f" within {settings.card.crl_refresh:g} s)"
+    )
 
 
 def _card_host_note(settings: Settings) -> str:

@@ -180,7 +180,13 @@ def complete() -> Response:
         )
         return refuse(Reason.STATE_MISMATCH, next_path=next_path)
     try:
-        response, _ = open_session(gateway, identity, next_path, audit_fields=_login_facts(identity, "tls"))
+        response, _ = open_session(
+            gateway,
+            identity,
+            next_path,
+            audit_fields=_login_facts(identity, "tls"),
+            tags=_session_tags(gateway, identity),
+        )
     except SessionStoreUnavailable:
         return refuse(Reason.SESSION_STORE_UNAVAILABLE, next_path=next_path)
     response.delete_cookie(BINDING_COOKIE, secure=True, httponly=True, samesite="Lax", path="/")
@@ -228,7 +234,13 @@ def verify() -> Response:
     except _Refused as refused:
         return _json_refusal(refused.reason, retry_after=refused.retry_after)
     try:
-        _, session = open_session(gateway, identity, "/", audit_fields=_login_facts(identity, "challenge"))
+        _, session = open_session(
+            gateway,
+            identity,
+            "/",
+            audit_fields=_login_facts(identity, "challenge"),
+            tags=_session_tags(gateway, identity),
+        )
     except SessionStoreUnavailable:
         return _json_refusal(Reason.SESSION_STORE_UNAVAILABLE)
     response = _json({"subject": identity.idnat}, 200)
@@ -263,6 +275,12 @@ def _verify_proven(gateway: Gateway, certificate: x509.Certificate, channel: str
     login_succeeded(gateway, key)
     metrics.login_attempt("card", "success")
     return identity
+
+
+def _session_tags(gateway: Gateway, identity: Identity) -> tuple[str, ...]:
+    """The card's and its CAs' tags: a CRL refresh listing one of them ends the session (revocation.py)."""
+    assert gateway.card_verifier is not None
+    return gateway.card_verifier.session_tags(identity)
 
 
 def _admit_card(gateway: Gateway, key: str) -> None:

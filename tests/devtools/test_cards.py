@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -7,8 +8,11 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+from gateway.authn.card.certificate import format_serial
 from gateway.devtools.cards import create_card, list_cards, softhsm_env
+from gateway.devtools.pki import DevPki
 from gateway.pkcs11 import SOFTHSM_MODULE
+from tests.support.processes import PYTHON, REPO_ROOT
 from tests.support.softhsm import CARD_SPECS, CardSet
 
 
@@ -69,3 +73,46 @@ def test_certificate_public_key_is_the_token_key(softhsm_cards: CardSet) -> None
     assert read_public_key(card.label, card.key_id).public_bytes(
         *fmt
     ) == card.certificate.public_key().public_bytes(*fmt)
+
+
+def test_dev_revoke_lists_the_card_in_the_crl_and_says_when_it_takes_effect(
+    dev_pki: DevPki, tmp_path: Path
+) -> None:
+    base = tmp_path / "dev"
+    shutil.copytree(dev_pki.base_dir, base, ignore=shutil.ignore_patterns("softhsm"))
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [PYTHON, "-m", "gateway.cli", "dev", *args, "--dir", str(base)],
+            cwd=REPO_ROOT,
+            capture_output=True,
+            text=True,
+            stdin=subprocess.DEVNULL,
+            timeout=60,
+            check=False,
+        )
+
+    created = cli("card", "--label", "to-revoke", "--idnat", "810002813860", "--surname", "X", "--given", "Y")
+    assert created.returncode == 0, created.stderr
+    certificate = x509.load_pem_x509_certificate((base / "softhsm" / "to-revoke.pem").read_bytes())
+    revoked = cli("revoke", "--label", "to-revoke")
+    assert revoked.returncode == 0, revoked.stderr
+    assert format_serial(certificate.serial_number) in revoked.stdout
+    assert "at its next CRL refresh" in revoked.stdout and "5 min by default" in revoked.stdout
+    crl = x509.load_pem_x509_crl((base / "intermediate.crl.pem").read_bytes())
+    assert crl.get_revoked_certificate_by_serial_number(certificate.serial_number) is not None
+    born_revoked = cli(
+        "card",
+        "--label",
+        "born-revoked",
+        "--idnat",
+        "810002813861",
+        "--surname",
+        "X",
+        "--given",
+        "Y",
+        "--revoked",
+    )
+    assert "at its next CRL refresh" in born_revoked.stdout
+    unknown = cli("revoke", "--label", "nobody")
+    assert unknown.returncode != 0 and "no card labelled 'nobody'" in unknown.stderr

@@ -66,6 +66,9 @@ def run_demo_and_stop_it(tmp_path: Path) -> None:
         assert "/.gateway/login/ecps" in record.text and "Portail démo" not in record.text
         assert all(listening(port) for port in DEMO_PORTS.values()), log.read_text()
         assert f"{ORIGIN}/" in log.read_text()  # it told the user where to go
+        # ... and when a revocation takes effect (the demo's card.crl_refresh).
+        assert "gateway dev revoke --label demo-doctor" in log.read_text()
+        assert "at its next CRL refresh: within 30 s" in log.read_text()
     finally:
         stop_like_ctrl_c(demo)
     assert demo.returncode == 0, log.read_text()

@@ -54,11 +54,29 @@ def stack(
 
 
 def _card_host_login(stack: CardStack, label: str, work: Path) -> tuple[int, str, dict[str, str]]:
-    """(status, Location, headers) of the card host's answer to the card, as a browser gets there: bound on
-    the main host first (/.gateway/card/start sets the binding cookie in ``work``'s jar)."""
+    """(status, Location, headers) of the card host's answer to the dev card ``label``, as a browser gets
+    there: bound on the main host first (/.gateway/card/start sets the binding cookie in ``work``'s jar)."""
     url = bound_card_login_url(stack.gateway_url, CARD_ROUTE, work / "jar.txt")
     assert url.startswith(f"{stack.card_origin}/.gateway/login/card?"), url
-    result = curl_with_card(stack.pki, label, url, ["-o", "/dev/null", "-D", "-"], work)
+    return _head(curl_with_card(stack.pki, label, url, ["-o", "/dev/null", "-D", "-"], work))
+
+
+def _tool_card_host_login(
+    stack: CardStack,
+    token: ToolToken,
+    certificate: Path,
+    work: Path,
+    next_path: str = CARD_ROUTE,
+    jar: Path | None = None,
+) -> tuple[int, str, dict[str, str]]:
+    """The same with a pkcs11-tool token (key CKA_ID 01) and its certificate; the binding cookie in ``jar``."""
+    url = bound_card_login_url(stack.gateway_url, next_path, jar or work / "jar.txt")
+    cacert = stack.pki.base_dir / "server-ca.pem"
+    client = (token.key_uri("01"), certificate)
+    return _head(curl_with_token(token.env, cacert, client, url, ["-o", "/dev/null", "-D", "-"], work))
+
+
+def _head(result: subprocess.CompletedProcess[str]) -> tuple[int, str, dict[str, str]]:
     assert result.returncode == 0, result.stderr
     status_line, *header_lines = result.stdout.strip().splitlines()
     headers = {}
@@ -313,21 +331,8 @@ def test_staff_and_organisation_cards_log_in_where_a_rule_allows_them(
     env = softhsm_config(tmp_path / "softhsm")
     token = tool_token(env, f"tool-{kind}")
     certificate = tool_pki.token_card(token, kind, serial)
-    url = bound_card_login_url(tool_stack.gateway_url, "/echo/staff/page", tmp_path / "jar.txt")
-    login = curl_with_token(
-        env,
-        tool_stack.pki.base_dir / "server-ca.pem",
-        (token.key_uri("01"), certificate),
-        url,
-        ["-D", "-"],
-        tmp_path,
-    )
-    assert " 303" in login.stdout.splitlines()[0], login.stdout + login.stderr
-    location = next(
-        line.split(":", 1)[1].strip()
-        for line in login.stdout.splitlines()
-        if line.lower().startswith("location:")
-    )
+    status, location, _ = _tool_card_host_login(tool_stack, token, certificate, tmp_path, "/echo/staff/page")
+    assert status == 303
     followed = _follow_with_cookie_jar(location, tmp_path / "jar.txt")
     page = json.loads(followed.stdout.rsplit("\n\n", 1)[1])
     claims = _assertion_claims(page)
@@ -437,3 +442,65 @@ def test_a_handoff_url_that_leaks_to_another_browser_logs_nobody_in(
     assert body["headers"]["x-gateway-subject"] == softhsm_cards["doctor"].idnat
     denied = [e for e in _events(stack, "card_handoff") if e["decision"] == "deny"]
     assert denied and "binding cookie" in denied[-1]["detail"]
+
+
+def _tool_card_session(stack: CardStack, token: ToolToken, certificate: Path, jar: Path, work: Path) -> None:
+    """Log in on the card host with the tool-made card and keep the main host's session in ``jar``."""
+    status, location, _ = _tool_card_host_login(stack, token, certificate, work, jar=jar)
+    assert status == 303
+    followed = _follow_with_cookie_jar(location, jar)
+    assert json.loads(followed.stdout.rsplit("\n\n", 1)[1])["path"] == CARD_ROUTE
+
+
+def _status_with(jar: Path, url: str) -> int:
+    answer = subprocess.run(
+        ["curl", "-sS", "--max-time", "10", "-b", str(jar), "-o", "/dev/null", "-w", "%{http_code}", url],
+        capture_output=True,
+        text=True,
+        stdin=subprocess.DEVNULL,
+        timeout=20,
+        check=False,
+    )
+    return int(answer.stdout)
+
+
+def test_a_refreshed_crl_listing_the_card_ends_every_session_it_opened(
+    own_tool_pki: OpensslPki,
+    dev_pki: DevPki,
+    upstream_url: str,
+    assertion_key: Path,
+    tmp_path: Path,
+) -> None:
+    pki = own_tool_pki
+    env = softhsm_config(tmp_path / "softhsm")
+    token = tool_token(env, "tool-revoked-later")
+    certificate = pki.token_card(token, "cps", "0x0E0F")
+    bystander_token = tool_token(env, "tool-bystander")
+    bystander = pki.token_card(bystander_token, "cps", "0x0E10")
+    cards = lambda origin: {**pki.card_settings(origin), "crl_refresh": "1s"}  # noqa: E731
+    with card_stack(tmp_path / "stack", dev_pki, upstream_url, assertion_key, cards=cards) as stack:
+        jars = [tmp_path / "browser-1.txt", tmp_path / "browser-2.txt"]
+        for jar in jars:
+            _tool_card_session(stack, token, certificate, jar, tmp_path)
+        _tool_card_session(stack, bystander_token, bystander, tmp_path / "bystander.txt", tmp_path)
+        page = f"{stack.gateway_url}{CARD_ROUTE}"
+        assert [_status_with(jar, page) for jar in jars] == [200, 200]
+
+        pki.people.revoke(certificate)  # openssl ca -revoke, then a new CRL: what the CA publishes
+        pki.people.write_crl(pki.people_crl)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and not _events(stack, "card_revocation"):
+            time.sleep(0.2)
+        (ended,) = _events(stack, "card_revocation")
+        assert [_status_with(jar, page) for jar in jars] == [401, 401]  # login required
+        assert _status_with(tmp_path / "bystander.txt", page) == 200
+        relogin, _, headers = _tool_card_host_login(stack, token, certificate, tmp_path)
+    assert (ended["card_serial"], ended["sessions_ended"], ended["detected"]) == (
+        printed_serial(certificate),
+        2,
+        "crl_refresh",
+    )
+    assert ended["reasons"] == ["card_revoked"] and "IGC-SANTE STANDARD PERSONNES" in str(
+        ended["card_issuer"]
+    )
+    assert (relogin, headers.get("x-gateway-reason")) == (403, "card_revoked")

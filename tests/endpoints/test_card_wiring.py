@@ -26,6 +26,7 @@ from tests.support.card_stack import card_settings
 from tests.support.config import write_config
 from tests.support.openssl_pki import OpensslPki, printed_serial
 from tests.support.pki import card_key, software_card
+from tests.support.redis import redis_server
 
 CARD_ORIGIN = "https://card.example:8443"
 
@@ -425,3 +426,78 @@ def test_a_revoked_cards_own_failures_ban_it_everywhere(
     assert ban["banned_ip"] is None and ban["banned_identity"].startswith(
         format_serial(revoked.serial_number)
     )
+
+
+def test_a_session_used_after_its_card_was_revoked_ends_there(
+    tmp_path: Path, upstream_url: str, assertion_key: Path, own_tool_pki: OpensslPki
+) -> None:
+    # Two gateway instances sharing Redis: A opens the session; the card is revoked; B starts with a CRL that
+    # already lists it, so no refresh of B ever sees the revocation happen. The session's next use ends it.
+    pki = own_tool_pki
+    card = pki.software_card("cps", "0x0D21", tmp_path / "card.pem")
+    with redis_server() as redis:
+        limits_and_sessions = {"sessions": {"store": redis.url}}
+
+        def instance(name: str) -> Flask:
+            config = write_config(
+                tmp_path / name,
+                upstream_url=upstream_url,
+                assertion_key=assertion_key,
+                extra={
+                    "server": {"tls_terminators": ["127.0.0.1/32"]},
+                    "card": pki.card_settings(CARD_ORIGIN),
+                    **limits_and_sessions,
+                },
+            )
+            return create_app(load_settings(config))
+
+        first = instance("a")
+        client = first.test_client()
+        handoff = _card_login(client, card.read_bytes(), "/echo/protected/x")
+        complete = client.get(handoff.headers["Location"].replace("http://127.0.0.1:8080", ""))
+        assert complete.status_code == 303
+        assert client.get("/echo/protected/x").status_code == 200
+        gateway_of(first).crl_store.stop()  # type: ignore[union-attr]
+
+        pki.people.revoke(card)
+        pki.people.write_crl(pki.people_crl)
+        second = instance("b")
+        other = second.test_client()
+        other.set_cookie(
+            "__Host-gateway-session",
+            client.get_cookie("__Host-gateway-session").value,  # type: ignore[union-attr]
+        )
+        try:
+            refused = other.get("/echo/protected/x", headers={"Accept": "text/html"})
+            again = other.get("/echo/protected/x", headers={"Accept": "text/html"})
+        finally:
+            gateway_of(second).crl_store.stop()  # type: ignore[union-attr]
+    assert refused.status_code != 200 and refused.headers["X-Gateway-Reason"] == "unauthenticated"
+    assert again.status_code != 200
+    (ended,) = [e for e in _audit(tmp_path / "b") if e["event"] == "card_revocation"]
+    assert (ended["card_serial"], ended["detected"], ended["sessions_ended"]) == ("0D21", "session_use", 1)
+    assert ended["reasons"] == ["card_revoked"] and ended["idnat"] == "810002813839"
+
+
+def test_a_revoked_intermediate_ends_the_sessions_of_every_card_under_it(
+    tmp_path: Path, upstream_url: str, assertion_key: Path, own_tool_pki: OpensslPki
+) -> None:
+    pki = own_tool_pki
+    app = _app(tmp_path / "gw", upstream_url, assertion_key, pki.card_settings(CARD_ORIGIN))
+    clients = [app.test_client(), app.test_client()]
+    try:
+        for number, client in enumerate(clients):
+            card = pki.software_card("cps", f"0x0D3{number}", tmp_path / f"card-{number}.pem")
+            handoff = _card_login(client, card.read_bytes())
+            client.get(handoff.headers["Location"].replace("http://127.0.0.1:8080", ""))
+            assert client.get("/echo/protected/x").status_code == 200
+        pki.root.revoke(pki.people.cert_path)  # the root's CRL now lists the card-issuing intermediate
+        pki.root.write_crl(pki.root_crl)
+        store = gateway_of(app).crl_store
+        assert store is not None and store.refresh() == []  # what the background refresh does
+        assert [client.get("/echo/protected/x").status_code for client in clients] == [401, 401]
+    finally:
+        gateway_of(app).crl_store.stop()  # type: ignore[union-attr]
+    (ended,) = [e for e in _audit(tmp_path / "gw") if e["event"] == "card_revocation"]
+    assert (ended["card_serial"], ended["sessions_ended"]) == (printed_serial(pki.people.cert_path), 2)
+    assert "TEST AC RACINE IGC-SANTE STANDARD" in ended["card_issuer"]

@@ -17,6 +17,7 @@ checks the chain first.
 
 from __future__ import annotations
 
+import hashlib
 import re
 import unicodedata
 from dataclasses import dataclass
@@ -59,6 +60,19 @@ def format_serial(serial: int) -> str:
     """
     digits = format(abs(serial), "X")
     return ("-" if serial < 0 else "") + digits.zfill(len(digits) + len(digits) % 2)
+
+
+#: Prefix of the session tags of card logins (see :func:`card_tag`).
+CARD_TAG_PREFIX = "card:"
+
+
+def card_tag(issuer: str, serial: int) -> str:
+    """The session tag of the certificate ``serial`` of the CA named ``issuer`` (RFC 4514): ``card:`` + the
+    SHA-256 (hex) of both. A card login's session carries its card's tag and its CAs', so that a CRL listing
+    any of them ends the session (``delete_tagged``). The name as text, not as DER: the same whatever string
+    types a certificate and a CRL encode it with, and what a session's identity remembers (``card_issuer``)."""
+    digest = hashlib.sha256(f"{issuer}\n{format_serial(serial)}".encode())
+    return CARD_TAG_PREFIX + digest.hexdigest()
 
 
 def normalise_label(label: str) -> str:

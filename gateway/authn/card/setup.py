@@ -14,7 +14,7 @@ from pathlib import Path
 from cryptography import x509
 
 from gateway.authn.card.challenge import ChallengeIssuer, MemoryNonceStore, NonceStore, RedisNonceStore
-from gateway.authn.card.verify import CardVerifier, CrlSource, CrlStore
+from gateway.authn.card.verify import CardVerifier, CrlSource, CrlStore, NewRevocations
 from gateway.settings import CardSettings, Settings
 
 log = logging.getLogger("gateway.card")
@@ -41,12 +41,16 @@ def nonce_store(url: str, prefix: str = "gw:card-nonce:") -> NonceStore:
     return RedisNonceStore(redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2), prefix)
 
 
-def build_card_login(settings: Settings, card: CardSettings) -> CardLogin:
+def build_card_login(
+    settings: Settings, card: CardSettings, on_new_revocations: NewRevocations | None = None
+) -> CardLogin:
     sources = [
         CrlSource(source.url_or_file, x509.load_pem_x509_certificate(source.issuer.read_bytes()))
         for source in card.crls
     ]
-    crl_store = CrlStore(sources, grace=timedelta(seconds=card.crl_grace))
+    crl_store = CrlStore(
+        sources, grace=timedelta(seconds=card.crl_grace), on_new_revocations=on_new_revocations
+    )
     for error in crl_store.refresh():
         log.error("card CRL not loaded at start-up (card logins through this CA fail closed): %s", error)
     crl_store.start(interval=card.crl_refresh)

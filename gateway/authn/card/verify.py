@@ -12,7 +12,7 @@ import itertools
 import logging
 import threading
 import urllib.request
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -29,7 +29,13 @@ from cryptography.x509.verification import (
     VerificationError,
 )
 
-from gateway.authn.card.certificate import CardError, check_key_usage, format_serial, parse_card_certificate
+from gateway.authn.card.certificate import (
+    CardError,
+    card_tag,
+    check_key_usage,
+    format_serial,
+    parse_card_certificate,
+)
 from gateway.identity import Identity, LoginMethod
 from gateway.policy.decision import Reason
 
@@ -280,6 +286,10 @@ def fetch(location: str, timeout: float = 10.0) -> bytes:
     return Path(location).read_bytes()
 
 
+#: Called with an issuer's name and the serials its refreshed CRL lists for the first time.
+NewRevocations = Callable[[x509.Name, frozenset[int]], None]
+
+
 class CrlStore:
     """The current CRL snapshot of each source, refreshed in the background.
 
@@ -287,12 +297,20 @@ class CrlStore:
     verifier fails closed. Readers take a reference to the index (swapped whole), never a lock.
     """
 
-    def __init__(self, sources: Sequence[CrlSource], grace: timedelta = timedelta(0)) -> None:
+    def __init__(
+        self,
+        sources: Sequence[CrlSource],
+        grace: timedelta = timedelta(0),
+        on_new_revocations: NewRevocations | None = None,
+    ) -> None:
         self._sources = tuple(sources)
         self.grace = grace
+        self._on_new_revocations = on_new_revocations
         self._snapshots: tuple[CrlSnapshot | None, ...] = (None,) * len(self._sources)
         #: issuer name (DER) -> that issuer's loaded snapshots: one per source, whatever their scopes.
         self._by_issuer: dict[bytes, tuple[CrlSnapshot, ...]] = {}
+        #: The same, by the issuer's RFC 4514 name: what a session remembers of its card (Identity.card_issuer).
+        self._by_issuer_text: dict[str, tuple[CrlSnapshot, ...]] = {}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._refresh_lock = threading.Lock()
@@ -302,10 +320,15 @@ class CrlStore:
         return name.public_bytes()
 
     def refresh(self) -> list[str]:
-        """Reload every source now; return the errors (one per failed source)."""
+        """Reload every source now; return the errors (one per failed source).
+
+        Serials a source lists that its previous snapshot did not are handed to ``on_new_revocations``
+        (not at a source's first load: nothing of this process is older than it).
+        """
         errors: list[str] = []
         with self._refresh_lock:
-            snapshots = list(self._snapshots)
+            previous_snapshots = self._snapshots
+            snapshots = list(previous_snapshots)
             for index, source in enumerate(self._sources):
                 try:
                     snapshot = parse_crl(fetch(source.location), source.issuer)
@@ -318,11 +341,34 @@ class CrlStore:
                 if previous is None or snapshot.this_update >= previous.this_update:
                     snapshots[index] = snapshot
             by_issuer: dict[bytes, tuple[CrlSnapshot, ...]] = {}
+            by_issuer_text: dict[str, tuple[CrlSnapshot, ...]] = {}
             for loaded in filter(None, snapshots):
-                key = self._key(loaded.issuer_name)
+                key, text = self._key(loaded.issuer_name), loaded.issuer_name.rfc4514_string()
                 by_issuer[key] = (*by_issuer.get(key, ()), loaded)
-            self._snapshots, self._by_issuer = tuple(snapshots), by_issuer  # atomic swaps
+                by_issuer_text[text] = (*by_issuer_text.get(text, ()), loaded)
+            # Atomic swaps: a reader sees the old index or the new one.
+            self._snapshots, self._by_issuer, self._by_issuer_text = (
+                tuple(snapshots),
+                by_issuer,
+                by_issuer_text,
+            )
+            for before, after in zip(previous_snapshots, snapshots, strict=True):
+                if before is not None and after is not None and after is not before:
+                    self._announce(after.issuer_name, after.revoked_serials - before.revoked_serials)
         return errors
+
+    def _announce(self, issuer: x509.Name, serials: frozenset[int]) -> None:
+        if not serials or self._on_new_revocations is None:
+            return
+        try:
+            self._on_new_revocations(issuer, serials)
+        except Exception:  # the refresh thread must live on; the sessions are caught at their next use
+            log.exception("handling %d new revocations of %s failed", len(serials), issuer.rfc4514_string())
+
+    def lists(self, issuer: str, serial: int) -> bool:
+        """Whether a loaded CRL of the issuer named ``issuer`` (RFC 4514) lists ``serial``, whatever its
+        freshness: serials are unique per issuer, and a revocation is never undone."""
+        return any(serial in snapshot.revoked_serials for snapshot in self._by_issuer_text.get(issuer, ()))
 
     def covering(self, issuer: x509.Certificate, certificate: x509.Certificate) -> tuple[CrlSnapshot, ...]:
         """The loaded CRLs signed by ``issuer`` (its name AND its key) whose scope covers ``certificate``."""
@@ -397,6 +443,12 @@ class CardVerifier:
     ) -> None:
         self._intermediates = list(intermediates)
         self._crls = crl_store
+        self._max_chain_depth = max_chain_depth
+        #: A configured CA's name (RFC 4514) -> its issuer's name and its serial: the way up from a session's card.
+        self._parents = {
+            ca.subject.rfc4514_string(): (ca.issuer.rfc4514_string(), ca.serial_number)
+            for ca in reversed(self._intermediates)
+        }
         self._builder = (
             PolicyBuilder()
             .store(Store(list(trust_anchors)))
@@ -440,6 +492,29 @@ class CardVerifier:
         except CardError:
             return False
         return True
+
+    def session_tags(self, identity: Identity) -> tuple[str, ...]:
+        """The session tags of a card login: its card's and those of the configured CAs above it, so that a
+        refreshed CRL listing the card or one of its CAs ends the sessions it opened."""
+        return tuple(card_tag(issuer, serial) for issuer, serial in self._card_and_cas(identity))
+
+    def revoked_since_login(self, identity: Identity) -> bool:
+        """Whether a loaded CRL now lists the card of a card login, or a configured CA above it."""
+        if identity.method is not LoginMethod.CARD:
+            return False
+        try:
+            return any(self._crls.lists(issuer, serial) for issuer, serial in self._card_and_cas(identity))
+        except ValueError:
+            return True  # not a serial the gateway wrote: end the session rather than trust it
+
+    def _card_and_cas(self, identity: Identity) -> Iterator[tuple[str, int]]:
+        """(issuer name, serial) of a card login's certificate, then of each configured CA above it."""
+        issuer, serial = identity.card_issuer, int(identity.card_serial, 16)
+        for _ in range(self._max_chain_depth):
+            yield issuer, serial
+            if issuer not in self._parents:
+                return
+            issuer, serial = self._parents[issuer]
 
     def verify(self, certificate: x509.Certificate | bytes | str, now: datetime) -> Identity:
         """An :class:`Identity` for a trusted, valid, unrevoked card; :class:`CardError` otherwise."""

@@ -46,7 +46,9 @@ def _stand_in_gateway(pki: DevPki, origin_holder: list[str], audience_override: 
         try:
             now = datetime.now(UTC)
             body = request.get_json(silent=True)
-            identity = verifier.verify(proven_certificate(issuer(), body, request.remote_addr or "", now), now)
+            identity = verifier.verify(
+                proven_certificate(issuer(), body, request.remote_addr or "", now), now
+            )
         except CardError as error:
             return jsonify({"error": error.reason.value}), 403
         session_id = secrets.token_urlsafe(16)

@@ -412,3 +412,38 @@ def test_partial_crls_are_refused_at_load_and_named(own_tool_pki: OpensslPki) ->
         pki.people.write_crl(pki.people_crl, extensions=extensions)
         _, errors = _tool_verifier(pki)
         assert len(errors) == 1 and message in errors[0] and str(pki.people_crl) in errors[0]
+
+
+def test_a_refresh_announces_only_the_serials_it_lists_for_the_first_time(
+    own_tool_pki: OpensslPki, tmp_path: Path
+) -> None:
+    pki = own_tool_pki
+    early = pki.software_card("cps", "0x0C21", tmp_path / "early.pem")
+    late = pki.software_card("cps", "0x0C22", tmp_path / "late.pem")
+    pki.people.revoke(early)
+    pki.people.write_crl(pki.people_crl)
+    announced: list[tuple[str, frozenset[int]]] = []
+    store = CrlStore(
+        [CrlSource(str(pki.people_crl), pki.people.certificate)],
+        on_new_revocations=lambda issuer, serials: announced.append((issuer.rfc4514_string(), serials)),
+    )
+    assert store.refresh() == [] and announced == []  # the first load: nothing of this process is older
+    pki.people.revoke(late)
+    pki.people.write_crl(pki.people_crl)
+    assert store.refresh() == [] and store.refresh() == []
+    assert announced == [(pki.people.certificate.subject.rfc4514_string(), frozenset({0x0C22}))]
+    issuer = pki.people.certificate.subject.rfc4514_string()
+    assert store.lists(issuer, 0x0C21) and store.lists(issuer, 0x0C22) and not store.lists(issuer, 0x0C23)
+
+
+def test_a_session_tags_its_card_and_the_cas_above_it(own_tool_pki: OpensslPki, tmp_path: Path) -> None:
+    from gateway.authn.card.certificate import card_tag
+
+    pki = own_tool_pki
+    card = x509.load_pem_x509_certificate(pki.software_card("cps", "0x0C31", tmp_path / "c.pem").read_bytes())
+    verifier, _ = _tool_verifier(pki)
+    people = pki.people.certificate
+    assert verifier.session_tags(verifier.verify(card, datetime.now(UTC))) == (
+        card_tag(card.issuer.rfc4514_string(), 0x0C31),
+        card_tag(people.issuer.rfc4514_string(), people.serial_number),
+    )
