@@ -31,7 +31,7 @@ from gateway.runtime import (
 )
 from gateway.sessions import SessionStore
 from gateway.settings import Settings
-from gateway.wsgi import BAD_TARGET_KEY, NormalisedTargetMiddleware
+from gateway.wsgi import BAD_TARGET_KEY, NormalisedTargetMiddleware, StrictTransportSecurity
 
 log = logging.getLogger("gateway")
 
@@ -47,7 +47,14 @@ def create_app(
 ) -> Flask:
     load_catalogs()
     app = Flask(__name__, static_folder=None)
-    app.config.update(MAX_FORM_MEMORY_SIZE=64 * 1024, PROPAGATE_EXCEPTIONS=False)
+    # The gateway's own endpoints take small bodies (a certificate, a signed challenge, a logout token): a
+    # larger one is refused (413) before it is read, and never fills a worker's memory. Portal requests never
+    # enter Flask: their bodies stream through.
+    app.config.update(
+        MAX_CONTENT_LENGTH=OWN_ENDPOINTS_MAX_BODY,
+        MAX_FORM_MEMORY_SIZE=OWN_ENDPOINTS_MAX_BODY,
+        PROPAGATE_EXCEPTIONS=False,
+    )
     loaded = policies or read_policies(settings)
     for warning in loaded.warnings:
         log.warning("policy: %s", warning)
@@ -58,6 +65,7 @@ def create_app(
     app.register_blueprint(logout.blueprint())
     # Registered before the limiter's own hook: a cross-site request is refused before anything counts it.
     app.before_request(refuse_cross_site_logins)
+    app.before_request(_read_chunked_body_within_limit)
     limiter = build_limiter(app, settings.limits_storage, lambda: client_ip(gateway_of()), key_prefix="gw:rl")
     app.extensions[_LIMITER] = limiter
     login_rate = limiter.limit(
@@ -81,13 +89,47 @@ def create_app(
         login_rate(card_routes)
         app.register_blueprint(card_routes)
     app.register_error_handler(429, _too_many_requests)
+    app.register_error_handler(413, _too_large)
     app.before_request(_refuse_bad_target)
+    app.after_request(_redirects_never_cached)
     app.register_error_handler(Exception, unexpected_error)
     # Portal requests and forward-auth decisions never enter Flask (see endpoints/proxy.py); all see the one
     # normalised target.
     hot_paths = ProxyApp(app, app.wsgi_app, hot_routes={forward_auth.AUTH_PATH: forward_auth.decide})
     app.wsgi_app = NormalisedTargetMiddleware(hot_paths)  # type: ignore[method-assign]
+    https_hosts = settings.https_hosts
+    if https_hosts:
+        app.wsgi_app = StrictTransportSecurity(app.wsgi_app, https_hosts)  # type: ignore[method-assign]
     return app
+
+
+#: The largest request body the gateway's own endpoints read (64 KiB: a card certificate is about 2 KiB).
+OWN_ENDPOINTS_MAX_BODY = 64 * 1024
+
+
+def _read_chunked_body_within_limit() -> None:
+    """A body without Content-Length (chunked) is read now: werkzeug stops silently at MAX_CONTENT_LENGTH (a
+    view would parse a truncated body), and one byte more than that raises its 413."""
+    if request.content_length is None and "chunked" in request.headers.get("Transfer-Encoding", "").lower():
+        request.get_data(cache=True)
+        request.stream.read(1)
+
+
+def _too_large(error: Exception) -> Response:
+    audit_event(
+        gateway_of(), "bad_request", reasons=[Reason.REQUEST_TOO_LARGE.value], endpoint=request.endpoint
+    )
+    response = refuse(Reason.REQUEST_TOO_LARGE, next_path="/")
+    response.headers["Connection"] = "close"  # the unread rest of the body must not be taken for a request
+    return response
+
+
+def _redirects_never_cached(response: Response) -> Response:
+    """Every redirect the gateway answers itself is a login, hand-off or logout step, most of them setting a
+    cookie (Flask's login cookie is added after this hook): no cache may keep one for another user."""
+    if 300 <= response.status_code < 400:
+        response.headers["Cache-Control"] = "no-store"
+    return response
 
 
 def _wire_ecps(app: Flask, login_cookie_secret: str) -> None:

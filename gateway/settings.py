@@ -597,6 +597,19 @@ class Settings(_Section):
     forward_auth: ForwardAuthSettings = Field(default_factory=ForwardAuthSettings)
 
     @property
+    def https_hosts(self) -> frozenset[str]:
+        """Host header values (lower-case, with and without the port) of the gateway's https origins."""
+        origins = [self.server.public_origin, self.card.login_origin if self.card else ""]
+        hosts: set[str] = set()
+        for origin in origins:
+            if origin.lower().startswith("https://"):
+                netloc = origin[len("https://") :].lower()
+                # nginx's ``proxy_set_header Host $host`` drops the port: match the bare host name too.
+                hostname = netloc.rsplit(":", 1)[0] if not netloc.endswith("]") else netloc
+                hosts.update({netloc, hostname})
+        return frozenset(hosts)
+
+    @property
     def limits_storage(self) -> str:
         return self.limits.storage or self.sessions.store
 
@@ -623,6 +636,15 @@ class Settings(_Section):
         if self.sessions.store.startswith("memory://") and self.server.workers > 1:
             raise ValueError(
                 "sessions.store memory:// lives in one process: set server.workers to 1 or use a redis:// store"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _memory_limits_are_one_process(self) -> Settings:
+        if self.limits.storage and self.limits.storage.startswith("memory://") and self.server.workers > 1:
+            raise ValueError(
+                "limits.storage memory:// counts per process: with several workers each would allow the whole "
+                "rate and ban on its own; use a redis:// store (or server.workers 1)"
             )
         return self
 

@@ -86,3 +86,27 @@ def request_headers(environ: dict[str, Any]) -> list[tuple[str, str]]:
 class RequestBodyTimeout(TimeoutError):
     """The client sent its request body too slowly (``server.body_timeout``, ``server.body_min_rate``);
     raised by the server from reads of ``wsgi.input``."""
+
+
+class StrictTransportSecurity:
+    """Adds ``Strict-Transport-Security`` to every answer (pages, redirects, proxied portal responses) for a
+    request whose Host is one of the gateway's https origins (``server.public_origin``,
+    ``card.login_origin``): once a browser has seen it, it never speaks plain http to that host again. Not
+    ``includeSubDomains``: other hosts of the domain are not the gateway's to decide for."""
+
+    HEADER = ("Strict-Transport-Security", "max-age=31536000")
+
+    def __init__(self, app: WsgiApp, hosts: frozenset[str]) -> None:
+        self.app = app
+        #: Host header values (lower-case, with and without the port) the header is added for.
+        self.hosts = hosts
+
+    def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        if environ.get("HTTP_HOST", "").lower() not in self.hosts:
+            return self.app(environ, start_response)
+
+        def start_with_hsts(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
+            headers.append(self.HEADER)
+            return start_response(status, headers, exc_info)
+
+        return self.app(environ, start_with_hsts)

@@ -145,3 +145,17 @@ def test_session_revoke_everywhere(tmp_path: Path, assertion_key: Path) -> None:
         assert "2 session(s) of 810001234567 revoked" in result.stdout
         assert all(store.get(s.id, time.time()) is None for s in sessions)
     assert '"revoked_by_operator"' in (tmp_path / "audit.log").read_text()
+
+
+def test_check_refuses_memory_limits_with_several_workers(tmp_path: Path, assertion_key: Path) -> None:
+    # Each worker would count logins, bans and quotas on its own: N workers, N times the limits.
+    extra = {
+        "server": {"workers": 2},
+        "sessions": {"store": "redis://127.0.0.1:6399/0"},
+        "limits": {"storage": "memory://"},
+    }
+    config = write_config(tmp_path, upstream_url="http://127.0.0.1:9", assertion_key=assertion_key, extra=extra)
+    result = gateway("check", "--config", str(config))
+    assert result.returncode == 2
+    assert "limits.storage memory:// counts per process" in result.stderr
+    assert "Traceback" not in result.stderr

@@ -48,6 +48,10 @@ class Reason(enum.StrEnum):
     UPSTREAM_BUSY = "upstream_busy"
     # The client
     CLIENT_TIMEOUT = "client_timeout"
+    #: The request body is malformed (bad chunked framing, cut short): refused, nothing forwarded.
+    BAD_REQUEST_BODY = "bad_request_body"
+    #: The request body is larger than the gateway's own endpoints accept.
+    REQUEST_TOO_LARGE = "request_too_large"
     # Card login
     CARD_MISSING = "card_missing"
     CARD_UNTRUSTED = "card_untrusted"

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import Any
+from collections.abc import Callable, Iterator, Sequence
+from typing import IO, Any
 
 import urllib3
 from urllib3.exceptions import (
@@ -183,16 +184,39 @@ class StreamedBody:
 
 
 def request_body(environ: dict[str, Any], stream: Any) -> tuple[Any, bool, str | None]:
-    """(body, chunked, content_length) to forward the client's body as it arrives.
+    """(body, chunked, content_length) to forward the client's body.
 
-    ``stream`` must stop at the end of the body (Werkzeug's ``request.stream``), never block past it.
+    ``stream`` must stop at the end of the body (Werkzeug's ``request.stream``), never block past it. A body
+    with a Content-Length streams as it arrives. A chunked body is read whole first (memory up to
+    ``SPOOL_IN_MEMORY``, then a temporary file, as nginx's ``proxy_request_buffering`` does) and forwarded
+    with its Content-Length: its framing is only known to be valid at its last chunk, and a malformed one
+    must reach the portal not at all, rather than truncated. Raises ClientBodyError before anything is sent.
     """
     length = environ.get("CONTENT_LENGTH") or None
     if length is not None:
         return (_ClientBody(stream) if int(length) > 0 else b""), False, length
     if "chunked" in environ.get("HTTP_TRANSFER_ENCODING", "").lower():
-        return _iter_stream(_ClientBody(stream)), True, None
+        spooled, size = _spool(_ClientBody(stream))
+        return spooled, False, str(size)
     return None, False, None
+
+
+#: A chunked request body is kept in memory up to this size, then in a temporary file.
+SPOOL_IN_MEMORY = 1024 * 1024
+
+
+def _spool(body: _ClientBody) -> tuple[IO[bytes], int]:
+    spooled = tempfile.SpooledTemporaryFile(max_size=SPOOL_IN_MEMORY)  # noqa: SIM115 - handed to urllib3
+    try:
+        size = 0
+        while chunk := body.read(CHUNK_SIZE):
+            spooled.write(chunk)
+            size += len(chunk)
+    except BaseException:
+        spooled.close()
+        raise
+    spooled.seek(0)
+    return spooled, size
 
 
 class _ClientBody:
@@ -206,9 +230,10 @@ class _ClientBody:
             data: bytes = self._stream.read(size)
         except RequestBodyTimeout as exc:
             raise ClientBodyError(Reason.CLIENT_TIMEOUT, str(exc)) from None
+        except (
+            Exception
+        ) as exc:  # the server's parser of the client's bytes: bad chunk sizes, EOF mid-body...
+            raise ClientBodyError(
+                Reason.BAD_REQUEST_BODY, f"malformed request body: {type(exc).__name__}"
+            ) from None
         return data
-
-
-def _iter_stream(stream: Any) -> Iterable[bytes]:
-    while chunk := stream.read(CHUNK_SIZE):
-        yield chunk

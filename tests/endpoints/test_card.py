@@ -453,15 +453,7 @@ def _tool_card_session(stack: CardStack, token: ToolToken, certificate: Path, ja
 
 
 def _status_with(jar: Path, url: str) -> int:
-    answer = subprocess.run(
-        ["curl", "-sS", "--max-time", "10", "-b", str(jar), "-o", "/dev/null", "-w", "%{http_code}", url],
-        capture_output=True,
-        text=True,
-        stdin=subprocess.DEVNULL,
-        timeout=20,
-        check=False,
-    )
-    return int(answer.stdout)
+    return int(curl("-b", str(jar), "-o", "/dev/null", "-w", "%{http_code}", url).stdout)
 
 
 def test_a_refreshed_crl_listing_the_card_ends_every_session_it_opened(
@@ -504,3 +496,15 @@ def test_a_refreshed_crl_listing_the_card_ends_every_session_it_opened(
         ended["card_issuer"]
     )
     assert (relogin, headers.get("x-gateway-reason")) == (403, "card_revoked")
+
+
+def test_a_large_body_to_the_gateways_own_endpoints_is_a_413_and_not_read(stack: CardStack) -> None:
+    # One 150 MB JSON once took a worker from 68 to 508 MB; 64 KiB is ample (a certificate is ~2 KiB).
+    url = f"{stack.gateway_url}/.gateway/card/verify"
+    json_type = {"Content-Type": "application/json"}
+    sized = requests.post(url, data=b'{"nonce": "' + b"x" * 300_000 + b'"}', headers=json_type, timeout=10)
+    assert (sized.status_code, sized.json()["error"]) == (413, "request_too_large")
+    chunked = requests.post(url, data=(b" " * 16_384 for _ in range(20)), headers=json_type, timeout=10)
+    assert (chunked.status_code, chunked.json()["error"]) == (413, "request_too_large")
+    refused = [e for e in _events(stack, "bad_request") if e["reasons"] == ["request_too_large"]]
+    assert len(refused) == 2 and refused[-1]["endpoint"] == "gateway_card.verify"

@@ -55,6 +55,8 @@ def start_login(world: EcpsWorld, browser: Browser, next_path: str) -> str:
     answer = browser.get(world.gateway_url + "/.gateway/login/ecps", params={"next": next_path})
     assert answer.status_code == 302, answer.text[:300]
     assert answer.headers["Location"].startswith(world.psc.issuer)
+    # It sets the login cookie: no cache may keep it (nor hand it to another user).
+    assert "Set-Cookie" in answer.headers and answer.headers["Cache-Control"] == "no-store"
     return answer.headers["Location"]
 
 
@@ -67,6 +69,7 @@ def log_in(world: EcpsWorld, browser: Browser, next_path: str, idnat: str = DOCT
     callback = callback_after_approval(world, browser, next_path, idnat)
     answer = browser.get(callback)
     assert answer.status_code == 303, (answer.status_code, answer.headers.get("X-Gateway-Reason"))
+    assert "Set-Cookie" in answer.headers and answer.headers["Cache-Control"] == "no-store"
     return browser.follow(answer)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import http.client
 import os
+import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -80,3 +81,49 @@ def test_ambiguous_paths_are_refused_and_never_reach_the_portal(stack: Stack, ta
     # The same gateway still forwards a plain public request (the portal is up and recording).
     assert raw_get(stack, "/echo/public/ok")[0] == 200
     assert stack.received()[-1]["raw_uri"] == "/echo/public/ok"
+
+
+def raw_exchange(stack: Stack, head: bytes, body: bytes, *, half_close: bool = False) -> bytes:
+    """Send a request byte for byte (``half_close``: then stop sending); the whole answer."""
+    with socket.create_connection(("127.0.0.1", stack.port), timeout=5) as sock:
+        sock.sendall(head + body)
+        if half_close:
+            sock.shutdown(socket.SHUT_WR)
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    return answer
+
+
+CHUNKED_HEAD = (
+    b"POST /echo/public/upload HTTP/1.1\r\nHost: portal.test\r\nAccept: text/html\r\n"
+    b"Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+)
+
+
+@pytest.mark.parametrize(
+    ("body", "half_close"),
+    [
+        (b"5\r\nhello\r\nZZ\r\nxx\r\n0\r\n\r\n", False),  # a chunk size that is not hex
+        (b"5\r\nhello\r\n1000\r\npartial", True),  # cut short: the client stops mid-chunk
+        (b"5\r\nhello\r\n", True),  # no last chunk
+        (b"3\r\nhello\r\n0\r\n\r\n", False),  # more data than the chunk size says
+    ],
+)
+def test_a_malformed_chunked_body_is_a_400_and_nothing_reaches_the_portal(
+    stack: Stack, body: bytes, half_close: bool
+) -> None:
+    before = len(stack.received())
+    answer = raw_exchange(stack, CHUNKED_HEAD, body, half_close=half_close)
+    assert answer.startswith(b"HTTP/1.1 400 "), answer[:200]
+    assert b"X-Gateway-Reason: bad_request_body" in answer and b"Traceback" not in answer
+    assert stack.received()[before:] == []
+    assert audit_records(stack.audit)[-1]["reasons"] == ["bad_request_body"]
+
+
+def test_a_well_formed_chunked_body_reaches_the_portal_whole_with_its_length(stack: Stack) -> None:
+    answer = raw_exchange(stack, CHUNKED_HEAD, b"5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 200 "), answer[:200]
+    received = stack.received()[-1]
+    assert received["body_length"] == 11 and received["content_length"] == "11"
+    assert "transfer-encoding" not in received["headers"]

@@ -75,6 +75,7 @@ def recording_app(environ: dict[str, Any], start_response: Callable[..., Any]) -
         "method": environ["REQUEST_METHOD"],
         "raw_uri": environ.get("RAW_URI"),
         "headers": {k[5:].replace("_", "-").lower(): v for k, v in environ.items() if k.startswith("HTTP_")},
+        "content_length": environ.get("CONTENT_LENGTH"),
     }
     try:
         body = environ["wsgi.input"].read()
