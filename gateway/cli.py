@@ -34,7 +34,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     if not hasattr(args, "run"):
-        parser.print_help()
+        getattr(args, "help_of", parser).print_help()
         return EXIT_USAGE
     try:
         return int(args.run(args) or EXIT_OK)
@@ -48,12 +48,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         if _uses_embedded_default(args) and any("not found" in error.message for error in exc.errors):
             print(
                 f"The embedded default (the demo) reads its files from the working directory ({Path.cwd()}):"
-                f" run `{_command_name()} dev init` there first.",
+                f" run `{command_name()} dev init` there first.",
                 file=sys.stderr,
             )
         return EXIT_CONFIG_ERROR
     except KeyboardInterrupt:
         return 130
+    except OSError as exc:  # a file or address named on the command line (the message names it)
+        print(f"error: {_os_error(exc)}", file=sys.stderr)
+        return 1
+
+
+def _os_error(exc: OSError) -> str:
+    where = f"{exc.filename}: " if exc.filename else ""
+    return f"{where}{exc.strerror or exc}"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -75,7 +83,7 @@ def _parser() -> argparse.ArgumentParser:
     _config_option(check)
     check.set_defaults(run=_check)
 
-    policy = commands.add_parser("policy", help="policy tools").add_subparsers(metavar="SUBCOMMAND")
+    policy = _group(commands, "policy", "policy tools")
     explain = policy.add_parser("explain", help="which rule matches a request, the decision and why")
     _config_option(explain)
     explain.add_argument("method", metavar="METHOD")
@@ -84,23 +92,23 @@ def _parser() -> argparse.ArgumentParser:
         "--as", dest="login", choices=[m.value for m in LoginMethod], help="a session of this kind"
     )
     explain.add_argument("--profession", action="append", default=[], help="TRE_G15 code (repeatable)")
-    explain.add_argument("--auth-age", default="1m", help="how long ago the login happened (default 1m)")
+    explain.add_argument(
+        "--auth-age", default="1m", type=_duration, help="how long ago the login happened (default 1m)"
+    )
     explain.add_argument("--auth-mode", default="", help="PSC authMode of an e-CPS login (e.g. CARD)")
     explain.add_argument("--idnat", default="810001234567", help="idNat of the session (default an RPPS)")
     explain.set_defaults(run=_explain)
 
-    dev = commands.add_parser("dev", help="development tools (never for production)").add_subparsers(
-        metavar="SUBCOMMAND"
-    )
+    dev = _group(commands, "dev", "development tools (never for production)")
     init = dev.add_parser("init", help="create the dev assertion key and files the embedded default needs")
     _config_option(init)
     init.set_defaults(run=_dev_init)
     portal = dev.add_parser("portal", help="run the demo portal (the upstream of the embedded default)")
-    portal.add_argument("--listen", default="127.0.0.1:8081")
+    portal.add_argument("--listen", default="127.0.0.1:8081", type=_listen_address, help="HOST:PORT")
     portal.set_defaults(run=_dev_portal)
     _add_dev_card_commands(dev)
 
-    card = commands.add_parser("card", help="CPS card tools").add_subparsers(metavar="SUBCOMMAND")
+    card = _group(commands, "card", "CPS card tools")
     login = card.add_parser("login", help="log in with a card by PKCS#11 challenge; keep the session cookie")
     login.add_argument("--url", required=True, help="the gateway, e.g. https://portail.example")
     login.add_argument("--token-label", required=True, help="PKCS#11 token label of the card")
@@ -110,8 +118,9 @@ def _parser() -> argparse.ArgumentParser:
     login.add_argument(
         "--pin",
         default=None,
-        help="card PIN; '-' asks for it without echo (default: $GATEWAY_CARD_PIN, else none: SoftHSM test cards)."
-        " A PIN on the command line is visible to other users of the machine: prefer '-' for real cards.",
+        help="card PIN; '-' asks for it on the terminal without echo, or reads it from standard input when there is"
+        " no terminal. $GATEWAY_CARD_PIN, when set, is used instead of asking. Neither: no PIN (SoftHSM test"
+        " cards). A PIN on the command line is visible to other users of the machine: prefer '-' for real cards.",
     )
     login.add_argument("--cookie-jar", default="cookies.txt", help="Netscape cookie jar to write (curl -b)")
     login.add_argument("--cacert", default=None, help="CA bundle to verify an https gateway")
@@ -123,15 +132,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     login.set_defaults(run=_card_login)
 
-    settings_tools = commands.add_parser("settings", help="settings tools").add_subparsers(
-        metavar="SUBCOMMAND"
-    )
+    settings_tools = _group(commands, "settings", "settings tools")
     keys = settings_tools.add_parser(
         "keys", help="every settings key with its default and meaning (Markdown)"
     )
     keys.set_defaults(run=_settings_keys)
 
-    session = commands.add_parser("session", help="session tools").add_subparsers(metavar="SUBCOMMAND")
+    session = _group(commands, "session", "session tools")
     revoke = session.add_parser(
         "revoke", help="log a professional out everywhere (every session of an idNat)"
     )
@@ -139,7 +146,7 @@ def _parser() -> argparse.ArgumentParser:
     revoke.add_argument("--idnat", required=True, help="the professional's idNat (e.g. 810001234567)")
     revoke.set_defaults(run=_session_revoke)
 
-    audit = commands.add_parser("audit", help="audit trail tools").add_subparsers(metavar="SUBCOMMAND")
+    audit = _group(commands, "audit", "audit trail tools")
     verify = audit.add_parser(
         "verify", help="check the hash chain of an audit file; name the first broken line"
     )
@@ -152,12 +159,37 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _group(
+    commands: argparse._SubParsersAction[argparse.ArgumentParser], name: str, help: str
+) -> argparse._SubParsersAction[argparse.ArgumentParser]:
+    """A command made of subcommands (``gateway dev``): given alone, it prints its own help."""
+    group = commands.add_parser(name, help=help)
+    group.set_defaults(help_of=group)
+    return group.add_subparsers(metavar="SUBCOMMAND")
+
+
+def _duration(value: str) -> str:
+    """A duration as typed (``10m``), checked now so that a typo is a usage error."""
+    try:
+        parse_duration(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return value
+
+
+def _listen_address(value: str) -> tuple[str, int]:
+    host, _, port = value.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise argparse.ArgumentTypeError(f"{value!r} is not HOST:PORT")
+    return host, int(port)
+
+
 def _uses_embedded_default(args: argparse.Namespace) -> bool:
     config = getattr(args, "config", None)
     return config is not None and config.resolve() == DEFAULT_SETTINGS_FILE.resolve()
 
 
-def _command_name() -> str:
+def command_name() -> str:
     """How to type this very ``gateway`` command here: its name if the shell finds it, else its path."""
     script = Path(sys.argv[0])
     found = shutil.which("gateway")
@@ -343,6 +375,17 @@ def _session_revoke(args: argparse.Namespace) -> int:
 def _audit_verify(args: argparse.Namespace) -> int:
     from gateway.audit import verify_audit_file
 
+    if args.file.is_dir():
+        print(
+            f"error: {args.file} is a directory: name the audit file (audit.file in the settings)",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
+    if not args.file.exists():
+        print(
+            f"error: no file {args.file} (audit.file in the settings names the audit file)", file=sys.stderr
+        )
+        return EXIT_USAGE
     result = verify_audit_file(args.file)
     if not result.ok:
         print(f"{args.file}:{result.first_broken_line}: {result.problem}: {result.detail}")
@@ -419,6 +462,7 @@ def _add_dev_card_commands(dev: argparse._SubParsersAction[argparse.ArgumentPars
     )
     card.add_argument("--pin", default="1234")
     card.add_argument("--dir", type=Path, default=DEV_DIR, help="dev PKI directory (default certs/dev)")
+    card.add_argument("--replace", action="store_true", help="replace the card of that label if there is one")
     variant = card.add_mutually_exclusive_group()
     for name in CARD_VARIANTS:
         variant.add_argument(f"--{name}", dest="variant", action="store_const", const=name)
@@ -437,9 +481,22 @@ def _add_dev_card_commands(dev: argparse._SubParsersAction[argparse.ArgumentPars
 
 
 def _dev_card(args: argparse.Namespace) -> int:
-    from gateway.devtools.cards import create_card, softhsm_env
+    from gateway.devtools.cards import create_card, delete_card, list_cards, softhsm_env
     from gateway.identity import CardKind
 
+    softhsm_conf = shown_path(Path(softhsm_env(args.dir)["SOFTHSM2_CONF"]))
+    if any(token.label == args.label for token in list_cards(args.dir)):
+        if not args.replace:
+            gateway = command_name()
+            print(
+                f"a card labelled {args.label!r} already exists in {shown_path(args.dir)}: use it, e.g.\n"
+                f"  SOFTHSM2_CONF={softhsm_conf} {gateway} card login --url URL --token-label {args.label}\n"
+                f"or replace it: the same command with --replace (or choose another --label);"
+                f" `{gateway} dev cards` lists the cards.",
+                file=sys.stderr,
+            )
+            return EXIT_USAGE
+        delete_card(args.dir, args.label)
     try:
         card = create_card(
             args.dir,
@@ -458,7 +515,9 @@ def _dev_card(args: argparse.Namespace) -> int:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_USAGE
     print(f"card {card.label}: idNat {card.idnat}, certificate {card.pem_path}")
-    print(f"use it with: SOFTHSM2_CONF={softhsm_env(args.dir)['SOFTHSM2_CONF']}")
+    print(
+        f"use it with: SOFTHSM2_CONF={softhsm_conf} {command_name()} card login --token-label {card.label} …"
+    )
     if args.variant == "revoked":
         print(REVOCATION_TAKES_EFFECT)
     return EXIT_OK
@@ -486,12 +545,23 @@ def _dev_revoke(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def shown_path(path: Path) -> Path:
+    """``path`` as the user can type it here: relative to the working directory when inside it."""
+    try:
+        return path.resolve().relative_to(Path.cwd())
+    except ValueError:
+        return path.resolve()
+
+
 def _dev_cards(args: argparse.Namespace) -> int:
     from cryptography import x509
 
     from gateway.devtools.cards import list_cards
 
-    for token in list_cards(args.dir):
+    cards = list_cards(args.dir) if args.dir.is_dir() else []
+    if not cards:
+        print(f"no test cards in {args.dir} (`{command_name()} dev card` makes one)", file=sys.stderr)
+    for token in cards:
         for certificate in token.certificates:
             parsed = x509.load_der_x509_certificate(certificate.der)
             print(
@@ -506,31 +576,66 @@ def _card_login(args: argparse.Namespace) -> int:
     from gateway import pkcs11 as tokens
     from gateway.authn.card.client import CardLoginError, card_login
 
-    pin = args.pin if args.pin is not None else os.environ.get("GATEWAY_CARD_PIN")
-    if pin == "-":
-        pin = getpass.getpass(f"PIN of the card {args.token_label}: ")
+    try:
+        pin = _card_pin(args)
+    except NoPin as problem:
+        print(f"card login failed: {problem}", file=sys.stderr)
+        return EXIT_USAGE
+    module = args.module or tokens.SOFTHSM_MODULE
     try:
         subject = card_login(
-            args.url,
-            args.token_label,
-            args.module or tokens.SOFTHSM_MODULE,
-            pin,
-            args.cookie_jar,
-            args.cacert,
-            args.cert_id,
+            args.url, args.token_label, module, pin, args.cookie_jar, args.cacert, args.cert_id
         )
     except CardLoginError as error:
         print(f"card login failed: {error}", file=sys.stderr)
+        if module == tokens.SOFTHSM_MODULE and "SOFTHSM2_CONF" not in os.environ:
+            print(
+                "hint: SOFTHSM2_CONF is not set, so SoftHSM looks for tokens in its system configuration; the test"
+                f" cards of `gateway dev card` are in {DEV_DIR}/softhsm: SOFTHSM2_CONF={DEV_DIR}/softhsm/softhsm2.conf",
+                file=sys.stderr,
+            )
         return 1
     print(f"logged in as {subject}; session cookie in {args.cookie_jar}")
     return EXIT_OK
 
 
+PIN_ENV = "GATEWAY_CARD_PIN"
+
+
+class NoPin(Exception):
+    pass
+
+
+def _card_pin(args: argparse.Namespace) -> str | None:
+    """--pin P; else $GATEWAY_CARD_PIN; else with --pin -, asked on the terminal without echo, or read from
+    standard input when there is no terminal (``… | gateway card login --pin -``); else none (test cards)."""
+    if args.pin not in (None, "-"):
+        return str(args.pin)
+    if PIN_ENV in os.environ:
+        return os.environ[PIN_ENV]
+    if args.pin is None:
+        return None
+    try:
+        with open("/dev/tty", "rb"):  # is there a controlling terminal to ask on?
+            pass
+    except OSError:
+        line = "" if sys.stdin is None or sys.stdin.isatty() else sys.stdin.readline()
+        if not line:
+            raise NoPin(
+                f"--pin - asks on a terminal and there is none: set {PIN_ENV}, or give the PIN on standard input"
+            ) from None
+        return line.rstrip("\r\n")
+    try:
+        return getpass.getpass(f"PIN of the card {args.token_label}: ")
+    except EOFError:
+        raise NoPin("no PIN typed") from None
+
+
 def _dev_portal(args: argparse.Namespace) -> int:
     from gateway.devtools.demo_portal import run
 
-    host, _, port = args.listen.rpartition(":")
-    run(host, int(port))
+    host, port = args.listen
+    run(host, port)
     return EXIT_OK
 
 

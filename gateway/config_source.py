@@ -6,7 +6,10 @@ every configuration mistake is reported the same way: ``file:line: key.path: mes
 
 from __future__ import annotations
 
+import difflib
 import re
+import types
+import typing
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Annotated, Any, TypeVar
@@ -26,9 +29,13 @@ class ConfigError:
     line: int | None
     key: str
     message: str
+    #: Set for YAML syntax errors, which belong to a place in the text rather than to a key.
+    column: int | None = None
 
     def __str__(self) -> str:
         where = f"{self.file}:{self.line}" if self.line else self.file
+        if self.column is not None:
+            return f"{where}:{self.column}: {self.message}"
         return f"{where}: {self.key or '(top level)'}: {self.message}"
 
 
@@ -71,11 +78,12 @@ def parse_yaml(text: str, file: str) -> LocatedDocument:
     """Parse one YAML document safely; duplicate keys and non-string keys are errors."""
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        line, column = (mark.line + 1, mark.column + 1) if mark is not None else (None, None)
+        raise ConfigErrors([ConfigError(file, line, "", _yaml_problem(exc), column)]) from None
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        line = mark.line + 1 if mark is not None else None
-        problem = getattr(exc, "problem", None) or str(exc)
-        raise ConfigErrors([ConfigError(file, line, "", f"invalid YAML: {problem}")]) from None
+        raise ConfigErrors([ConfigError(file, None, "", f"invalid YAML: {exc}")]) from None
     if node is None:
         return LocatedDocument(file, {}, {(): 1})
     lines: dict[KeyPath, int] = {}
@@ -84,6 +92,38 @@ def parse_yaml(text: str, file: str) -> LocatedDocument:
     if errors:
         raise ConfigErrors(errors)
     return LocatedDocument(file, data, lines)
+
+
+def _yaml_problem(exc: yaml.MarkedYAMLError) -> str:
+    """PyYAML's parser-speak in words: what is wrong, and what to do about it."""
+    problem, context = exc.problem or "", exc.context or ""
+    opened = f" on line {exc.context_mark.line + 1}" if exc.context_mark is not None else ""
+    if "'\\t'" in problem or "\t" in problem:
+        return "YAML syntax: a tab character; YAML indents with spaces only"
+    if problem.startswith("mapping values are not allowed"):
+        return (
+            "YAML syntax: a 'key: value' where none can start: check this line's indentation against the"
+            " line above, or quote a value that contains ': '"
+        )
+    if "expected <block end>" in problem and "'-'" in problem:
+        return f"YAML syntax: a list item ('- ') among the keys of the block that starts{opened}: indent it under its key"
+    if "expected <block end>" in problem:
+        return f"YAML syntax: this line is not indented like the other keys of the block that starts{opened}"
+    if "could not find expected ':'" in problem:
+        return (
+            "YAML syntax: a key without ':' (or a line continuing the previous one at the wrong indentation)"
+        )
+    if "flow sequence" in context:
+        return f"YAML syntax: the list opened with '['{opened} is not closed by ']' (or a comma is missing)"
+    if "flow mapping" in context:
+        return (
+            f"YAML syntax: the mapping opened with '{{'{opened} is not closed by '}}' (or a comma is missing)"
+        )
+    if "quoted scalar" in context:
+        return f"YAML syntax: the quoted text started{opened} has no closing quote"
+    if "undefined alias" in problem:
+        return f"YAML syntax: {problem} (an alias *name needs an anchor &name before it)"
+    return f"YAML syntax: {problem or context}"
 
 
 def _construct(
@@ -147,17 +187,76 @@ def validate(
     try:
         return model.model_validate(document.data, context=context)
     except pydantic.ValidationError as exc:
-        raise ConfigErrors(located_errors(exc, document)) from None
+        raise ConfigErrors(located_errors(exc, document, model)) from None
 
 
-def located_errors(exc: pydantic.ValidationError, document: LocatedDocument) -> list[ConfigError]:
+def located_errors(
+    exc: pydantic.ValidationError, document: LocatedDocument, model: type[pydantic.BaseModel] | None = None
+) -> list[ConfigError]:
     errors = []
     for error in exc.errors(include_url=False):
         path = tuple(part for part in error["loc"] if isinstance(part, str | int))
         # Tagged unions and function validators add their own names to loc: keep only real keys.
         path = _real_key_path(document.data, path)
-        errors.append(document.error(path, _message(error)))
+        message = _message(error)
+        if error["type"] == "extra_forbidden" and model is not None and path and isinstance(path[-1], str):
+            message += _suggestion(path[-1], known_keys(model, path[:-1]))
+        errors.append(document.error(path, message))
     return errors
+
+
+def _suggestion(key: str, known: list[str]) -> str:
+    close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+    if close:
+        return f" (did you mean {close[0]!r}?)"
+    return f" (known keys here: {', '.join(known)})" if 0 < len(known) <= 12 else ""
+
+
+def known_keys(model: type[pydantic.BaseModel], path: KeyPath) -> list[str]:
+    """The keys a document may hold at ``path`` (a mapping's path) according to ``model``."""
+    annotations: list[Any] = [model]
+    for part in path:
+        annotations = [inner for annotation in annotations for inner in _children(annotation, part)]
+    return sorted({name for annotation in annotations for name in _fields(annotation)})
+
+
+def _children(annotation: Any, part: str | int) -> list[Any]:
+    """The annotations found under ``part`` (a key, or a list index) of a value of type ``annotation``."""
+    found: list[Any] = []
+    for candidate in _alternatives(annotation):
+        if (
+            isinstance(part, str)
+            and isinstance(candidate, type)
+            and issubclass(candidate, pydantic.BaseModel)
+        ):
+            for name, field in candidate.model_fields.items():
+                if part in (name, field.alias):
+                    found.append(field.annotation)
+        origin = typing.get_origin(candidate)
+        if isinstance(part, int) and origin in (list, tuple, set, frozenset):
+            found.extend(arg for arg in typing.get_args(candidate) if arg is not Ellipsis)
+        if isinstance(part, str) and origin in (dict, Mapping):
+            found.extend(typing.get_args(candidate)[1:])
+    return found
+
+
+def _alternatives(annotation: Any) -> list[Any]:
+    """``A | B | None`` and ``Annotated[A, ...]`` -> [A, B]."""
+    origin = typing.get_origin(annotation)
+    if origin is Annotated:
+        return _alternatives(typing.get_args(annotation)[0])
+    if origin in (typing.Union, types.UnionType):
+        return [alt for arg in typing.get_args(annotation) for alt in _alternatives(arg)]
+    return [annotation]
+
+
+def _fields(annotation: Any) -> list[str]:
+    return [
+        field.alias or name
+        for candidate in _alternatives(annotation)
+        if isinstance(candidate, type) and issubclass(candidate, pydantic.BaseModel)
+        for name, field in candidate.model_fields.items()
+    ]
 
 
 def _real_key_path(data: Any, path: KeyPath) -> KeyPath:

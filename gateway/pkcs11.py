@@ -55,7 +55,10 @@ def load_module(module_path: str = SOFTHSM_MODULE) -> Pkcs11Module:
     """The process-wide handle of a PKCS#11 module (loaded on first use)."""
     with _modules_lock:
         if module_path not in _modules:
-            _modules[module_path] = pkcs11.lib(module_path)
+            try:
+                _modules[module_path] = pkcs11.lib(module_path)
+            except pkcs11.PKCS11Error as error:
+                raise TokenError(f"cannot load the PKCS#11 module {module_path}: {error}") from None
         return _modules[module_path]
 
 
@@ -97,8 +100,18 @@ def open_session(
 
 def init_softhsm_token(label: str, so_pin: str, pin: str, env: dict[str, str]) -> None:
     """Initialise a new SoftHSM token in the first free slot (``env`` carries SOFTHSM2_CONF)."""
+    args = ["--init-token", "--free", "--label", label, "--so-pin", so_pin, "--pin", pin]
+    _softhsm_util(args, env, f"initialise token {label!r}")
+
+
+def delete_softhsm_token(label: str, env: dict[str, str]) -> None:
+    """Delete the SoftHSM token ``label`` (``env`` carries SOFTHSM2_CONF)."""
+    _softhsm_util(["--delete-token", "--token", label], env, f"delete token {label!r}")
+
+
+def _softhsm_util(args: list[str], env: dict[str, str], what: str) -> None:
     result = subprocess.run(
-        ["softhsm2-util", "--init-token", "--free", "--label", label, "--so-pin", so_pin, "--pin", pin],
+        ["softhsm2-util", *args],
         env=env,
         capture_output=True,
         text=True,
@@ -106,7 +119,7 @@ def init_softhsm_token(label: str, so_pin: str, pin: str, env: dict[str, str]) -
         stdin=subprocess.DEVNULL,
     )
     if result.returncode != 0:
-        raise TokenError(f"softhsm2-util could not initialise token {label!r}: {result.stderr.strip()}")
+        raise TokenError(f"softhsm2-util could not {what}: {result.stderr.strip()}")
 
 
 def _private_key_template(private: bool) -> dict[Attribute, Any]:

@@ -310,8 +310,8 @@ class AuditSettings(_Section):
 
 class MetricsSettings(_Section):
     listen: str = Field(
-        "127.0.0.1:9108",
-        description="Prometheus /metrics address (host:port), separate from the gateway's own listener.",
+        description="Prometheus /metrics address (host:port, e.g. 127.0.0.1:9108), separate from the gateway's"
+        " own listener. Without a metrics section no metrics are served.",
     )
 
     _listen = field_validator("listen")(_check_listen)

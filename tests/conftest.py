@@ -8,7 +8,10 @@ from pathlib import Path
 import pytest
 from flask import Flask
 
+from tests.support.card_stack import card_stack_of_the_module  # noqa: F401 - fixture "stack"
+from tests.support.pki import dev_pki  # noqa: F401 - fixture
 from tests.support.processes import free_port, running
+from tests.support.softhsm import softhsm_cards  # noqa: F401 - fixture
 from tests.support.upstream import gunicorn_argv
 
 

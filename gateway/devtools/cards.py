@@ -138,6 +138,14 @@ def create_card(
     return Card(label, f"{label} authentication key", key_id, certificate, pem_path, signature_key_id)
 
 
+def delete_card(base_dir: Path, label: str, module_path: str = tokens.SOFTHSM_MODULE) -> None:
+    """Remove the test card ``label`` of this base_dir's SoftHSM: its token and its certificate file."""
+    tokens.delete_softhsm_token(label, softhsm_env(base_dir))
+    (softhsm_dir(base_dir) / f"{label}.pem").unlink(missing_ok=True)
+    use_softhsm(base_dir, module_path)
+    tokens.refresh_module(module_path)  # this process must stop seeing the deleted token
+
+
 def list_cards(base_dir: Path, module_path: str = tokens.SOFTHSM_MODULE) -> list[tokens.TokenInfo]:
     """The tokens of this base_dir's SoftHSM and their certificates."""
     use_softhsm(base_dir, module_path)

@@ -6,14 +6,18 @@ import contextlib
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
 from gateway.devtools.card_host import card_host_nginx_argv
 from gateway.devtools.pki import ensure_dev_pki
+from gateway.pkcs11 import TokenError
 from gateway.settings import DEFAULT_SETTINGS_FILE, Settings, load_settings
 
 #: nginx reaches the demo gateway from this loopback address, its only trusted TLS terminator.
@@ -35,44 +39,146 @@ def child(argv: list[str]) -> Iterator[subprocess.Popen[bytes]]:
                 os.killpg(process.pid, signal.SIGKILL)
 
 
+@dataclass(frozen=True)
+class Listener:
+    name: str
+    process: subprocess.Popen[bytes]
+    address: str  # host:port
+
+
+@dataclass(frozen=True)
+class DemoCard:
+    """The test card the demo makes (once) for the card login commands it prints."""
+
+    label: str = "demo-doctor"
+    idnat: str = "810002813839"
+    surname: str = "DUPONT"
+    given: str = "JEAN"
+    profession: str = "10"
+
+
+DEMO_CARD = DemoCard()
+START_TIMEOUT = 90.0
+
+
 def run_demo() -> int:
     # Stopping the demo by PID (SIGTERM) must stop its children too, like Ctrl-C does.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     python = sys.executable
     subprocess.run([python, "-m", "gateway.cli", "dev", "init"], check=True)
     settings = load_settings(DEFAULT_SETTINGS_FILE)
-    upstream_listen = settings.upstream.url.split("://", 1)[1]
-    origin = settings.server.public_origin
-    print(
-        f"\n  Demo portal behind the gateway: {origin}/\n"
-        f"  Protected pages: {origin}/patients/180017512345678 , {origin}/account/rib\n"
-        "  They answer the login page; its e-CPS button leads to the Pro Santé Connect stand-in.\n"
-        "  Card login without a browser (PKCS#11 challenge; no TLS needed on loopback):\n"
-        "    gateway dev card --label demo-doctor --idnat 810002813839 --surname DUPONT --given JEAN --profession 10\n"
-        "    SOFTHSM2_CONF=certs/dev/softhsm/softhsm2.conf gateway card login --url "
-        f"{origin} --token-label demo-doctor --cookie-jar cookies.txt\n"
-        f"    curl -b cookies.txt {origin}/patients/180017512345678\n"
-        f"  Revoke it: gateway dev revoke --label demo-doctor{_revocation_note(settings)}\n"
-        f"  Browser card login: the card button leads to the nginx card host{_card_host_note(settings)}.\n"
-        "  A browser needs a card (or a SoftHSM token in its NSS database, see docs/card.md).\n"
-        "  Ctrl-C stops everything.\n",
-        flush=True,
-    )
-    with (
-        child([python, "-m", "gateway.cli", "dev", "portal", "--listen", upstream_listen]),
-        contextlib.ExitStack() as stand_ins,
-    ):
+    cards = _demo_card(settings)
+    listeners: list[Listener] = []
+    with contextlib.ExitStack() as children:
+        portal = children.enter_context(
+            child([python, "-m", "gateway.cli", "dev", "portal", "--listen", _address(settings.upstream.url)])
+        )
+        listeners.append(Listener("demo portal", portal, _address(settings.upstream.url)))
         if settings.ecps is not None:
-            stand_ins.enter_context(child(psc_stand_in_argv(python, settings)))
+            psc = children.enter_context(child(psc_stand_in_argv(python, settings)))
+            listeners.append(
+                Listener("Pro Santé Connect stand-in", psc, _address(settings.ecps.metadata_url))
+            )
         if settings.card is not None and shutil.which("nginx"):
-            stand_ins.enter_context(child(card_host_argv(settings)))
+            nginx = children.enter_context(child(card_host_argv(settings)))
+            listeners.append(Listener("nginx card host", nginx, _address(settings.card.login_origin)))
+        # In the terminal's process group: Ctrl-C reaches gunicorn's master directly, which stops its workers.
         gateway = subprocess.Popen([python, "-m", "gateway.cli", "serve"], stdin=subprocess.DEVNULL)
         try:
+            listeners.append(Listener("gateway", gateway, settings.server.listen))
+            if settings.metrics is not None:
+                listeners.append(Listener("gateway metrics", gateway, settings.metrics.listen))
+            failed = _wait_until_listening(listeners)
+            if failed:
+                print(f"\n  The demo did not start: {failed} (see the messages above).", file=sys.stderr)
+                return 1
+            print(banner(settings, cards), flush=True)
             return gateway.wait()
         except KeyboardInterrupt:
-            gateway.send_signal(signal.SIGTERM)
-            gateway.wait(30)
             return 0
+        finally:
+            if gateway.poll() is None:
+                gateway.send_signal(signal.SIGTERM)
+                gateway.wait(30)
+
+
+def _address(url: str) -> str:
+    parts = urlsplit(url)
+    default = 443 if parts.scheme == "https" else 80
+    return f"{parts.hostname}:{parts.port or default}"
+
+
+def _wait_until_listening(listeners: list[Listener], timeout: float = START_TIMEOUT) -> str | None:
+    """None once every listener accepts connections, else what went wrong."""
+    deadline = time.monotonic() + timeout
+    for listener in listeners:
+        host, _, port = listener.address.rpartition(":")
+        while True:
+            if listener.process.poll() is not None:
+                return f"the {listener.name} exited with status {listener.process.returncode}"
+            with contextlib.suppress(OSError), socket.create_connection((host, int(port)), timeout=0.5):
+                break
+            if time.monotonic() > deadline:
+                return f"the {listener.name} is not listening on {listener.address} after {timeout:.0f} s"
+            time.sleep(0.1)
+    return None
+
+
+def _demo_card(settings: Settings) -> Path | None:
+    """Where the demo's test card is (made on first use), or None without card login or SoftHSM."""
+    from gateway.devtools.cards import create_card, list_cards
+
+    if settings.card is None or shutil.which("softhsm2-util") is None:
+        return None
+    directory = settings.card.trust_anchors[0].parent
+    card = DEMO_CARD
+    try:
+        if not any(token.label == card.label for token in list_cards(directory)):
+            create_card(directory, card.label, card.idnat, card.surname, card.given, card.profession)
+    except (TokenError, OSError, ValueError) as error:
+        print(f"  (no demo card: {error})", file=sys.stderr)
+        return None
+    return directory
+
+
+def banner(settings: Settings, cards: Path | None) -> str:
+    """What the demo prints once everything listens: where to go, and commands runnable as printed."""
+    from gateway.cli import command_name, shown_path
+
+    gateway = command_name()
+    origin = settings.server.public_origin
+    record = f"{origin}/patients/180017512345678"
+    lines = [
+        "",
+        f"  The demo is up: open {origin}/",
+        f"  Protected pages answer the login page: {record} , {origin}/account/rib",
+    ]
+    if settings.ecps is not None:
+        lines.append(
+            "  e-CPS: the login page's e-CPS button leads to the Pro Santé Connect stand-in"
+            f" ({_address(settings.ecps.metadata_url)}), where you approve as one of its test professionals."
+        )
+    if cards is not None:
+        card = DEMO_CARD
+        softhsm = shown_path(cards / "softhsm" / "softhsm2.conf")
+        lines += [
+            f"  Card {card.label} ({card.surname} {card.given}, idNat {card.idnat}), SoftHSM test card made in"
+            f" {shown_path(cards)}. Without a browser, from this directory ({Path.cwd()}):",
+            f"    SOFTHSM2_CONF={softhsm} {gateway} card login --url {origin} --token-label {card.label}"
+            " --cookie-jar cookies.txt",
+            f"    curl -b cookies.txt {record}",
+            f"  Revoke it{_revocation_note(settings)}:",
+            f"    {gateway} dev revoke --label {card.label}",
+            f"  In a browser, the card button leads to the nginx card host{_card_host_note(settings)}; the"
+            " browser needs the card in its NSS database (docs/card.md).",
+        ]
+    if settings.audit.file is not None:
+        audit = shown_path(settings.audit.file)
+        lines.append(f"  Audit log: {audit}  (check its chain: {gateway} audit verify {audit})")
+    if settings.metrics is not None:
+        lines.append(f"  Metrics: http://{settings.metrics.listen}/metrics")
+    lines += ["  Ctrl-C stops everything.", ""]
+    return "\n".join(lines)
 
 
 def _revocation_note(settings: Settings) -> str:

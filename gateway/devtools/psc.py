@@ -66,6 +66,7 @@ from joserfc import jwt
 from joserfc.errors import JoseError
 from joserfc.jwk import ECKey, KeySet, RSAKey
 from werkzeug.datastructures import MultiDict
+from werkzeug.serving import WSGIRequestHandler, make_server
 
 DEFAULT_ISSUER_PATH = "/auth/realms/esante-wallet"
 PSC_DISCOVERY_SUFFIX = "/.well-known/wallet-openid-configuration"
@@ -1036,11 +1037,30 @@ def config_from_args(args: argparse.Namespace) -> PscConfig:
     )
 
 
+class RequestLogWithoutSecrets(WSGIRequestHandler):
+    """Request lines with the query's parameter names only: their values carry tokens (id_token_hint),
+    authorization codes, state and nonces, which a log must never show."""
+
+    def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
+        path = self.path
+        target, _, query = path.partition("?")
+        if query:
+            names = (pair.partition("=")[0] for pair in query.split("&") if pair)
+            self.path = target + "?" + "&".join(f"{name}=…" for name in names)
+        try:
+            super().log_request(code, size)
+        finally:
+            self.path = path
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     app = create_app(config_from_args(args))
-    # Loopback only: this is a test double with test-only endpoints.
-    app.run(host="127.0.0.1", port=args.port, threaded=True, use_reloader=False)
+    # Loopback only: this is a test double with test-only endpoints. Werkzeug's server without app.run()'s
+    # banner ("development server" warnings): one line says what this is.
+    server = make_server("127.0.0.1", args.port, app, threaded=True, request_handler=RequestLogWithoutSecrets)
+    print(f"Pro Santé Connect stand-in (tests and demos only) on http://127.0.0.1:{args.port}", flush=True)
+    server.serve_forever()
 
 
 if __name__ == "__main__":

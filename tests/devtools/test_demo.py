@@ -1,30 +1,40 @@
-"""``gateway demo`` (what ``make demo`` runs) as a new user meets it: the demo portal answers through the
-gateway, protected pages answer the login page, and Ctrl-C stops every process it started."""
+"""``gateway demo`` (what ``make demo`` runs) as a new user meets it, in a fresh directory: it says it is up
+only once everything listens, every command it prints runs as printed, the audit log and the metrics are
+where it says, an e-CPS login leaves no token in its output, and Ctrl-C stops every process it started."""
 
 from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import requests
 
 from tests.support.demo import DEMO_PORTS, ORIGIN, demo_ports, listening
-from tests.support.processes import PYTHON, REPO_ROOT
+from tests.support.ecps import Browser
+from tests.support.processes import PYTHON
+from tests.support.psc import PscServer
+
+UP = "The demo is up"
+LAST_BANNER_LINE = "Ctrl-C stops everything."
+STAND_IN_DOCTOR = "810001234567"  # one of the stand-in's default identities
+RECORD = "/patients/180017512345678"
 
 
-def wait_until_ready(demo: subprocess.Popen[bytes], log: Path, timeout: float = 90.0) -> None:
+def wait_for_banner(demo: subprocess.Popen[bytes], log: Path, timeout: float = 120.0) -> str:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        assert demo.poll() is None, f"gateway demo exited with {demo.returncode}:\n{log.read_text()}"
-        with contextlib.suppress(requests.RequestException):
-            if requests.get(f"{ORIGIN}/.gateway/readyz", timeout=2).status_code == 200:
-                return
-        time.sleep(0.3)
-    raise AssertionError(f"gateway demo not ready after {timeout} s:\n{log.read_text()}")
+        text = log.read_text(errors="replace")
+        if LAST_BANNER_LINE in text:
+            return text
+        assert demo.poll() is None, f"gateway demo exited with {demo.returncode}:\n{text}"
+        time.sleep(0.2)
+    raise AssertionError(f"no banner after {timeout} s:\n{log.read_text(errors='replace')}")
 
 
 def stop_like_ctrl_c(demo: subprocess.Popen[bytes]) -> None:
@@ -39,38 +49,97 @@ def stop_like_ctrl_c(demo: subprocess.Popen[bytes]) -> None:
         raise
 
 
-def test_demo_serves_the_portal_behind_the_gateway_and_ctrl_c_stops_everything(tmp_path: Path) -> None:
-    with demo_ports():
-        run_demo_and_stop_it(tmp_path)
-
-
-def run_demo_and_stop_it(tmp_path: Path) -> None:
-    log = tmp_path / "demo.log"
+@contextlib.contextmanager
+def running_demo(directory: Path, log: Path) -> Iterator[subprocess.Popen[bytes]]:
     with log.open("wb") as output:
         demo = subprocess.Popen(
             [PYTHON, "-m", "gateway.cli", "demo"],
-            cwd=REPO_ROOT,
+            cwd=directory,
             stdin=subprocess.DEVNULL,
             stdout=output,
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
     try:
-        wait_until_ready(demo, log)
-        home = requests.get(f"{ORIGIN}/", timeout=5)
-        assert home.status_code == 200 and "Portail démo" in home.text
-        record = requests.get(
-            f"{ORIGIN}/patients/180017512345678", headers={"Accept": "text/html"}, timeout=5
-        )
-        assert record.status_code == 401
-        assert "/.gateway/login/ecps" in record.text and "Portail démo" not in record.text
-        assert all(listening(port) for port in DEMO_PORTS.values()), log.read_text()
-        assert f"{ORIGIN}/" in log.read_text()  # it told the user where to go
-        # ... and when a revocation takes effect (the demo's card.crl_refresh).
-        assert "gateway dev revoke --label demo-doctor" in log.read_text()
-        assert "at its next CRL refresh: within 30 s" in log.read_text()
+        yield demo
     finally:
         stop_like_ctrl_c(demo)
+
+
+def run_printed(command: str, directory: Path) -> subprocess.CompletedProcess[str]:
+    """A command line exactly as the banner printed it, typed into a shell in the same directory."""
+    return subprocess.run(
+        ["bash", "-c", command],
+        cwd=directory,
+        capture_output=True,
+        text=True,
+        stdin=subprocess.DEVNULL,
+        timeout=60,
+        check=False,
+    )
+
+
+def ecps_login_and_logout() -> None:
+    browser, psc = Browser(), PscServer(port=DEMO_PORTS["PSC stand-in"], log=Path("/dev/null"))
+    to_psc = browser.get(f"{ORIGIN}/.gateway/login/ecps?next={RECORD}")
+    back = browser.follow(browser.get(psc.approve(to_psc.headers["Location"], STAND_IN_DOCTOR)))
+    assert back.status_code == 200 and "Portail démo" in back.text, back.text[:500]
+    confirm = browser.get(f"{ORIGIN}/.gateway/logout")
+    csrf = re.search(r'name="csrf_token" value="([^"]+)"', confirm.text)
+    assert csrf is not None, confirm.text
+    to_psc = browser.post(
+        f"{ORIGIN}/.gateway/logout", data={"csrf_token": csrf.group(1)}, headers={"Origin": ORIGIN}
+    )
+    end_session = to_psc.headers["Location"]
+    assert "id_token_hint=" in end_session  # RP-initiated logout at PSC: the stand-in logs this request
+    assert requests.get(end_session, allow_redirects=False, timeout=10).status_code in (302, 303)
+
+
+def test_demo_says_it_is_up_once_everything_listens_and_its_commands_run_as_printed(tmp_path: Path) -> None:
+    here = tmp_path / "somewhere"  # a newcomer's directory: the demo makes its files here
+    here.mkdir()
+    log = tmp_path / "demo.log"
+    with demo_ports(), running_demo(here, log) as demo:
+        text = wait_for_banner(demo, log)
+        not_yet = [name for name, port in DEMO_PORTS.items() if not listening(port)]
+        assert not not_yet, f"the banner came before {not_yet} listened:\n{text}"
+        assert text.count(UP) == 1, text
+        banner = text[text.index(UP) :]
+
+        home = requests.get(f"{ORIGIN}/", timeout=5)
+        assert home.status_code == 200 and "Portail démo" in home.text
+        page = requests.get(f"{ORIGIN}{RECORD}", headers={"Accept": "text/html"}, timeout=5)
+        assert page.status_code == 401 and "/.gateway/login/ecps" in page.text
+
+        commands = [line.strip() for line in banner.splitlines() if line.startswith("    ")]
+        assert any(" card login " in c for c in commands) and any(c.startswith("curl ") for c in commands)
+        outputs = {}
+        for command in commands:
+            done = run_printed(command, here)
+            assert done.returncode == 0, f"{command}\n{done.stdout}\n{done.stderr}"
+            outputs[command] = done.stdout
+        assert "DUPONT" in next(
+            out for c, out in outputs.items() if c.startswith("curl ")
+        )  # the record page, behind the card login
+        # ... and when a revocation takes effect (the demo's card.crl_refresh).
+        assert "at its next CRL refresh: within 30 s" in banner
+
+        check = re.search(r"check its chain: (.+)\)", banner)
+        assert check is not None, banner
+        verified = run_printed(check.group(1), here)
+        assert verified.returncode == 0 and verified.stdout.startswith("OK:"), (
+            verified.stdout + verified.stderr
+        )
+        metrics_url = re.search(r"Metrics: (\S+)", banner)
+        assert metrics_url is not None, banner
+        metrics = requests.get(metrics_url.group(1), timeout=5)
+        assert metrics.status_code == 200 and "gateway_login_attempts_total" in metrics.text
+
+        ecps_login_and_logout()
     assert demo.returncode == 0, log.read_text()
     still = [name for name, port in DEMO_PORTS.items() if listening(port)]
     assert not still, f"still listening after Ctrl-C: {still}\n{log.read_text()}"
+    output = log.read_text(errors="replace")
+    assert "Traceback" not in output
+    assert not re.search(r"eyJ[\w-]{10,}", output), "a token (JWT) was printed"
+    assert not re.search(r"code=[\w-]{8,}", output), "an authorization code was printed"

@@ -41,18 +41,6 @@ from tests.support.softhsm import PIN, CardSet
 CARD_ROUTE = "/echo/card/records"
 
 
-@pytest.fixture(scope="module")
-def stack(
-    dev_pki: DevPki,
-    softhsm_cards: CardSet,  # created first: the revoked card re-signs the CRL the gateway loads
-    upstream_url: str,
-    assertion_key: Path,
-    tmp_path_factory: pytest.TempPathFactory,
-) -> Iterator[CardStack]:
-    with card_stack(tmp_path_factory.mktemp("card-stack"), dev_pki, upstream_url, assertion_key) as running:
-        yield running
-
-
 def _card_host_login(stack: CardStack, label: str, work: Path) -> tuple[int, str, dict[str, str]]:
     """(status, Location, headers) of the card host's answer to the dev card ``label``, as a browser gets
     there: bound on the main host first (/.gateway/card/start sets the binding cookie in ``work``'s jar)."""

@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
+import pytest
+
 from gateway.devtools.card_host import card_host_nginx_argv
 from gateway.devtools.cards import softhsm_env
 from gateway.devtools.pki import DevPki
@@ -23,6 +25,7 @@ from tests.support.audit import audit_records
 from tests.support.config import TEST_POLICIES, write_config
 from tests.support.gateways import serve_argv
 from tests.support.processes import free_port, running, wait_for_port
+from tests.support.softhsm import CardSet
 
 ENGINE = Path("/usr/lib/x86_64-linux-gnu/engines-3/pkcs11.so")
 NGINX_SOURCE_ADDRESS = "127.0.0.2"
@@ -38,6 +41,19 @@ class CardStack:
 
     def audit(self) -> list[dict[str, Any]]:
         return audit_records(self.audit_file)
+
+
+@pytest.fixture(scope="module", name="stack")
+def card_stack_of_the_module(
+    dev_pki: DevPki,
+    softhsm_cards: CardSet,  # created first: the revoked card re-signs the CRL the gateway loads
+    upstream_url: str,
+    assertion_key: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[CardStack]:
+    """``stack``: the card stack on the session PKI, for a whole test module (import it to use it)."""
+    with card_stack(tmp_path_factory.mktemp("card-stack"), dev_pki, upstream_url, assertion_key) as running:
+        yield running
 
 
 def card_settings(pki: DevPki, login_origin: str) -> dict[str, Any]:

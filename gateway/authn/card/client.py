@@ -107,10 +107,25 @@ def _post_json(opener: urllib.request.OpenerDirector, url: str, body: dict[str, 
         with opener.open(request, timeout=30) as response:
             return dict(json.loads(response.read() or b"{}"))
     except urllib.error.HTTPError as error:
-        detail = error.read(2000).decode("utf-8", "replace")
-        raise CardLoginError(f"{url} answered {error.code}: {detail}") from None
-    except (urllib.error.URLError, OSError, ValueError) as error:
+        raise CardLoginError(f"{url} answered {error.code}: {_refusal(error.read(4000))}") from None
+    except urllib.error.URLError as error:
+        reason = error.reason.strerror if isinstance(error.reason, OSError) else error.reason
+        raise CardLoginError(f"{url}: {reason or error}") from None
+    except (OSError, ValueError) as error:
         raise CardLoginError(f"{url}: {error}") from None
+
+
+def _refusal(body: bytes) -> str:
+    """The gateway's JSON refusal in words ("message (reason)"); any other body as text."""
+    text = body.decode("utf-8", "replace")
+    try:
+        refusal = json.loads(text)
+    except ValueError:
+        return text.strip()
+    if not isinstance(refusal, dict) or "error" not in refusal:
+        return text.strip()
+    message = str(refusal.get("message") or "").strip()
+    return f"{message} ({refusal['error']})" if message else str(refusal["error"])
 
 
 def card_login(
