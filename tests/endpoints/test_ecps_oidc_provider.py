@@ -1,7 +1,7 @@
 """The gateway against an OpenID Connect provider it was not written with: panva/oidc-provider (node), as a
 real process, in its own behaviour (standard discovery path, no auth_time unless max_age, userinfo as JSON,
 its own login and logout pages, back-channel logout with sid). The gateway authenticates with
-private_key_jwt signed ES256."""
+private_key_jwt signed ES256, then with tls_client_auth behind nginx."""
 
 from __future__ import annotations
 
@@ -27,6 +27,7 @@ from tests.support.ecps import (
 from tests.support.oidc_provider import OidcProvider, running_oidc_provider
 from tests.support.processes import free_port
 from tests.support.psc import query_of
+from tests.support.psc_mtls import mtls_pki, running_mtls_terminator
 
 KEY_ID = "gateway-es256"
 
@@ -150,3 +151,75 @@ def browser_reads(world: EcpsWorld, browser: Browser) -> bool:
         SESSION_COOKIE in browser.cookies
         and browser.get(world.gateway_url + "/echo/protected/x").status_code == 200
     )
+
+
+@pytest.fixture(scope="module")
+def mtls_stack(
+    tmp_path_factory: pytest.TempPathFactory, upstream_url: str, assertion_key: Path
+) -> Iterator[tuple[OidcProvider, EcpsWorld]]:
+    """oidc-provider behind nginx requiring the client certificate on its mTLS listener (the same terminator
+    as the stand-in's): tls_client_auth, certificate-bound access tokens, pushed authorization requests."""
+    directory = tmp_path_factory.mktemp("oidc-provider-mtls")
+    pki = mtls_pki(directory / "pki")
+    provider_port, port = free_port(), free_port()
+    gateway_url = f"http://127.0.0.1:{port}"
+    client = {
+        "client_id": CLIENT_ID,
+        "token_endpoint_auth_method": "tls_client_auth",
+        "tls_client_auth_subject_dn": pki.subject("gateway"),
+        "tls_client_certificate_bound_access_tokens": True,
+        "redirect_uris": [gateway_url + "/.gateway/ecps/callback"],
+        "grant_types": ["authorization_code"],
+        "response_types": ["code"],
+    }
+    with running_mtls_terminator(directory, pki, provider_port) as terminator:
+        aliases = {
+            "token_endpoint": terminator.mtls_url + "/token",
+            "userinfo_endpoint": terminator.mtls_url + "/me",
+            "pushed_authorization_request_endpoint": terminator.mtls_url + "/request",
+        }
+        with running_oidc_provider(
+            directory,
+            [client],
+            IDENTITIES,
+            port=provider_port,
+            public_url=terminator.public_url,
+            verify=str(pki.server_ca),
+            mtls=True,
+            discovery={"mtls_endpoint_aliases": aliases},
+        ) as provider:
+            cert, key = pki.client("gateway")
+            ecps = {
+                "metadata_url": provider.metadata_url,
+                "issuer": provider.issuer,
+                "client_auth": "tls_client_auth",
+                "client_secret": None,
+                "client_certificate_file": str(cert),
+                "client_certificate_key_file": str(key),
+                "server_ca_file": str(pki.server_ca),
+                "pushed_authorization_requests": True,
+            }
+            with running_ecps_gateway(
+                directory / "gateway",
+                provider,  # type: ignore[arg-type]
+                port=port,
+                upstream_url=upstream_url,
+                assertion_key=assertion_key,
+                ecps=ecps,
+            ) as world:
+                yield provider, world
+
+
+def test_tls_client_auth_with_a_certificate_bound_token_and_a_pushed_request(
+    mtls_stack: tuple[OidcProvider, EcpsWorld],
+) -> None:
+    provider, world = mtls_stack
+    browser = Browser()
+    start = browser.get(world.gateway_url + "/.gateway/login/ecps", params={"next": "/echo/protected/x"})
+    assert start.status_code == 302, start.headers.get("X-Gateway-Reason")
+    assert set(query_of(start.headers["Location"])) == {"client_id", "request_uri"}
+    answer = browser.get(provider.approve(requests.Session(), start.headers["Location"], DOCTOR))
+    assert answer.status_code == 303, answer.headers.get("X-Gateway-Reason")
+    # The access token oidc-provider issued is bound to the certificate (cnf x5t#S256); its userinfo
+    # answered the gateway, which presented that certificate there.
+    assert browser.follow(answer).json()["headers"]["x-gateway-subject"] == DOCTOR

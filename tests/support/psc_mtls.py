@@ -65,7 +65,10 @@ server {
     ssl_certificate __SERVER_CERT__;
     ssl_certificate_key __SERVER_KEY__;
     location / {
-        proxy_pass http://__PSC__;
+        proxy_pass http://__PROVIDER__;
+        # Providers build URLs from their issuer, or from Host and X-Forwarded-Proto (oidc-provider).
+        proxy_set_header Host $http_host;
+        proxy_set_header X-Forwarded-Proto https;
         # No certificate on this listener: never let a client claim one.
         proxy_set_header X-SSL-Client-Cert "";
         proxy_set_header X-SSL-Client-Verify "";
@@ -79,7 +82,9 @@ server {
     ssl_client_certificate __CLIENT_CA__;
     ssl_verify_depth 1;
     location / {
-        proxy_pass http://__PSC__;
+        proxy_pass http://__PROVIDER__;
+        proxy_set_header Host $http_host;
+        proxy_set_header X-Forwarded-Proto https;
         proxy_set_header X-SSL-Client-Cert $ssl_client_escaped_cert;
         proxy_set_header X-SSL-Client-Verify $ssl_client_verify;
     }
@@ -138,6 +143,30 @@ def mtls_pki(directory: Path) -> MtlsPki:
 
 
 @dataclass(frozen=True)
+class MtlsTerminator:
+    #: Base URLs of the public listener and of the one that requires a client certificate.
+    public_url: str
+    mtls_url: str
+
+
+@contextlib.contextmanager
+def running_mtls_terminator(directory: Path, pki: MtlsPki, provider_port: int) -> Iterator[MtlsTerminator]:
+    """nginx in front of the provider process listening on ``provider_port`` (started afterwards)."""
+    mtls_port = free_port()
+    template = directory / "mtls-terminator.conf.template"
+    template.write_text(NGINX_TEMPLATE, encoding="utf-8")
+    values = {
+        "PROVIDER": f"127.0.0.1:{provider_port}",
+        "MTLS_LISTEN": f"127.0.0.1:{mtls_port}",
+        "SERVER_CERT": str(pki.path("server.pem")),
+        "SERVER_KEY": str(pki.path("server.key")),
+        "CLIENT_CA": str(pki.organisations_ca),
+    }
+    with running_nginx(directory / "nginx", template, values) as nginx:
+        yield MtlsTerminator(f"https://127.0.0.1:{nginx.port}", f"https://127.0.0.1:{mtls_port}")
+
+
+@dataclass(frozen=True)
 class MtlsPsc:
     psc: PscServer
     pki: MtlsPki
@@ -153,27 +182,16 @@ def running_psc_behind_mtls(
     identities: Sequence[dict[str, str]] | None = None,
     psc_args: Sequence[str] = (),
 ) -> Iterator[MtlsPsc]:
-    psc_port, mtls_port = free_port(), free_port()
-    template = directory / "psc-mtls.conf.template"
-    template.write_text(NGINX_TEMPLATE, encoding="utf-8")
-    values = {
-        "PSC": f"127.0.0.1:{psc_port}",
-        "MTLS_LISTEN": f"127.0.0.1:{mtls_port}",
-        "SERVER_CERT": str(pki.path("server.pem")),
-        "SERVER_KEY": str(pki.path("server.key")),
-        "CLIENT_CA": str(pki.organisations_ca),
-    }
-    mtls_url = f"https://127.0.0.1:{mtls_port}"
-    with running_nginx(directory / "nginx", template, values) as nginx:
-        args = ["--client-certificate-header", "--mtls-url", mtls_url, *psc_args]
-        public_url = f"https://127.0.0.1:{nginx.port}"
+    psc_port = free_port()
+    with running_mtls_terminator(directory, pki, psc_port) as terminator:
+        args = ["--client-certificate-header", "--mtls-url", terminator.mtls_url, *psc_args]
         with running_psc(
             directory,
             clients,
             identities,
             port=psc_port,
             args=args,
-            public_url=public_url,
+            public_url=terminator.public_url,
             verify=str(pki.server_ca),
         ) as psc:
-            yield MtlsPsc(psc, pki, mtls_url)
+            yield MtlsPsc(psc, pki, terminator.mtls_url)

@@ -63,6 +63,7 @@ const provider = new Provider(config.issuer, {
   claims: { openid: ['sub'], scope_all: SCOPE_ALL_CLAIMS },
   acrValues: ['eidas1', 'eidas2', 'eidas3'],
   pkce: { required: () => true },
+  clientAuthMethods: ['client_secret_basic', 'private_key_jwt', ...(config.mtls ? ['tls_client_auth'] : [])],
   cookies: { keys: [crypto.randomBytes(32).toString('hex')] },
   features: {
     devInteractions: { enabled: false },
@@ -134,6 +135,9 @@ provider.use(async (ctx, next) => {
     ctx.req, ctx.res, { login: { accountId: subjectOf(idnat), acr } }, { mergeWithLastSubmission: false },
   );
 });
+
+// Behind the mTLS terminator (nginx), believe its X-Forwarded-Proto: the issuer is https there.
+provider.proxy = Boolean(config.mtls);
 
 // The tests read these in the process log when something does not arrive.
 provider.on('backchannel.error', (ctx, err, client) => console.error(`backchannel.error ${client.clientId}: ${err} ${err.cause ?? ""}`));
