@@ -23,6 +23,7 @@ import logging
 import re
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -266,24 +267,17 @@ class ProSanteConnect:
 
     def start_background_discovery(self) -> None:
         """Fetch the discovery document now and, while PSC cannot be reached, again and again in a daemon
-        thread (so the first login after an outage does not wait for it, and the state is known)."""
-        threading.Thread(target=self._discover_until_up, name="psc-discovery", daemon=True).start()
+        thread (so the first login after an outage does not wait for it, and the state is known). The thread
+        holds the client weakly: it ends with it (or with :meth:`stop_background_discovery`)."""
+        threading.Thread(
+            target=_discover_until_up,
+            args=(weakref.ref(self), self._stop_discovery),
+            name="psc-discovery",
+            daemon=True,
+        ).start()
 
     def stop_background_discovery(self) -> None:
         self._stop_discovery.set()
-
-    def _discover_until_up(self) -> None:
-        delay = DISCOVERY_RETRY_FIRST
-        while not self._stop_discovery.is_set():
-            try:
-                self._metadata()
-            except EcpsError as exc:
-                if exc.reason is not Reason.IDP_UNAVAILABLE:
-                    return  # reachable but misconfigured: retrying cannot help; logins say why
-            else:
-                return
-            self._stop_discovery.wait(delay)
-            delay = min(delay * 2, DISCOVERY_RETRY_MAX)
 
     def status(self) -> ProviderStatus:
         return self._status
@@ -813,6 +807,21 @@ def safe_next_path(next_path: str) -> str:
     ):
         return "/"
     return next_path
+
+
+def _discover_until_up(client_ref: weakref.ref[ProSanteConnect], stop: threading.Event) -> None:
+    delay = DISCOVERY_RETRY_FIRST
+    while not stop.is_set() and (client := client_ref()) is not None:
+        try:
+            client._metadata()
+        except EcpsError as exc:
+            if exc.reason is not Reason.IDP_UNAVAILABLE:
+                return  # reachable but misconfigured: retrying cannot help; logins say why
+        else:
+            return
+        del client
+        stop.wait(delay)
+        delay = min(delay * 2, DISCOVERY_RETRY_MAX)
 
 
 def client_assertion_key(private_key_pem: str) -> tuple[RSAKey | ECKey, str]:
