@@ -12,7 +12,6 @@ from typing import Any
 from urllib.parse import unquote_plus
 
 from flask import request
-from werkzeug.http import parse_cookie
 
 from gateway import metrics
 from gateway.authn.card.revocation import REVOCATION_EVENT
@@ -22,7 +21,7 @@ from gateway.policy.engine import decide_rule
 from gateway.policy.model import Action, Quota, QuotaBreachAction, ResourceKey, Rule
 from gateway.policy.origin import is_cross_site
 from gateway.policy.paths import NormalisedTarget
-from gateway.runtime import Gateway, audit_request_event
+from gateway.runtime import Gateway, audit_request_event, session_id_of
 from gateway.sessions import Session, SessionStoreUnavailable
 
 _NO_RULE = Decision(Outcome.DENY, (Reason.NO_MATCHING_RULE,))
@@ -75,8 +74,7 @@ def check_access(
 
 
 def session_of(gateway: Gateway, environ: dict[str, Any], now: float) -> Session | None:
-    cookies = parse_cookie(environ.get("HTTP_COOKIE"))
-    session_id = cookies.get(gateway.settings.sessions.cookie_name)
+    session_id = session_id_of(gateway, environ)
     if not session_id:
         return None
     session = gateway.sessions.get(session_id, now)

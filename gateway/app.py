@@ -20,6 +20,7 @@ from gateway.policy.decision import Reason
 from gateway.policy.loader import LoadedPolicies
 from gateway.readiness import NotReady
 from gateway.runtime import (
+    GATEWAY_PREFIX,
     LOGIN_COOKIE_NAME,
     audit_event,
     build_gateway,
@@ -27,6 +28,8 @@ from gateway.runtime import (
     gateway_of,
     read_policies,
     refuse,
+    refused_host,
+    request_host,
     unexpected_error,
 )
 from gateway.sessions import SessionStore
@@ -145,12 +148,21 @@ def _wire_ecps(app: Flask, login_cookie_secret: str) -> None:
     )
 
 
+#: Reached by internal names (load balancer probes, the portal fetching the JWKS): no Host check.
+_ANY_HOST_PATHS = frozenset(f"{GATEWAY_PREFIX}/{name}" for name in ("healthz", "readyz", "jwks.json"))
+
+
 def _refuse_bad_target() -> Response | None:
+    gateway = gateway_of()
     problem = request.environ.get(BAD_TARGET_KEY)
-    if problem is None:
+    if problem is not None:
+        audit_event(gateway, "bad_request", reasons=[Reason.BAD_REQUEST_PATH.value], detail=problem)
+        return refuse(Reason.BAD_REQUEST_PATH, next_path="/")
+    if request.path in _ANY_HOST_PATHS:
         return None
-    audit_event(gateway_of(), "bad_request", reasons=[Reason.BAD_REQUEST_PATH.value], detail=problem)
-    return refuse(Reason.BAD_REQUEST_PATH, next_path="/")
+    host = request_host(gateway)
+    reason = refused_host(gateway, request.environ, host, request.environ.get("HTTP_HOST", ""))
+    return refuse(reason, next_path="/") if reason is not None else None
 
 
 _LIMITER = "gateway_login_limiter"

@@ -408,6 +408,11 @@ def _dev_init(args: argparse.Namespace) -> int:
     print(f"assertion key: {settings.assertion.key_file}")
     if settings.card is not None:
         _dev_init_pki(settings.card.trust_anchors[0].parent)
+        if settings.card.host_secret_file is not None:
+            from gateway.devtools.card_host import write_host_secret
+
+            write_host_secret(settings.card.host_secret_file)
+            print(f"card host secret: {settings.card.host_secret_file}")
     return EXIT_OK
 
 

@@ -39,6 +39,7 @@ PAGES: dict[Reason, Page] = {
     Reason.DENIED_BY_RULE: Page(403),
     Reason.BAD_REQUEST_PATH: Page(400),
     Reason.BAD_HOST: Page(400),
+    Reason.HOST_NOT_ALLOWED: Page(400),
     Reason.INTERNAL_ERROR: Page(500),
     Reason.UPSTREAM_UNAVAILABLE: Page(502),
     Reason.UPSTREAM_TIMEOUT: Page(504),

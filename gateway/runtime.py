@@ -11,11 +11,13 @@ from urllib.parse import urlsplit
 
 from flask import Flask, Response, current_app, request
 from werkzeug.exceptions import HTTPException
+from werkzeug.http import parse_cookie
 
 from gateway import metrics
 from gateway.audit import AuditLog
 from gateway.authn.card.challenge import ChallengeIssuer, NonceKind, NonceSpace, NonceStore
 from gateway.authn.card.handoff import BINDING_COOKIE
+from gateway.authn.card.headers import CardHost
 from gateway.authn.card.revocation import RevokedCardSessions
 from gateway.authn.card.setup import build_card_login, crls_ready, nonce_store
 from gateway.authn.card.verify import CardVerifier, CrlStore
@@ -29,7 +31,7 @@ from gateway.policy.loader import LoadedPolicies, load_policies
 from gateway.policy.model import Rule
 from gateway.policy.paths import BadPath, normalise_target
 from gateway.proxy.assertion import AssertionSigner
-from gateway.proxy.headers import client_address, in_networks
+from gateway.proxy.headers import PortalOrigin, client_address, in_networks
 from gateway.proxy.upstream import Upstream
 from gateway.readiness import NotReady, ReadinessRegistry, UpstreamProbe
 from gateway.responses import LoginLinks, WayForward, login_link, refusal
@@ -58,6 +60,10 @@ class Gateway:
     audit: AuditLog
     quotas: QuotaGuard
     login_throttle: LoginThrottle
+    portal_origin: PortalOrigin
+    #: Every Host the gateway answers for (Settings.allowed_hosts).
+    allowed_hosts: frozenset[str]
+    #: The gateway's cookie names, lower-case: never sent to the portal, never set by it.
     protected_cookies: frozenset[str] = field(default_factory=frozenset)
     #: Where the login page's choices lead; None until that login method is configured.
     card_login_url: str | None = None
@@ -71,6 +77,8 @@ class Gateway:
     challenge_issuer: ChallengeIssuer | None = None
     crl_store: CrlStore | None = None
     card_handoffs: NonceStore | None = None
+    #: Who may send client-certificate headers (None without a card section: nobody).
+    card_host: CardHost | None = None
 
     def login_links(self, next_path: str) -> LoginLinks:
         card, ecps = self.card_login_url, self.ecps_login_url
@@ -183,7 +191,11 @@ def build_gateway(
             ban_duration=settings.limits.ban_duration,
         ),
         # The login cookie is the gateway's too: never forwarded to the portal.
-        protected_cookies=frozenset({settings.sessions.cookie_name, LOGIN_COOKIE_NAME, BINDING_COOKIE}),
+        protected_cookies=frozenset(
+            name.lower() for name in (settings.sessions.cookie_name, LOGIN_COOKIE_NAME, BINDING_COOKIE)
+        ),
+        portal_origin=PortalOrigin.of(upstream.url),
+        allowed_hosts=settings.allowed_hosts,
         ecps=build_ecps(settings.ecps, settings) if settings.ecps else None,
         ecps_login_url=ECPS_LOGIN_PATH if settings.ecps else None,
     )
@@ -209,6 +221,9 @@ def _add_card_login(gateway: Gateway) -> None:
     gateway.crl_store = login.crl_store
     gateway.card_handoffs = login.handoffs
     gateway.card_login_url = CARD_START_PATH
+    gateway.card_host = CardHost(
+        card.login_host, tuple(gateway.settings.server.tls_terminators), card.host_secret_value()
+    )
 
     def card_crls() -> None:
         if not crls_ready(login):
@@ -226,6 +241,9 @@ def gateway_of(app: Flask | None = None) -> Gateway:
 # Flask views share them; the argument-less forms are for code running inside a Flask request.
 
 REQUEST_ID_KEY = "gateway.request_id"
+#: When present, the session id to use instead of the Cookie header's (forward-auth: the id nginx keyed its
+#: decision cache on; None: no session).
+SESSION_ID_KEY = "gateway.session_id"
 
 
 def request_id_of(environ: dict[str, Any]) -> str:
@@ -233,6 +251,12 @@ def request_id_of(environ: dict[str, Any]) -> str:
     if value is None:
         value = environ[REQUEST_ID_KEY] = secrets.token_hex(8)
     return value
+
+
+def session_id_of(gateway: Gateway, environ: dict[str, Any]) -> str | None:
+    if SESSION_ID_KEY in environ:
+        return environ[SESSION_ID_KEY]
+    return parse_cookie(environ.get("HTTP_COOKIE")).get(gateway.settings.sessions.cookie_name) or None
 
 
 def peer_of(environ: dict[str, Any]) -> str:
@@ -248,6 +272,16 @@ def request_host_of(gateway: Gateway, environ: dict[str, Any]) -> str | None:
     trusted = in_networks(peer_of(environ), gateway.settings.server.trusted_proxies)
     raw = (trusted and environ.get("HTTP_X_FORWARDED_HOST")) or environ.get("HTTP_HOST", "")
     return normalise_host(raw)
+
+
+def refused_host(gateway: Gateway, environ: dict[str, Any], host: str | None, raw: str) -> Reason | None:
+    """BAD_HOST (malformed) or HOST_NOT_ALLOWED (not one of Settings.allowed_hosts), audited; None when the
+    gateway answers for ``host``."""
+    if host is not None and host in gateway.allowed_hosts:
+        return None
+    reason = Reason.BAD_HOST if host is None else Reason.HOST_NOT_ALLOWED
+    audit_request_event(gateway, environ, "bad_request", decision="deny", reasons=[reason.value], host=raw)
+    return reason
 
 
 def audit_request_event(

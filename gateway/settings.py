@@ -34,6 +34,7 @@ from gateway.config_source import (
     parse_yaml,
     validate,
 )
+from gateway.wsgi import normalise_host
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -110,7 +111,17 @@ class ServerSettings(_Section):
     )
     tls_terminators: list[Network] = Field(
         default_factory=list,
-        description="Networks (e.g. the nginx in front) whose X-SSL-Client-* card headers are believed.",
+        description=(
+            "Networks the card-login host's nginx connects from; its X-SSL-Client-* headers are believed "
+            "only from there, with card.host_secret, for the Host of card.login_origin."
+        ),
+    )
+    allowed_hosts: list[str] = Field(
+        default_factory=list,
+        description=(
+            "Host names the gateway answers for besides those of public_origin and card.login_origin; "
+            "any other Host is refused (400, audited), in proxy and forward-auth mode alike."
+        ),
     )
     allowed_origins: list[str] = Field(
         default_factory=list,
@@ -176,6 +187,14 @@ class ServerSettings(_Section):
     def trusted_origins(self) -> frozenset[str]:
         """Origins whose pages may send state-changing requests: the portal's own and the allowed ones."""
         return frozenset({self.public_origin.lower(), *self.allowed_origins})
+
+    @field_validator("allowed_hosts")
+    @classmethod
+    def _allowed_hosts(cls, value: list[str]) -> list[str]:
+        bad = [host for host in value if normalise_host(host) != host.lower().rstrip(".")]
+        if bad:
+            raise ValueError(f"not host names (no scheme, port or path): {', '.join(map(repr, bad))}")
+        return [host.lower().rstrip(".") for host in value]
 
     @property
     def host(self) -> str:
@@ -551,8 +570,20 @@ class CardSettings(_Section):
         None,
         description="memory:// or redis://… for challenge nonces and card-host hand-offs (default: sessions.store).",
     )
+    host_secret: str | None = Field(
+        None,
+        description=(
+            "Secret the card-login host's nginx adds to every request it forwards (X-Card-Host-Secret); "
+            "client-certificate headers count only with it. At least 32 random bytes (openssl rand -hex 32); "
+            "write a ${ENV} reference, or use host_secret_file."
+        ),
+    )
+    host_secret_file: Path | None = Field(
+        None,
+        description="File holding the card host secret instead of host_secret (one of them is required).",
+    )
 
-    _resolve_paths = _paths_relative_to_settings("trust_anchors", "intermediates")
+    _resolve_paths = _paths_relative_to_settings("trust_anchors", "intermediates", "host_secret_file")
 
     @field_validator("trust_anchors", "intermediates", mode="after")
     @classmethod
@@ -579,6 +610,65 @@ class CardSettings(_Section):
         if value is not None and not value.startswith(("memory://", "redis://", "rediss://", "unix://")):
             raise ValueError("use memory:// or a redis://, rediss:// or unix:// URL")
         return value
+
+    @field_validator("host_secret")
+    @classmethod
+    def _host_secret(cls, value: str | None) -> str | None:
+        return check_card_host_secret(value) if value is not None else None
+
+    @field_validator("host_secret_file", mode="after")
+    @classmethod
+    def _host_secret_file(cls, value: Path | None, info: pydantic.ValidationInfo) -> Path | None:
+        if value is None or (not (info.context or {}).get("require_files", True) and not value.is_file()):
+            return value
+        _require_file(value, info)
+        check_card_host_secret(_read_secret(value), f"{value}: ")
+        return value
+
+    @model_validator(mode="after")
+    def _one_host_secret(self) -> CardSettings:
+        if (self.host_secret is None) == (self.host_secret_file is None):
+            raise ValueError(
+                "set exactly one of host_secret and host_secret_file: without the card host's secret no "
+                "client certificate is believed (the same value fills the card-login nginx template)"
+            )
+        return self
+
+    @property
+    def login_host(self) -> str:
+        """The host name of login_origin (what the card-login nginx sends as Host)."""
+        host = normalise_host(self.login_origin.split("://", 1)[1])
+        assert host is not None  # login_origin was validated as an origin
+        return host
+
+    def host_secret_value(self) -> bytes:
+        """The card host secret, read from host_secret_file when that is how it was given."""
+        if self.host_secret is not None:
+            return self.host_secret.encode("ascii")
+        assert self.host_secret_file is not None
+        return _read_secret(self.host_secret_file).encode("ascii")
+
+
+_SECRET_CHARACTERS = re.compile(r"^[A-Za-z0-9+/=_.~-]+$")
+_HEX = re.compile(r"^[0-9a-fA-F]+$")
+
+
+def check_card_host_secret(value: str, where: str = "") -> str:
+    """At least 32 bytes' worth (64 hex digits, or 43 base64 characters), and safe inside an nginx string
+    and an HTTP header."""
+    if not _SECRET_CHARACTERS.match(value):
+        raise ValueError(f"{where}the card host secret may only hold letters, digits and + / = _ . ~ -")
+    needed = 64 if _HEX.match(value) else 43
+    if len(value) < needed:
+        raise ValueError(
+            f"{where}the card host secret is too short: at least 32 random bytes "
+            f"({needed} characters in this encoding; e.g. openssl rand -hex 32)"
+        )
+    return value
+
+
+def _read_secret(path: Path) -> str:
+    return path.read_text(encoding="ascii", errors="replace").strip()
 
 
 class Settings(_Section):
@@ -612,6 +702,15 @@ class Settings(_Section):
     @property
     def limits_storage(self) -> str:
         return self.limits.storage or self.sessions.store
+
+    @property
+    def allowed_hosts(self) -> frozenset[str]:
+        """Every Host the gateway answers for: server.allowed_hosts and the hosts of the two origins."""
+        origin_host = normalise_host(self.server.public_origin.split("://", 1)[1])
+        hosts = {*self.server.allowed_hosts, *([origin_host] if origin_host else [])}
+        if self.card is not None:
+            hosts.add(self.card.login_host)
+        return frozenset(hosts)
 
     _resolve_paths = _paths_relative_to_settings("policies")
 

@@ -226,3 +226,22 @@ def test_an_unexpected_failure_is_a_page_never_a_stack_trace(app: Flask, client:
     assert response.status_code == 500
     assert response.headers["X-Gateway-Reason"] == "internal_error"
     assert "Erreur interne" in page and "secret internal detail" not in page and "Traceback" not in page
+
+
+def test_a_host_the_gateway_does_not_serve_is_refused_on_its_own_pages_too(
+    client: FlaskClient, tmp_path: Path
+) -> None:
+    for path in ("/hello", "/.gateway/login", "/.gateway/logout"):
+        response = client.get(path, headers={"Host": "evil.example", "Accept": "text/html"})
+        assert (response.status_code, response.headers["X-Gateway-Reason"]) == (400, "host_not_allowed"), path
+        assert "Site inconnu" in response.get_data(as_text=True)
+    events = [e for e in audit_events(tmp_path) if e["event"] == "bad_request"]
+    assert [e["host"] for e in events] == ["evil.example"] * 3
+    # Probes and the portal's key fetch reach the gateway by internal names.
+    for path in ("/.gateway/healthz", "/.gateway/jwks.json"):
+        assert client.get(path, headers={"Host": "gateway.internal:8080"}).status_code == 200, path
+
+
+def test_the_client_request_id_never_reaches_the_portal(client: FlaskClient) -> None:
+    echoed = client.get("/echo/public/x", headers={"X-Request-Id": "chosen"}).json["headers"]
+    assert "chosen" not in echoed["x-request-id"]  # one id, the gateway's (on main: "chosen,<the gateway's>")

@@ -55,17 +55,20 @@ def app(tmp_path: Path, upstream_url: str, assertion_key: Path) -> Iterator[Flas
         yield application
 
 
-def ask(client: FlaskClient, uri: str, *, method: str = "GET", peer: str = NGINX, **headers: str):
-    return client.get(
-        "/.gateway/auth",
-        headers={
-            "X-Original-Method": method,
-            "X-Original-URI": uri,
-            "X-Forwarded-Host": "portal.test",
-            **headers,
-        },
-        environ_base={"REMOTE_ADDR": peer},
-    )
+def ask(
+    client: FlaskClient,
+    uri: str,
+    *,
+    method: str = "GET",
+    peer: str = NGINX,
+    session: str | None = None,
+    **headers: str,
+):
+    """The sub-request the shipped template sends: ``session`` is the id nginx read from the cookie."""
+    sent = {"X-Original-Method": method, "X-Original-URI": uri, "X-Forwarded-Host": "portal.test", **headers}
+    if session is not None:
+        sent["X-Gateway-Session"] = session
+    return client.get("/.gateway/auth", headers=sent, environ_base={"REMOTE_ADDR": peer})
 
 
 def audit_events(tmp_path: Path) -> list[dict]:
@@ -90,26 +93,45 @@ def test_protected_route_without_session_answers_401_with_the_login_location(app
 def test_session_gets_identity_headers(app: Flask) -> None:
     session = gateway_of(app).sessions.create(identity(), time.time())
     client = app.test_client()
-    client.set_cookie(COOKIE, session.id, domain="localhost")
-    response = ask(client, "/echo/protected/x")
+    response = ask(client, "/echo/protected/x", session=session.id)
     assert response.status_code == 200
     assert response.headers["X-Gateway-Subject"] == "810001234567"
     assert response.headers["X-Gateway-Auth-Method"] == "card"
     assert response.headers["X-Gateway-Professions"] == "10"
     assert response.headers["X-Gateway-Assertion"].count(".") == 2
     assert response.headers["X-Gateway-Cacheable"] == "1"
-    counted = ask(client, "/echo/counted/x")
+    counted = ask(client, "/echo/counted/x", session=session.id)
     assert counted.status_code == 200
     assert counted.headers["X-Gateway-Cacheable"] == "0" and counted.headers["X-Accel-Expires"] == "0"
+
+
+def test_only_the_session_nginx_keyed_on_counts_never_the_cookie(app: Flask) -> None:
+    session = gateway_of(app).sessions.create(identity(), time.time())
+    client = app.test_client()
+    # nginx's cache key reads "__Host-gateway-session=<id>" only: with a blank before '=' it keys the request
+    # as anonymous, and so must the gateway judge it, or its allow would be served to the next anonymous user.
+    for cookie in (f"{COOKIE} ={session.id}", f"{COOKIE}={session.id}"):
+        response = ask(client, "/echo/protected/x", Cookie=cookie)
+        assert response.status_code == 401, cookie
+        assert "X-Gateway-Subject" not in response.headers
+
+
+def test_unsafe_methods_are_never_cacheable(app: Flask) -> None:
+    session = gateway_of(app).sessions.create(identity(), time.time())
+    for method in ("POST", "PUT", "PATCH", "DELETE"):
+        response = ask(app.test_client(), "/echo/protected/x", method=method, session=session.id)
+        assert response.status_code == 200, method
+        assert response.headers["X-Gateway-Cacheable"] == "0" and response.headers["X-Accel-Expires"] == "0"
+    head = ask(app.test_client(), "/echo/protected/x", method="HEAD", session=session.id)
+    assert head.headers["X-Gateway-Cacheable"] == "1"
 
 
 def test_deny_is_403_with_the_reason_and_judges_the_original_method(app: Flask) -> None:
     assert ask(app.test_client(), "/echo/forbidden/x").headers["X-Gateway-Reason"] == "denied_by_rule"
     session = gateway_of(app).sessions.create(identity(), time.time())
     client = app.test_client()
-    client.set_cookie(COOKIE, session.id, domain="localhost")
-    assert ask(client, "/patients/1", method="GET").status_code == 200
-    refused = ask(client, "/patients/1", method="DELETE")  # the rule names GET only
+    assert ask(client, "/patients/1", method="GET", session=session.id).status_code == 200
+    refused = ask(client, "/patients/1", method="DELETE", session=session.id)  # the rule names GET only
     assert refused.status_code == 403 and refused.headers["X-Gateway-Reason"] == "no_matching_rule"
 
 
@@ -118,6 +140,53 @@ def test_bad_original_uri_is_400(app: Flask) -> None:
     assert response.status_code == 400
     assert response.headers["X-Gateway-Reason"] == "bad_request_path"
     assert ask(app.test_client(), "").status_code == 400
+
+
+@pytest.mark.parametrize(
+    "uri",
+    [
+        "/patients/180017512345678//..//..",  # judged "/" (public); an RFC 3986 portal serves the record
+        "/echo/card/x//..",  # judged by another rule than the one a portal would apply
+        "/echo/public/../protected/x",
+        "/echo/public/./x",
+        "/echo/public//x",
+        "/echo/public/%7Ex",  # an encoded unreserved character
+        "/echo/public/%2a",  # a lower-case escape
+        "/echo/public/%2e%2e/%2e%2e/echo/protected/x",
+    ],
+)
+def test_an_original_uri_not_in_normal_form_is_400_and_audited(app: Flask, tmp_path: Path, uri: str) -> None:
+    session = gateway_of(app).sessions.create(identity(), time.time())
+    response = ask(app.test_client(), uri + "?q=1", session=session.id)
+    assert (response.status_code, response.headers["X-Gateway-Reason"]) == (400, "bad_request_path")
+    event = audit_events(tmp_path)[-1]
+    assert (event["event"], event["reasons"]) == ("bad_request", ["bad_request_path"])
+    assert "normal form" in event["detail"]
+
+
+def test_an_original_uri_in_normal_form_is_judged_with_its_query(app: Flask) -> None:
+    for uri in ("/echo/public/a%20b/~c/", "/echo/public/x?q=%2F..&q=/../", "/hello"):
+        assert ask(app.test_client(), uri).status_code == 200, uri
+
+
+def test_a_host_the_gateway_does_not_serve_is_400_and_audited(app: Flask, tmp_path: Path) -> None:
+    response = ask(app.test_client(), "/hello", **{"X-Forwarded-Host": "evil.example"})
+    assert (response.status_code, response.headers["X-Gateway-Reason"]) == (400, "host_not_allowed")
+    event = audit_events(tmp_path)[-1]
+    assert (event["event"], event["reasons"], event["host"]) == (
+        "bad_request",
+        ["host_not_allowed"],
+        "evil.example",
+    )
+    malformed = ask(app.test_client(), "/hello", **{"X-Forwarded-Host": "bad host!"})
+    assert (malformed.status_code, malformed.headers["X-Gateway-Reason"]) == (400, "bad_host")
+
+
+def test_the_audit_trail_uses_nginx_request_id(app: Flask, tmp_path: Path) -> None:
+    ask(app.test_client(), "/echo/forbidden/x", **{"X-Request-Id": "0123456789abcdef0123456789abcdef"})
+    assert audit_events(tmp_path)[-1]["request_id"] == "0123456789abcdef0123456789abcdef"
+    ask(app.test_client(), "/echo/forbidden/x", **{"X-Request-Id": "not an id; really"})
+    assert audit_events(tmp_path)[-1]["request_id"] != "not an id; really"
 
 
 def test_original_headers_from_an_untrusted_peer_are_refused_and_audited(app: Flask, tmp_path: Path) -> None:

@@ -118,3 +118,66 @@ def test_every_key_is_documented() -> None:
     undocumented = [key for key, _, description in rows if not description]
     assert undocumented == []
     assert ("upstream.url", "(required)") in [(key, default) for key, default, _ in rows]
+
+
+CARD = """\
+card:
+  trust_anchors: [root.pem]
+  login_origin: https://Carte.Portail.test:8443
+"""
+SECRET = "0123456789abcdef" * 4
+
+
+def test_the_card_host_secret_is_required_once(tmp_path: Path) -> None:
+    path = write(tmp_path, VALID + CARD)
+    assert errors(path, require_files=False) == [
+        "6: card: set exactly one of host_secret and host_secret_file: without the card host's secret no "
+        "client certificate is believed (the same value fills the card-login nginx template)"
+    ]
+    (tmp_path / "secret").write_text(SECRET + "\n")
+    both = write(tmp_path, VALID + CARD + f"  host_secret: {SECRET}\n  host_secret_file: secret\n")
+    assert len(errors(both, require_files=False)) == 1
+
+
+@pytest.mark.parametrize(
+    ("secret", "problem"),
+    [
+        ("0123456789abcdef" * 3, "too short"),  # 24 bytes of hex
+        ("A" * 42, "too short"),  # not 32 bytes of base64
+        ("a" * 60 + '"; x', "may only hold"),  # would break out of nginx's quoted string
+        ("${NONE}", "not set"),
+    ],
+)
+def test_a_weak_or_unsafe_card_host_secret_is_refused(tmp_path: Path, secret: str, problem: str) -> None:
+    path = write(tmp_path, VALID + CARD + f"  host_secret: '{secret}'\n")
+    (message,) = errors(path, require_files=False, environ={})
+    assert message.startswith("9: card.host_secret: ") and problem in message
+
+
+def test_the_card_host_secret_from_a_file(tmp_path: Path) -> None:
+    (tmp_path / "secret").write_text(SECRET + "\n")
+    path = write(tmp_path, VALID + CARD + "  host_secret_file: secret\n")
+    card = load_settings(path, require_files=False).card
+    assert card is not None and card.host_secret_value() == SECRET.encode()
+    (tmp_path / "secret").write_text("short\n")
+    (message,) = errors(path, require_files=False)
+    assert "card.host_secret_file" in message and "too short" in message
+    with_env = write(tmp_path, VALID + CARD + "  host_secret: ${CARD_HOST_SECRET}\n")
+    card = load_settings(with_env, require_files=False, environ={"CARD_HOST_SECRET": SECRET}).card
+    assert card is not None and card.host_secret_value() == SECRET.encode()
+
+
+def test_allowed_hosts_are_the_origins_hosts_and_the_listed_ones(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        VALID
+        + "server:\n  public_origin: https://Portail.test\n  allowed_hosts: [WWW.portail.test]\n"
+        + CARD
+        + f"  host_secret: {SECRET}\n",
+    )
+    settings = load_settings(path, require_files=False)
+    assert settings.allowed_hosts == {"portail.test", "www.portail.test", "carte.portail.test"}
+    bad = write(tmp_path, VALID + "server:\n  allowed_hosts: ['https://x.test', 'x.test:443', 'ok.test']\n")
+    assert errors(bad) == [
+        "7: server.allowed_hosts: not host names (no scheme, port or path): 'https://x.test', 'x.test:443'"
+    ]

@@ -206,6 +206,7 @@ def card_host_argv(settings: Settings) -> list[str]:
         pki,
         listen=listen,
         gateway=settings.server.listen,
+        secret=settings.card.host_secret_value().decode("ascii"),
         source_address=CARD_HOST_SOURCE,
     )
 

@@ -119,17 +119,15 @@ def tls_login() -> Response:
     """On the card-login host: the certificate nginx forwarded -> verified identity -> hand-off."""
     gateway = gateway_of()
     next_path = safe_next_path(request.args.get("next"))
+    forwarded = client_certificate_from_headers(request.headers, peer(), gateway.card_host)
+    if forwarded.spoofed:
+        _audit_spoofed(gateway, forwarded.spoofed)
     reference = request.args.get("binding")
     if not well_formed(reference):
         # Not started on the main host (a bookmark, an old link): start there, nothing is judged or counted.
         origin = gateway.settings.server.public_origin
         return _no_store(see_other(f"{origin}{CARD_START_PATH}?next={quote(next_path, safe='/')}"))
     assert reference is not None
-    forwarded = client_certificate_from_headers(
-        dict(request.headers.items()), peer(), gateway.settings.server.tls_terminators
-    )
-    if forwarded.spoofed:
-        _audit_spoofed(gateway)
     if forwarded.certificate is None:
         return _deny(gateway, Reason.CARD_MISSING, "tls", "no client certificate", next_path)
     assert gateway.card_verifier is not None and gateway.card_handoffs is not None
@@ -353,10 +351,8 @@ def _audit_denied(
     audit_event(gateway, "login", decision="deny", reasons=[reason.value], **fields)
 
 
-def _audit_spoofed(gateway: Gateway) -> None:
-    audit_event(
-        gateway, "spoofed_header", reasons=[Reason.SPOOFED_HEADER.value], headers=["X-SSL-Client-Cert"]
-    )
+def _audit_spoofed(gateway: Gateway, headers: tuple[str, ...]) -> None:
+    audit_event(gateway, "spoofed_header", reasons=[Reason.SPOOFED_HEADER.value], headers=list(headers))
 
 
 def _deny(

@@ -1,15 +1,28 @@
 """``GET /.gateway/auth``: the decision for nginx ``auth_request`` sub-requests (forward-auth mode).
 
-nginx asks "may this request through?" and forwards it to the portal itself. The original method and URI
-arrive in X-Original-Method / X-Original-URI, believed only from ``forward_auth.trusted_nginx``: from anyone
-else they would let a client have a different request judged than the one nginx forwards.
+nginx asks "may this request through?" and forwards it to the portal itself. Forward-auth is the production
+data plane, so it must be exactly as strong as proxy mode; what makes it so:
 
-nginx's auth_request understands 2xx (allow), 401 and 403 only; every refusal is mapped onto those, the
-precise reason travelling in X-Gateway-Reason.
+- The original method, URI and host arrive in X-Original-Method / X-Original-URI / X-Forwarded-Host, believed
+  only from ``forward_auth.trusted_nginx``: from anyone else they would let a client have a different request
+  judged than the one nginx forwards.
+- nginx forwards the raw URI, never the gateway's normal form of it. So an X-Original-URI whose path is not
+  already in normal form (dot or empty segments, encoded unreserved characters, lower-case escapes...) is
+  refused (400): what reaches the portal is then exactly the path the policy judged.
+- The session is the one nginx keyed its decision cache on (X-Gateway-Session, taken from the cookie by the
+  template's map), never a cookie the gateway would read differently: a cached answer can only ever be
+  served to requests that present the same session id.
+- Only decisions that depend on nothing but (session, method, host, URI) are cacheable: allowed, a safe
+  method (a state-changing one is judged on its Origin too), and a rule without quota (a cached answer would
+  skip the count).
+
+nginx's auth_request understands 2xx (allow), 401 and 403 only; the template maps the gateway's 400 back onto
+a 400 for the client, other refusals onto 401/403, the precise reason travelling in X-Gateway-Reason.
 """
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from werkzeug.wrappers import Response
@@ -21,15 +34,24 @@ from gateway.policy.paths import BadPath, normalise_target
 from gateway.proxy.forward import identity_headers
 from gateway.proxy.headers import in_networks
 from gateway.responses import login_link
-from gateway.runtime import GATEWAY_PREFIX, Gateway, audit_request_event, peer_of
+from gateway.runtime import (
+    GATEWAY_PREFIX,
+    REQUEST_ID_KEY,
+    SESSION_ID_KEY,
+    Gateway,
+    audit_request_event,
+    peer_of,
+    refused_host,
+)
 from gateway.wsgi import normalise_host
 
 AUTH_PATH = GATEWAY_PREFIX + "/auth"
 ORIGINAL_METHOD = "X-Original-Method"
 ORIGINAL_URI = "X-Original-URI"
-#: "1" when nginx may cache this answer for a few seconds: allowed, and the rule counts no quota (a cached
-#: answer would skip the count).
+#: "1" when nginx may cache this answer for a few seconds (see the module docstring).
 CACHEABLE = "X-Gateway-Cacheable"
+#: nginx's $request_id (32 hex digits): the audit trail and the portal then share one id per request.
+_REQUEST_ID = re.compile(r"^[0-9A-Za-z-]{8,64}$")
 
 
 def decide(gateway: Gateway, environ: dict[str, Any]) -> Response:
@@ -37,6 +59,10 @@ def decide(gateway: Gateway, environ: dict[str, Any]) -> Response:
     routes with a quota ask on every request."""
     if not in_networks(peer_of(environ), gateway.settings.forward_auth.trusted_nginx):
         return _untrusted_peer(gateway, environ)
+    request_id = environ.get("HTTP_X_REQUEST_ID", "")
+    if _REQUEST_ID.match(request_id):
+        environ[REQUEST_ID_KEY] = request_id
+    environ[SESSION_ID_KEY] = environ.get("HTTP_X_GATEWAY_SESSION") or None
     method = (environ.get("HTTP_X_ORIGINAL_METHOD") or "GET").upper()
     raw_uri = environ.get("HTTP_X_ORIGINAL_URI", "")
     try:
@@ -44,10 +70,16 @@ def decide(gateway: Gateway, environ: dict[str, Any]) -> Response:
     except BadPath as exc:
         _audit_refusal(gateway, environ, "bad_request", Reason.BAD_REQUEST_PATH, detail=str(exc))
         return _answer(400, Reason.BAD_REQUEST_PATH)
-    host = normalise_host(environ.get("HTTP_X_FORWARDED_HOST") or environ.get("HTTP_HOST", ""))
-    if host is None:
-        _audit_refusal(gateway, environ, "bad_request", Reason.BAD_HOST, host=environ.get("HTTP_HOST", ""))
-        return _answer(400, Reason.BAD_HOST)
+    if target.path != raw_uri.partition("?")[0]:
+        # nginx would forward the raw form: the portal could resolve it to another resource than the one judged.
+        detail = f"not in normal form (nginx would forward it as received); normal form: {target.path}"
+        _audit_refusal(gateway, environ, "bad_request", Reason.BAD_REQUEST_PATH, detail=detail)
+        return _answer(400, Reason.BAD_REQUEST_PATH)
+    raw_host = environ.get("HTTP_X_FORWARDED_HOST") or environ.get("HTTP_HOST", "")
+    host = normalise_host(raw_host)
+    refused = refused_host(gateway, environ, host, raw_host)
+    if refused is not None or host is None:
+        return _answer(400, refused or Reason.BAD_HOST)
     access = check_access(gateway, environ, method, host, target)
     if access.decision.allowed:
         return _allowed(gateway, access, method, target.path)
@@ -62,14 +94,14 @@ def decide(gateway: Gateway, environ: dict[str, Any]) -> Response:
 def _allowed(gateway: Gateway, access: Access, method: str, path: str) -> Response:
     response = Response(status=200)
     rule, session = access.rule, access.session
+    # Never cache a state-changing request's answer: nginx's cache key does not hold the Origin and
+    # Sec-Fetch-Site headers the cross-site check judged, and each such request gets its own assertion.
+    cacheable = rule is not None and rule.quota is None and method in SAFE_METHODS
     if rule is not None:
         response.headers["X-Gateway-Rule"] = rule.name
-        # Never cache a state-changing request's answer: nginx's cache key does not hold the Origin and
-        # Sec-Fetch-Site headers the cross-site check judged, and each such request gets its own assertion.
-        cacheable = rule.quota is None and method in SAFE_METHODS
-        response.headers[CACHEABLE] = "1" if cacheable else "0"
-        if not cacheable:
-            response.headers["X-Accel-Expires"] = "0"
+    response.headers[CACHEABLE] = "1" if cacheable else "0"
+    if not cacheable:
+        response.headers["X-Accel-Expires"] = "0"
     if session is not None and rule is not None:
         assertion = gateway.signer.assertion(
             session.identity, session.id, rule.name, access.now, method=method, path=path

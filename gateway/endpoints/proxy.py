@@ -20,6 +20,7 @@ from werkzeug.wrappers import Response
 
 from gateway import metrics
 from gateway.access import Access, check_access
+from gateway.authn.card.headers import CARD_HOST_SECRET_HEADER
 from gateway.policy.decision import Reason
 from gateway.policy.paths import NormalisedTarget
 from gateway.proxy.forward import forward, identity_headers
@@ -32,6 +33,7 @@ from gateway.runtime import (
     gateway_of,
     peer_of,
     refuse,
+    refused_host,
     request_host_of,
     request_id_of,
     unexpected_error,
@@ -42,6 +44,7 @@ log = logging.getLogger("gateway.proxy")
 
 ALL_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
 _OWN_PATHS = GATEWAY_PREFIX + "/"
+CARD_HOST_SECRET_KEY = "HTTP_" + CARD_HOST_SECRET_HEADER.upper().replace("-", "_")
 
 
 #: A /.gateway/ route answered without Flask: (gateway, environ) -> response.
@@ -83,15 +86,10 @@ class ProxyApp:
     def _proxy(self, environ: dict[str, Any], target: NormalisedTarget) -> Response:
         gateway = self.gateway
         host = request_host_of(gateway, environ)
-        if host is None:
-            audit_request_event(
-                gateway,
-                environ,
-                "bad_request",
-                reasons=[Reason.BAD_HOST.value],
-                host=environ.get("HTTP_HOST", ""),
-            )
-            return self._in_flask(environ, partial(refuse, Reason.BAD_HOST))
+        if host is None or host not in gateway.allowed_hosts:
+            reason = refused_host(gateway, environ, host, environ.get("HTTP_HOST", ""))
+            assert reason is not None
+            return self._in_flask(environ, partial(refuse, reason))
         access = check_access(gateway, environ, environ["REQUEST_METHOD"], host, target)
         next_path = target.path_and_query
         if not access.decision.allowed:
@@ -132,9 +130,11 @@ class ProxyApp:
         gateway = self.gateway
         server = gateway.settings.server
         peer = peer_of(environ)
+        card_host = gateway.card_host
         incoming = filter_request_headers(
             request_headers(environ),
-            from_tls_terminator=in_networks(peer, server.tls_terminators),
+            card_host_vouched=card_host is not None
+            and card_host.vouches(peer, environ.get("HTTP_HOST"), environ.get(CARD_HOST_SECRET_KEY)),
             drop_cookies=gateway.protected_cookies,
         )
         if incoming.spoofed:
@@ -168,6 +168,7 @@ class ProxyApp:
                 host_header=client_host if preserve else gateway.upstream.host_header,
                 extra_headers=extra,
                 protected_cookies=gateway.protected_cookies,
+                portal_origin=gateway.portal_origin,
             )
 
     def _in_flask(self, environ: dict[str, Any], render: Callable[[], Response]) -> Response:

@@ -38,6 +38,7 @@ class Reason(enum.StrEnum):
     # Request hygiene
     BAD_REQUEST_PATH = "bad_request_path"
     BAD_HOST = "bad_host"
+    HOST_NOT_ALLOWED = "host_not_allowed"
     SPOOFED_HEADER = "spoofed_header"
     # The gateway itself
     INTERNAL_ERROR = "internal_error"

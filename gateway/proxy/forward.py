@@ -9,7 +9,7 @@ from werkzeug.wrappers import Response
 from werkzeug.wsgi import get_input_stream
 
 from gateway.identity import Identity
-from gateway.proxy.headers import filter_response_headers, forwarded_headers
+from gateway.proxy.headers import PortalOrigin, filter_response_headers, forwarded_headers
 from gateway.proxy.upstream import Upstream, request_body
 
 
@@ -40,6 +40,7 @@ def forward(
     host_header: str,
     extra_headers: Sequence[tuple[str, str]],
     protected_cookies: frozenset[str],
+    portal_origin: PortalOrigin,
 ) -> Response:
     """Send the request on; UpstreamError propagates for the caller to render (502/504)."""
     # The body stream stops at Content-Length (or at the end of a chunked body the server decoded).
@@ -62,7 +63,7 @@ def forward(
     answer = upstream.send(environ["REQUEST_METHOD"], target, outgoing, body, chunked=chunked)
     try:
         response_headers = filter_response_headers(
-            answer.headers.items(), protected_cookies=protected_cookies
+            answer.headers.items(), protected_cookies=protected_cookies, portal_origin=portal_origin
         )
         return UpstreamResponse(
             answer, status=answer.status, headers=response_headers, direct_passthrough=True

@@ -1,8 +1,14 @@
 """Which headers cross the gateway, in each direction, and who is the client.
 
 Spoof-resistant by default: identity headers the gateway sets are always removed from requests, card
-headers only survive from a trusted TLS terminator, X-Forwarded-* only from trusted proxies, and headers
-that let an upstream route on another path than the one the policy judged are never forwarded.
+headers only survive when the card-login host vouches for them, X-Forwarded-* and X-Request-Id are the
+gateway's own, and headers that let an upstream route on another path than the one the policy judged are
+never forwarded. The gateway's cookies never reach the portal, the portal cannot set them, and its redirects
+to its own internal origin become paths on the public one.
+
+The shipped forward-auth nginx template (deploy/nginx/forward-auth.conf) clears the same headers: nginx
+cannot drop headers by prefix, so it names them (``CLIENT_CERT_HEADER_NAMES``, ``GATEWAY_HEADER_NAMES``);
+tests/deploy/test_templates.py keeps the two lists and the template in step.
 """
 
 from __future__ import annotations
@@ -11,6 +17,9 @@ import ipaddress
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from http.cookies import CookieError, SimpleCookie
+from urllib.parse import urlsplit, urlunsplit
+
+from gateway.authn.card.headers import CLIENT_CERT_HEADER_PREFIX, is_card_header
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -28,7 +37,38 @@ HOP_BY_HOP = frozenset(
     }
 )
 GATEWAY_HEADER_PREFIX = "x-gateway-"
-CLIENT_CERT_HEADER_PREFIX = "x-ssl-client-"
+#: The X-Gateway-* headers the gateway or its nginx templates use, which a client must never choose.
+GATEWAY_HEADER_NAMES = (
+    "X-Gateway-Subject",
+    "X-Gateway-Auth-Method",
+    "X-Gateway-Professions",
+    "X-Gateway-Auth-Time",
+    "X-Gateway-Assertion",
+    "X-Gateway-Rule",
+    "X-Gateway-Reason",
+    "X-Gateway-Login",
+    "X-Gateway-Cacheable",
+    "X-Gateway-Session",
+)
+#: Client-certificate headers in use by TLS terminators (nginx, Apache, HAProxy, Traefik): the gateway drops
+#: every X-SSL-Client-*; nginx clears these by name.
+CLIENT_CERT_HEADER_NAMES = (
+    "X-SSL-Client-Cert",
+    "X-SSL-Client-Verify",
+    "X-SSL-Client-Escaped-Cert",
+    "X-SSL-Client-Raw-Cert",
+    "X-SSL-Client-DN",
+    "X-SSL-Client-S-DN",
+    "X-SSL-Client-I-DN",
+    "X-SSL-Client-CN",
+    "X-SSL-Client-SAN",
+    "X-SSL-Client-Serial",
+    "X-SSL-Client-Fingerprint",
+    "X-SSL-Client-SHA1",
+    "X-SSL-Client-V-Start",
+    "X-SSL-Client-V-End",
+    "X-SSL-Client-V-Remain",
+)
 #: Headers some frameworks route on instead of the request line (each an oauth2-proxy/nginx bypass).
 ROUTING_OVERRIDE_HEADERS = frozenset(
     {
@@ -44,7 +84,24 @@ ROUTING_OVERRIDE_HEADERS = frozenset(
         "forwarded",
     }
 )
-FORWARDED_HEADERS = frozenset({"x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "x-real-ip"})
+#: Rebuilt by forwarded_headers() from what the gateway saw; the client's are dropped (with the client-address
+#: and scheme headers some frameworks read instead).
+FORWARDED_HEADERS = frozenset(
+    {
+        "x-forwarded-for",
+        "x-forwarded-proto",
+        "x-forwarded-host",
+        "x-forwarded-port",
+        "x-forwarded-ssl",
+        "x-forwarded-scheme",
+        "x-real-ip",
+        "x-client-ip",
+        "true-client-ip",
+    }
+)
+#: The gateway's own id for the request (the one in the audit trail): the client's is never forwarded.
+REQUEST_ID_HEADER = "x-request-id"
+_SET_BY_THE_GATEWAY = FORWARDED_HEADERS | {"host", "content-length", REQUEST_ID_HEADER}
 
 
 def _connection_listed(headers: list[tuple[str, str]]) -> set[str]:
@@ -93,9 +150,11 @@ class IncomingHeaders:
 def filter_request_headers(
     headers: Iterable[tuple[str, str]],
     *,
-    from_tls_terminator: bool,
+    card_host_vouched: bool,
     drop_cookies: frozenset[str],
 ) -> IncomingHeaders:
+    """``card_host_vouched``: the card-login host sent this request (authn/card/headers.py), so its
+    client-certificate headers are real; its secret is never forwarded. ``drop_cookies``: lower-case names."""
     items = list(headers)
     connection_listed = _connection_listed(items)
     forwardable: list[tuple[str, str]] = []
@@ -104,30 +163,39 @@ def filter_request_headers(
         lower = name.lower()
         if lower in HOP_BY_HOP or lower in connection_listed or lower in ROUTING_OVERRIDE_HEADERS:
             continue
-        if lower == "host" or lower == "content-length":
-            continue  # set by the forwarding code
+        if lower in _SET_BY_THE_GATEWAY:
+            continue  # Host and Content-Length by the forwarding code, the others rebuilt from what it saw
         if lower.startswith(GATEWAY_HEADER_PREFIX):
             spoofed.append(name)
             continue
-        if lower.startswith(CLIENT_CERT_HEADER_PREFIX) and not from_tls_terminator:
-            spoofed.append(name)
-            continue
-        if lower in FORWARDED_HEADERS:
-            continue  # rebuilt by forwarded_headers() from what the gateway saw and whom it trusts
+        if is_card_header(lower):
+            if not card_host_vouched:
+                spoofed.append(name)
+                continue
+            if not lower.startswith(CLIENT_CERT_HEADER_PREFIX):
+                continue  # the card host's secret stays between it and the gateway
         if lower == "cookie" and drop_cookies:
-            value = _without_cookies(value, drop_cookies)
+            value = without_cookies(value, drop_cookies)
             if not value:
                 continue
         forwardable.append((name, value))
     return IncomingHeaders(forwardable, tuple(spoofed))
 
 
-def _without_cookies(header: str, names: frozenset[str]) -> str:
-    """The Cookie header minus the gateway's own cookies: the portal never sees a gateway session id."""
+def without_cookies(header: str, names: frozenset[str]) -> str:
+    """The Cookie header minus the gateway's cookies (``names`` lower-case): the portal never sees a gateway
+    session id, however the client wrote it (any case, blanks around the name) and however its Cookie headers
+    were joined (``;`` by clients, ``,`` by gunicorn when a client sends several)."""
+    lowered = header.lower()
+    if not any(name in lowered for name in names):
+        return header
     kept = []
     for part in header.split(";"):
-        name = part.split("=", 1)[0].strip()
-        if name and name not in names:
+        pairs = part.split(",")
+        gateway_pairs = [pair for pair in pairs if pair.split("=", 1)[0].strip().lower() in names]
+        if gateway_pairs:
+            part = ",".join(pair for pair in pairs if pair not in gateway_pairs)
+        if part.strip():
             kept.append(part.strip())
     return "; ".join(kept)
 
@@ -146,9 +214,44 @@ def forwarded_headers(
     return [("X-Forwarded-For", peer), ("X-Forwarded-Proto", scheme), ("X-Forwarded-Host", host)]
 
 
+@dataclass(frozen=True, slots=True)
+class PortalOrigin:
+    """The portal's internal origin (upstream.url): its redirects there are rewritten onto the public host."""
+
+    scheme: str
+    host: str
+    port: int
+
+    @classmethod
+    def of(cls, url: str) -> PortalOrigin:
+        split = urlsplit(url)
+        return cls(split.scheme, (split.hostname or "").lower(), split.port or _DEFAULT_PORTS[split.scheme])
+
+    def public_location(self, location: str) -> str:
+        """``location`` as the browser should see it: a URL on this internal origin becomes a path (on the
+        public origin the browser is on); any other value is returned as it is."""
+        try:
+            split = urlsplit(location.strip())
+            port = split.port
+        except ValueError:
+            return location
+        if not split.netloc or split.scheme not in ("", self.scheme):
+            return location
+        if (split.hostname or "").lower() != self.host or (port or _DEFAULT_PORTS[self.scheme]) != self.port:
+            return location
+        return urlunsplit(("", "", split.path or "/", split.query, split.fragment))
+
+
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
 def filter_response_headers(
-    headers: Iterable[tuple[str, str]], *, protected_cookies: frozenset[str]
+    headers: Iterable[tuple[str, str]],
+    *,
+    protected_cookies: frozenset[str],
+    portal_origin: PortalOrigin | None = None,
 ) -> list[tuple[str, str]]:
+    """``protected_cookies``: lower-case names the portal may not set."""
     items = list(headers)
     connection_listed = _connection_listed(items)
     kept = []
@@ -158,16 +261,18 @@ def filter_response_headers(
             continue
         if lower == "set-cookie" and _sets_protected_cookie(value, protected_cookies):
             continue  # the portal may not overwrite (fixate) the gateway's session
+        if lower == "location" and portal_origin is not None:
+            value = portal_origin.public_location(value)
         kept.append((name, value))
     return kept
 
 
 def _sets_protected_cookie(set_cookie: str, names: frozenset[str]) -> bool:
-    name = set_cookie.split("=", 1)[0].strip()
+    name = set_cookie.split("=", 1)[0].strip().lower()
     if name in names:
         return True
     try:
         parsed = SimpleCookie(set_cookie)
     except CookieError:
         return False
-    return any(key in names for key in parsed)
+    return any(key.lower() in names for key in parsed)

@@ -25,6 +25,8 @@ from gateway.authn.card.challenge import challenge_message
 from gateway.devtools.cards import Card, softhsm_env
 from gateway.devtools.pki import DevPki
 from tests.support.card_stack import (
+    CARD_HOST_SECRET,
+    NGINX_SOURCE_ADDRESS,
     CardStack,
     bound_card_login_url,
     card_stack,
@@ -36,6 +38,7 @@ from tests.support.config import TEST_POLICIES
 from tests.support.metrics import login_attempts
 from tests.support.openssl_pki import OpensslPki, ToolToken, printed_serial, softhsm_config, tool_token
 from tests.support.processes import PYTHON, REPO_ROOT
+from tests.support.raw_http import raw_request
 from tests.support.softhsm import PIN, CardSet
 
 CARD_ROUTE = "/echo/card/records"
@@ -165,6 +168,29 @@ def test_a_forged_certificate_header_sent_straight_to_the_gateway_is_ignored_and
         f"{stack.gateway_url}/echo/public/x", headers={"X-SSL-Client-Cert": forged}, timeout=5
     ).json()
     assert "x-ssl-client-cert" not in echoed["headers"]
+
+
+@pytest.mark.parametrize(
+    "secret",
+    # The card host's name and address (anyone able to reach the gateway from there), with no secret or another.
+    [None, "guessed-" + "0" * 56, CARD_HOST_SECRET[:-1]],
+)
+def test_a_certificate_header_from_the_card_hosts_address_without_its_secret_is_ignored_and_audited(
+    stack: CardStack, softhsm_cards: CardSet, secret: str | None
+) -> None:
+    headers = [
+        ("Host", stack.card_origin.split("://", 1)[1]),
+        ("X-SSL-Client-Cert", quote(softhsm_cards["doctor"].pem_path.read_text(), safe="")),
+        ("Accept", "text/html"),
+        *([("X-Card-Host-Secret", secret)] if secret else []),
+    ]
+    before = len(stack.audit())
+    port = int(stack.gateway_url.rsplit(":", 1)[1])
+    response = raw_request(port, "/.gateway/login/card", headers, source=NGINX_SOURCE_ADDRESS)
+    assert (response.status, response.header("X-Gateway-Reason")) == (401, "card_missing")
+    assert response.header("Set-Cookie") is None
+    spoofed = [e for e in stack.audit()[before:] if e["event"] == "spoofed_header"]
+    assert spoofed and "X-Ssl-Client-Cert" in spoofed[0]["headers"]
 
 
 def test_challenge_login_with_the_cli_then_curl_with_the_cookie_jar(

@@ -22,7 +22,7 @@ from gateway.runtime import gateway_of
 from gateway.settings import documented_keys, load_settings
 from tests.support.apps import gateway_app
 from tests.support.audit import audit_records
-from tests.support.card_stack import card_settings
+from tests.support.card_stack import card_host_headers, card_settings
 from tests.support.config import write_config
 from tests.support.openssl_pki import OpensslPki, printed_serial
 from tests.support.pki import card_key, software_card
@@ -64,7 +64,7 @@ def client(app: Flask) -> FlaskClient:
 
 
 def _forwarded(pem: bytes) -> dict[str, str]:
-    return {"X-SSL-Client-Cert": quote(pem.decode(), safe=""), "Accept": "text/html"}
+    return {**card_host_headers(pem, CARD_ORIGIN), "Accept": "text/html"}
 
 
 def _audit(tmp_path: Path) -> list[dict[str, Any]]:

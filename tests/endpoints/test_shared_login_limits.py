@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
-from urllib.parse import quote
 
 import pytest
 import requests
@@ -12,10 +11,12 @@ from cryptography.hazmat.primitives.serialization import Encoding
 
 from gateway.authn.card.handoff import new_binding, reference_of
 from gateway.devtools.pki import DevPki
-from tests.support.card_stack import card_settings
+from tests.support.card_stack import card_host_headers, card_settings
 from tests.support.gateways import running_gateways
 from tests.support.pki import software_card
 from tests.support.redis import RedisServer
+
+CARD_ORIGIN = "https://card.example:8443"
 
 
 @pytest.fixture
@@ -29,7 +30,7 @@ def two_gateways(
         # The test plays the TLS terminator: it sends the card header itself.
         "server": {"tls_terminators": ["127.0.0.1/32"], "workers": 2, "threads": 4},
         "sessions": {"store": redis.url},
-        "card": card_settings(dev_pki, "https://card.example:8443"),
+        "card": card_settings(dev_pki, CARD_ORIGIN),
         "limits": {"login_requests_per_ip": "8/minute", "ban_after": 3},
     }
     try:
@@ -43,7 +44,7 @@ def two_gateways(
 
 def test_failures_on_one_instance_ban_on_the_other(two_gateways: list[str], dev_pki: DevPki) -> None:
     expired = software_card(dev_pki, variant="expired").public_bytes(Encoding.PEM)
-    header = {"X-SSL-Client-Cert": quote(expired.decode(), safe=""), "Accept": "text/html"}
+    header = {**card_host_headers(expired, CARD_ORIGIN), "Accept": "text/html"}
     # The card host's URL as /.gateway/card/start builds it (the browser binding's reference in it).
     login = f"/.gateway/login/card?binding={reference_of(new_binding())}"
     reasons = [

@@ -1,7 +1,8 @@
 """The real card-login stack for end-to-end tests: nginx card host (shipped template) -> gateway process.
 
 nginx reaches the gateway from 127.0.0.2 (``proxy_bind``), the only address configured as TLS terminator
-and trusted proxy: a request sent straight to the gateway from 127.0.0.1 is "not through nginx".
+and trusted proxy, and adds the card host secret: a request sent straight to the gateway from 127.0.0.1 is
+"not through nginx".
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from gateway.devtools.cards import softhsm_env
 from gateway.devtools.pki import DevPki
 from gateway.pkcs11 import SOFTHSM_MODULE
 from tests.support.audit import audit_records
-from tests.support.config import TEST_POLICIES, write_config
+from tests.support.config import CARD_HOST_SECRET, TEST_POLICIES, write_config
 from tests.support.gateways import serve_argv
 from tests.support.processes import free_port, running, wait_for_port
 from tests.support.softhsm import CardSet
@@ -66,6 +67,16 @@ def card_settings(pki: DevPki, login_origin: str) -> dict[str, Any]:
             {"url_or_file": str(base / "intermediate.crl.pem"), "issuer": str(base / "intermediate.pem")},
         ],
         "login_origin": login_origin,
+        "host_secret": CARD_HOST_SECRET,
+    }
+
+
+def card_host_headers(pem: bytes, login_origin: str) -> dict[str, str]:
+    """What the card-login host's nginx sends the gateway for a request presenting the certificate ``pem``."""
+    return {
+        "Host": login_origin.split("://", 1)[1],
+        "X-SSL-Client-Cert": quote(pem.decode(), safe=""),
+        "X-Card-Host-Secret": CARD_HOST_SECRET,
     }
 
 
@@ -75,6 +86,7 @@ def nginx_config(work: Path, pki: DevPki, listen_port: int, gateway_port: int) -
         pki,
         listen=f"127.0.0.1:{listen_port}",
         gateway=f"127.0.0.1:{gateway_port}",
+        secret=CARD_HOST_SECRET,
         source_address=NGINX_SOURCE_ADDRESS,
     )
 

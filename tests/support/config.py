@@ -28,6 +28,10 @@ rules:
     action: deny
 """
 
+TEST_HOSTS = ["localhost", "portal.test"]
+#: The tests' card host secret (`card.host_secret`, filled into the card-login template).
+CARD_HOST_SECRET = "c4rd-h0st-s3cret-for-tests-only-" + "0123456789abcdef" * 2
+
 
 def write_config(
     directory: Path,
@@ -42,7 +46,8 @@ def write_config(
     (directory / "policies").mkdir(exist_ok=True)
     (directory / "policies" / "test.yaml").write_text(policies)
     settings: dict[str, Any] = {
-        "server": {"listen": listen, "public_origin": f"http://{listen}"},
+        # The Flask test client says Host: localhost; in-process forward-auth tests name portal.test.
+        "server": {"listen": listen, "public_origin": f"http://{listen}", "allowed_hosts": TEST_HOSTS},
         "upstream": {"url": upstream_url, "connect_timeout": "1s", "read_timeout": "2s"},
         "policies": ["policies"],
         "assertion": {"key_file": str(assertion_key)},

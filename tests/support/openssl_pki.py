@@ -19,6 +19,7 @@ import pytest
 from cryptography import x509
 
 from gateway.pkcs11 import SOFTHSM_MODULE
+from tests.support.config import CARD_HOST_SECRET
 
 ROOT_SUBJECT = "/C=FR/O=ASIP-SANTE/OU=0002 187512751/OU=IGC-SANTE TEST/CN=TEST AC RACINE IGC-SANTE STANDARD"
 PEOPLE_SUBJECT = (
@@ -281,6 +282,7 @@ class OpensslPki:
                 {"url_or_file": str(self.people_crl), "issuer": str(self.people.cert_path)},
             ],
             "login_origin": login_origin,
+            "host_secret": CARD_HOST_SECRET,
         }
 
     def software_card(

@@ -1,5 +1,5 @@
 """The shipped nginx template, run for real: curl presents a SoftHSM card through the libp11 engine, nginx
-forwards the certificate header, the gateway side extracts and verifies it."""
+forwards the certificate header and the card host secret, the gateway side extracts and verifies it."""
 
 from __future__ import annotations
 
@@ -13,13 +13,15 @@ from pathlib import Path
 from urllib.parse import quote
 
 import pytest
+from werkzeug.datastructures import Headers
 
-from gateway.authn.card.headers import client_certificate_from_headers, parse_networks
+from gateway.authn.card.headers import CardHost, client_certificate_from_headers, parse_networks
 from gateway.authn.card.verify import CardError
 from gateway.devtools.card_host import card_host_nginx_argv
 from gateway.devtools.pki import DevPki
 from gateway.policy.decision import Reason
 from tests.support.card_stack import curl_with_card
+from tests.support.config import CARD_HOST_SECRET
 from tests.support.pki import verifier_for
 from tests.support.processes import free_port, running
 from tests.support.softhsm import PIN, CardSet
@@ -53,28 +55,35 @@ def upstream() -> Iterator[int]:
 def nginx(dev_pki: DevPki, upstream: int, tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
     work = tmp_path_factory.mktemp("nginx")
     port = free_port()
-    argv = card_host_nginx_argv(work, dev_pki, listen=f"127.0.0.1:{port}", gateway=f"127.0.0.1:{upstream}")
+    argv = card_host_nginx_argv(
+        work, dev_pki, listen=f"127.0.0.1:{port}", gateway=f"127.0.0.1:{upstream}", secret=CARD_HOST_SECRET
+    )
     with running(argv, port, log=work / "stdout.log"):
         yield port
 
 
-def _curl(pki: DevPki, port: int, card_label: str | None, extra: list[str], tmp: Path) -> dict[str, str]:
+def _curl(
+    pki: DevPki,
+    port: int,
+    card_label: str | None,
+    extra: list[str],
+    tmp: Path,
+    path: str = "/.gateway/login/card",
+) -> Headers:
     """The headers nginx forwarded for a curl request presenting ``card_label`` (or no card)."""
-    result = curl_with_card(
-        pki, card_label, f"https://127.0.0.1:{port}/.gateway/card/tls", extra, tmp, pin=PIN
-    )
+    result = curl_with_card(pki, card_label, f"https://127.0.0.1:{port}{path}", extra, tmp, pin=PIN)
     assert result.returncode == 0, result.stderr
-    return dict(json.loads(result.stdout))
+    return Headers(json.loads(result.stdout))
 
 
-TRUSTED = parse_networks(["127.0.0.1/32"])
+CARD_HOST = CardHost("127.0.0.1", parse_networks(["127.0.0.1/32"]), CARD_HOST_SECRET.encode())
 
 
 def test_card_through_nginx_is_verified_by_the_gateway(
     nginx: int, dev_pki: DevPki, softhsm_cards: CardSet, tmp_path: Path
 ) -> None:
     headers = _curl(dev_pki, nginx, "test-doctor", [], tmp_path)
-    forwarded = client_certificate_from_headers(headers, "127.0.0.1", TRUSTED)
+    forwarded = client_certificate_from_headers(headers, "127.0.0.1", CARD_HOST)
     assert forwarded.terminator_verify == "SUCCESS"
     assert forwarded.certificate is not None
     verifier, _ = verifier_for(dev_pki)
@@ -85,7 +94,7 @@ def test_revoked_card_reaches_the_gateway_which_names_the_reason(
     nginx: int, dev_pki: DevPki, softhsm_cards: CardSet, tmp_path: Path
 ) -> None:
     headers = _curl(dev_pki, nginx, "test-revoked", [], tmp_path)
-    forwarded = client_certificate_from_headers(headers, "127.0.0.1", TRUSTED)
+    forwarded = client_certificate_from_headers(headers, "127.0.0.1", CARD_HOST)
     assert forwarded.certificate is not None  # optional_no_ca: nginx did not answer its own 400
     verifier, _ = verifier_for(dev_pki)
     with pytest.raises(CardError) as caught:
@@ -104,7 +113,7 @@ def test_nginx_overwrites_a_forged_certificate_header(
         ["-H", f"X-SSL-Client-Cert: {forged}", "-H", "X-SSL-Client-Verify: SUCCESS"],
         tmp_path,
     )
-    forwarded = client_certificate_from_headers(headers, "127.0.0.1", TRUSTED)
+    forwarded = client_certificate_from_headers(headers, "127.0.0.1", CARD_HOST)
     assert forwarded.certificate is None
     assert forwarded.terminator_verify == "NONE"
 
@@ -133,3 +142,29 @@ def test_the_card_host_negotiates_tls_1_2_whatever_the_client_offers(nginx: int,
     assert "New, TLSv1.2, Cipher is ECDHE-" in _handshake(dev_pki, nginx).stdout
     only_13 = _handshake(dev_pki, nginx, "-tls1_3")
     assert only_13.returncode != 0 and "New, TLSv1.3" not in only_13.stdout
+
+
+def test_the_card_host_adds_its_secret_and_replaces_a_forged_one(
+    nginx: int, dev_pki: DevPki, tmp_path: Path
+) -> None:
+    headers = _curl(dev_pki, nginx, None, ["-H", "X-Card-Host-Secret: guessed"], tmp_path)
+    assert headers["X-Card-Host-Secret"] == CARD_HOST_SECRET
+    assert CARD_HOST.vouches("127.0.0.1", headers["Host"], headers["X-Card-Host-Secret"])
+
+
+def test_the_card_host_serves_the_card_login_endpoint_only(
+    nginx: int, dev_pki: DevPki, tmp_path: Path
+) -> None:
+    for path in ("/.gateway/auth", "/.gateway/login", "/.gateway/card/verify", "/patients/1"):
+        result = curl_with_card(
+            dev_pki,
+            None,
+            f"https://127.0.0.1:{nginx}{path}",
+            ["-o", "/dev/null", "-w", "%{http_code}"],
+            tmp_path,
+        )
+        assert result.stdout == "404", path
+    # The stylesheet of its pages is served, without certificate or secret.
+    forged = ["-H", "X-SSL-Client-Cert: forged", "-H", f"X-Card-Host-Secret: {CARD_HOST_SECRET}"]
+    static = _curl(dev_pki, nginx, "test-doctor", forged, tmp_path, path="/.gateway/static/gateway.css")
+    assert "X-SSL-Client-Cert" not in static and "X-Card-Host-Secret" not in static

@@ -1,0 +1,404 @@
+"""The parity suite: the proxy-mode security cases, run against BOTH data planes, with real processes.
+
+- ``proxy``: client -> gateway (``gateway serve``) -> portal;
+- ``forward_auth``: client -> nginx (deploy/nginx/forward-auth.conf verbatim, placeholders filled) -> portal,
+  nginx asking the same gateway process (/.gateway/auth).
+
+The gateway runs the example policies (policies/portal.yaml) with sessions in Redis; the portal is a
+recording stand-in (tests/support/recording_upstream.py), so every case proves what reached the portal and
+what never did. Whatever differs between the two planes (the forward-auth plane refuses a URI that is not in
+normal form where the proxy forwards the normal form) is asserted by its effect on the portal.
+"""
+
+from __future__ import annotations
+
+import posixpath
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote, urljoin
+from uuid import uuid4
+
+import pytest
+import requests
+from joserfc import jwt
+from joserfc.jwk import KeySet
+
+from gateway.identity import Identity, LoginMethod
+from gateway.policy.paths import BadPath, normalise_target
+from gateway.sessions import RedisSessionStore
+from tests.support.audit import audit_records
+from tests.support.config import write_config
+from tests.support.gateways import serve_argv
+from tests.support.nginx import FORWARD_AUTH_TEMPLATE, running_nginx
+from tests.support.processes import REPO_ROOT, free_port, running
+from tests.support.raw_http import CLIENT_ADDRESS, RawResponse, raw_request
+from tests.support.recording_upstream import CASE_HEADER, received
+from tests.support.redis import redis_server
+from tests.support.upstream import gunicorn_argv
+
+COOKIE = "__Host-gateway-session"
+NIR = "180017512345678"
+EXAMPLE_POLICIES = (REPO_ROOT / "policies" / "portal.yaml").read_text()
+#: Resources the example policies protect: reaching one without the right session is a bypass.
+PROTECTED = ("/patients/", "/account", "/admin")
+
+
+@dataclass(frozen=True)
+class Plane:
+    mode: str
+    port: int
+    recording: Path
+    audit_file: Path
+    store: RedisSessionStore
+    gateway_url: str
+    portal_address: str
+
+    def send(
+        self,
+        target: str,
+        headers: list[tuple[str, str]] | None = None,
+        *,
+        method: str = "GET",
+        host: str | None = None,
+    ) -> tuple[RawResponse, list[dict[str, Any]]]:
+        """The response, and what the portal received for this request."""
+        case = uuid4().hex
+        response = raw_request(
+            self.port, target, [(CASE_HEADER, case), *(headers or [])], method=method, host=host
+        )
+        return response, received(self.recording, case)
+
+    def login(self, method: LoginMethod = LoginMethod.CARD) -> str:
+        identity = Identity(
+            idnat="810001234567",
+            method=method,
+            auth_time=time.time(),
+            professions=("10",),
+            auth_mode="CARD" if method is LoginMethod.CARD else "MOBILE",
+        )
+        return self.store.create(identity, time.time()).id
+
+    def audit(self) -> list[dict[str, Any]]:
+        return audit_records(self.audit_file)
+
+
+@pytest.fixture(scope="module")
+def planes(tmp_path_factory: pytest.TempPathFactory, assertion_key: Path) -> Iterator[dict[str, Plane]]:
+    directory = tmp_path_factory.mktemp("parity")
+    recording = directory / "portal-requests.jsonl"
+    portal_port, gateway_port = free_port(), free_port()
+    portal = f"127.0.0.1:{portal_port}"
+    portal_env = {
+        "RECORDING_FILE": str(recording),
+        "PORTAL_ORIGIN": f"http://{portal}",
+        "PATH": "/usr/bin:/bin",
+    }
+    portal_argv = gunicorn_argv(portal_port, threads=4, app="tests.support.recording_upstream:app")
+    with (
+        redis_server() as redis,
+        running(portal_argv, portal_port, env=portal_env, log=directory / "portal.log"),
+    ):
+        config = write_config(
+            directory / "gateway",
+            upstream_url=f"http://{portal}",
+            assertion_key=assertion_key,
+            policies=EXAMPLE_POLICIES,
+            listen=f"127.0.0.1:{gateway_port}",
+            extra={
+                # The hosts of public_origin only (127.0.0.1): the default.
+                "server": {"allowed_hosts": []},
+                "sessions": {"store": redis.url, "local_cache_seconds": 0},
+                "forward_auth": {"trusted_nginx": ["127.0.0.1/32"]},
+                "limits": {"login_requests_per_ip": "10000/minute"},
+            },
+        )
+        with running(serve_argv(config), gateway_port, log=directory / "gateway.log"):
+            values = {"GATEWAY": f"127.0.0.1:{gateway_port}", "PORTAL": portal}
+            with running_nginx(directory / "nginx", FORWARD_AUTH_TEMPLATE, values) as nginx:
+                common = {
+                    "recording": recording,
+                    "audit_file": directory / "gateway" / "audit.log",
+                    "store": RedisSessionStore(redis.url),
+                    "gateway_url": f"http://127.0.0.1:{gateway_port}",
+                    "portal_address": portal,
+                }
+                yield {
+                    "proxy": Plane("proxy", gateway_port, **common),
+                    "forward_auth": Plane("forward_auth", nginx.port, **common),
+                }
+
+
+@pytest.fixture(params=["proxy", "forward_auth"])
+def plane(request: pytest.FixtureRequest, planes: dict[str, Plane]) -> Plane:
+    return planes[request.param]
+
+
+def judged(target: str) -> str | None:
+    """The request target as the gateway judges it (its normal form), None when it refuses it."""
+    try:
+        return normalise_target(target).path_and_query
+    except BadPath:
+        return None
+
+
+def portal_views(raw_uri: str) -> set[str]:
+    """The paths portals could serve for ``raw_uri``: percent-decoded once, dot segments resolved per RFC 3986
+    (empty segments kept) or after merging slashes, backslashes read as slashes or not; lower-cased."""
+    path = unquote(raw_uri.partition("?")[0])
+    views = set()
+    for candidate in (path, path.replace("\\", "/")):
+        views.add(urljoin("http://portal", candidate).removeprefix("http://portal").lower())
+        views.add(posixpath.normpath("/" + candidate).lower())
+    return views
+
+
+def reaches(records: list[dict[str, Any]], prefixes: tuple[str, ...]) -> list[str]:
+    """The raw URIs the portal received that some portal would serve as a resource under ``prefixes``."""
+    return [r["raw_uri"] for r in records if any(v.startswith(prefixes) for v in portal_views(r["raw_uri"]))]
+
+
+# --- Bypass targets -----------------------------------------------------------------------------------------
+
+BYPASS_TARGETS = [
+    f"/patients/{NIR}//..//..",  # judged "/" (public); an RFC 3986 portal serves /patients/<nir>/
+    f"/static/%2e%2e/patients/{NIR}",
+    f"/static/%2E%2E/patients/{NIR}",
+    f"/static/./../patients/{NIR}",
+    f"/static/..%2fpatients/{NIR}",
+    f"/static/..%5cpatients/{NIR}",
+    f"/static/x/..\\..\\patients/{NIR}",
+    f"/static/%c0%ae%c0%ae/patients/{NIR}",
+    f"/static/%00/../patients/{NIR}",
+    f"/static;x/../patients/{NIR}",
+    f"/static/%252e%252e/patients/{NIR}",
+    f"//patients/{NIR}",
+    f"/PATIENTS/{NIR}",
+    f"/Patients/{NIR}/.",
+    f"/patients./{NIR}",
+    f"/admin/../patients/{NIR}",
+    "/account/rib//..",
+    "/static/../account/rib",
+    "/admin/%2e%2e/static/x",
+]
+
+
+@pytest.mark.parametrize("target", BYPASS_TARGETS)
+def test_a_bypass_target_never_reaches_a_protected_resource(plane: Plane, target: str) -> None:
+    response, records = plane.send(target)
+    assert reaches(records, PROTECTED) == [], response.status
+    # And whatever reached the portal is exactly what the gateway judged.
+    assert [r["raw_uri"] for r in records] in ([], [judged(target)])
+
+
+@pytest.mark.parametrize(
+    "target", ["/account/rib//..", "/account/x/../rib", "/account//rib", "/ACCOUNT/RIB/."]
+)
+def test_the_card_only_step_up_cannot_be_skipped_with_an_ecps_session(plane: Plane, target: str) -> None:
+    session = plane.login(LoginMethod.ECPS)
+    response, records = plane.send(target, [("Cookie", f"{COOKIE}={session}")])
+    assert reaches(records, ("/account/rib",)) == [], response.status
+    assert [r["raw_uri"] for r in records] in ([], [judged(target)])
+
+
+def test_a_target_in_normal_form_reaches_the_portal_exactly(plane: Plane) -> None:
+    target = "/static/a%20b/~c/app.js?x=%2F..&y=/../"
+    response, records = plane.send(target)
+    assert response.status == 200
+    assert [r["raw_uri"] for r in records] == [target]
+
+
+def test_an_absolute_form_target_is_judged_by_its_path(plane: Plane) -> None:
+    response, records = plane.send(f"http://127.0.0.1:{plane.port}/patients/{NIR}")
+    assert response.status in (302, 400, 401) and records == []
+
+
+# --- Spoofed and override headers ---------------------------------------------------------------------------
+
+FORGED = [
+    ("X-Gateway-Subject", "810009999999"),
+    ("X-Gateway-Auth-Method", "card"),
+    ("X-Gateway-Professions", "10"),
+    ("X-Gateway-Auth-Time", "9999999999"),
+    ("X-Gateway-Assertion", "forged.jwt.value"),
+    ("X-Gateway-Rule", "admin"),
+    ("X-Gateway-Session", "forged"),
+    ("X-SSL-Client-Cert", "-----BEGIN%20CERTIFICATE-----forged"),
+    ("X-SSL-Client-Verify", "SUCCESS"),
+    ("X-SSL-Client-S-DN", "CN=810009999999"),
+    ("X-Card-Host-Secret", "guessed"),
+    ("X-Card-Headers-Cleared", "1"),
+    ("X-Original-URL", "/admin/"),
+    ("X-Original-URI", "/admin/"),
+    ("X-Rewrite-URL", "/admin/"),
+    ("X-Forwarded-Uri", "/admin/"),
+    ("X-Forwarded-Path", "/admin/"),
+    ("X-Forwarded-Prefix", "/admin"),
+    ("X-HTTP-Method-Override", "DELETE"),
+    ("X-HTTP-Method", "DELETE"),
+    ("X-Method-Override", "DELETE"),
+    ("Forwarded", "for=10.9.9.9;host=evil.example;proto=https"),
+    ("X-Real-IP", "10.9.9.9"),
+    ("X-Client-IP", "10.9.9.9"),
+    ("True-Client-IP", "10.9.9.9"),
+    ("X-Forwarded-Port", "8443"),
+    ("X-Forwarded-Ssl", "on"),
+    ("X-Forwarded-Scheme", "https"),
+    ("X-Request-Id", "chosen-by-the-client"),
+    ("X-Forwarded-Host", "evil.example"),
+    ("X-Forwarded-For", "10.9.9.9"),
+    ("X-Forwarded-Proto", "https"),
+]
+#: Set by the gateway (or its nginx) from what it saw: present, but never the client's value.
+REBUILT = {"x-request-id", "x-forwarded-host", "x-forwarded-for", "x-forwarded-proto"}
+IDENTITY = {"x-gateway-subject", "x-gateway-auth-method", "x-gateway-professions", "x-gateway-auth-time"}
+
+
+def _check_forwarded_facts(plane: Plane, headers: dict[str, str]) -> None:
+    never = {name.lower() for name, _ in FORGED} - REBUILT - IDENTITY - {"x-gateway-assertion"}
+    assert sorted(never & set(headers)) == []
+    assert headers["x-forwarded-for"] == CLIENT_ADDRESS
+    assert headers["x-forwarded-host"].partition(":")[0] == "127.0.0.1"
+    assert headers["x-forwarded-proto"] == "http"
+    assert headers["x-request-id"] and headers["x-request-id"] != "chosen-by-the-client"
+
+
+def test_forged_headers_never_reach_the_portal_on_a_public_route(plane: Plane) -> None:
+    response, records = plane.send("/static/app.js", FORGED)
+    assert response.status == 200
+    (record,) = records
+    assert record["method"] == "GET" and record["raw_uri"] == "/static/app.js"
+    _check_forwarded_facts(plane, record["headers"])
+    assert sorted((IDENTITY | {"x-gateway-assertion"}) & set(record["headers"])) == []
+
+
+def test_forged_headers_never_reach_the_portal_on_a_protected_route(plane: Plane) -> None:
+    session = plane.login()
+    response, records = plane.send("/account/profile", [*FORGED, ("Cookie", f"{COOKIE}={session}")])
+    assert response.status == 200
+    (record,) = records
+    headers = record["headers"]
+    _check_forwarded_facts(plane, headers)
+    assert headers["x-gateway-subject"] == "810001234567" and headers["x-gateway-auth-method"] == "card"
+    keys = KeySet.import_key_set(requests.get(plane.gateway_url + "/.gateway/jwks.json", timeout=5).json())
+    claims = jwt.decode(headers["x-gateway-assertion"], keys, algorithms=["ES256"]).claims
+    assert claims["sub"] == "810001234567" and claims["rule"] == "account"
+
+
+def test_an_identity_header_alone_opens_nothing(plane: Plane) -> None:
+    forged = [
+        (name, value) for name, value in FORGED if name.lower().startswith(("x-gateway-", "x-ssl-client-"))
+    ]
+    response, records = plane.send(f"/patients/{NIR}", forged)
+    assert response.status in (302, 401) and records == []
+
+
+# --- Cookies -------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "cookies",
+    [
+        ["portal=kept; {sid}; __Host-gateway-login=login-state"],
+        ["portal=kept", "{sid}", "__Host-gateway-login=login-state"],  # split over several Cookie headers
+        ["{sid}", "portal=kept; __Host-gateway-login=login-state"],
+        ["{sid}; portal=kept; __host-gateway-session=other"],
+        ["__Host-gateway-login =a; portal=kept; \t__HOST-gateway-session\t=b"],
+    ],
+)
+def test_the_gateway_cookies_never_reach_the_portal(plane: Plane, cookies: list[str]) -> None:
+    session = plane.login()
+    headers = [("Cookie", value.replace("{sid}", f"{COOKIE}={session}")) for value in cookies]
+    response, records = plane.send("/static/app.js", headers)
+    assert response.status == 200
+    (record,) = records
+    sent = record["headers"].get("cookie", "")
+    assert "gateway" not in sent.lower() and session not in str(record)
+    assert "portal=kept" in sent
+
+
+def test_a_cookie_header_naming_the_gateway_cookies_again_and_again_never_reaches_the_portal(
+    plane: Plane,
+) -> None:
+    cookies = "; ".join(f"__Host-gateway-session=s{n}" for n in range(4)) + "; portal=kept"
+    response, records = plane.send("/static/app.js", [("Cookie", cookies)])
+    for record in records:  # stripped (proxy) or refused (forward-auth: browsers never send this)
+        assert "gateway" not in record["headers"].get("cookie", "").lower()
+    assert response.status in (200, 400) and len(records) == (response.status == 200)
+
+
+def test_the_session_cookie_still_opens_the_session(plane: Plane) -> None:
+    session = plane.login()
+    response, records = plane.send("/account/profile", [("Cookie", f"portal=kept; {COOKIE}={session}")])
+    assert response.status == 200
+    (record,) = records
+    assert record["headers"]["x-gateway-subject"] == "810001234567"
+    assert record["headers"]["cookie"].rstrip("; ") == "portal=kept"
+
+
+@pytest.mark.parametrize("separator", [" ", "\t"])
+def test_a_decision_is_never_served_to_another_user(plane: Plane, separator: str) -> None:
+    session = plane.login()
+    path = f"/account/cached-{uuid4().hex}"
+    plane.send(path, [("Cookie", f"{COOKIE}{separator}={session}")])
+    response, records = plane.send(path)  # anonymous, same method, host and URI, within the cache lifetime
+    assert response.status in (302, 401) and records == []
+
+
+def _stored_by_a_browser(set_cookie: str) -> str | None:
+    """The cookie name a browser would store for a __Host- cookie of the gateway, None when it must refuse it:
+    the __Host- prefix demands Secure, Path=/ and no Domain (RFC 6265bis, cookie name prefixes)."""
+    name, _, rest = set_cookie.partition("=")
+    attributes = [a.strip().lower() for a in rest.split(";")[1:]]
+    if not name.strip().lower().startswith("__host-gateway-"):
+        return None
+    secure = "secure" in attributes
+    root = "path=/" in attributes
+    domain = any(a.startswith("domain=") for a in attributes)
+    return name.strip() if secure and root and not domain else None
+
+
+def test_the_portal_cannot_set_the_gateway_cookies(plane: Plane) -> None:
+    response, records = plane.send("/static/set-cookie")
+    assert response.status == 200 and len(records) == 1
+    set_cookies = response.all("Set-Cookie")
+    assert [c for c in set_cookies if _stored_by_a_browser(c)] == []
+    assert "portal=ok; Path=/; Secure" in set_cookies
+
+
+# --- Hosts ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("host", ["evil.example", "127.0.0.1.evil.example", "localhost"])
+def test_a_host_the_gateway_does_not_serve_is_refused_and_audited(plane: Plane, host: str) -> None:
+    response, records = plane.send("/static/app.js", host=host)
+    assert response.status == 400 and records == []
+    assert response.header("X-Gateway-Reason") == "host_not_allowed"
+    refused = [e for e in plane.audit() if e["event"] == "bad_request" and e.get("host") == host]
+    assert refused and refused[-1]["reasons"] == ["host_not_allowed"]
+
+
+def test_a_malformed_host_is_refused(plane: Plane) -> None:
+    response, records = plane.send("/static/app.js", host="bad host!")
+    assert response.status == 400 and records == []
+
+
+# --- What the portal says back, and the request id -----------------------------------------------------------
+
+
+def test_the_portal_redirects_to_its_internal_address_are_rewritten(plane: Plane) -> None:
+    response, records = plane.send("/static/redirect-internal")
+    assert response.status == 302 and len(records) == 1
+    location = response.header("Location") or ""
+    assert plane.portal_address not in location and location.endswith("/landing?from=portal")
+
+
+def test_the_portal_and_the_audit_trail_share_the_request_id(plane: Plane) -> None:
+    session = plane.login()
+    response, records = plane.send(f"/patients/{NIR}", [("Cookie", f"{COOKIE}={session}")])
+    assert response.status == 200
+    request_id = records[0]["headers"]["x-request-id"]
+    decisions = [e for e in plane.audit() if e["event"] == "decision" and e["request_id"] == request_id]
+    assert [(e["path"], e["decision"]) for e in decisions] == [(f"/patients/{NIR}", "allow")]
