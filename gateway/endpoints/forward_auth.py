@@ -77,9 +77,8 @@ def decide(gateway: Gateway, environ: dict[str, Any]) -> Response:
         return _answer(400, Reason.BAD_REQUEST_PATH)
     raw_host = environ.get("HTTP_X_FORWARDED_HOST") or environ.get("HTTP_HOST", "")
     host = normalise_host(raw_host)
-    refused = refused_host(gateway, environ, host, raw_host)
-    if refused is not None or host is None:
-        return _answer(400, refused or Reason.BAD_HOST)
+    if host is None or host not in gateway.allowed_hosts:
+        return _answer(400, refused_host(gateway, environ, host, raw_host) or Reason.BAD_HOST)
     access = check_access(gateway, environ, method, host, target)
     if access.decision.allowed:
         return _allowed(gateway, access, method, target.path)

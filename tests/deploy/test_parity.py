@@ -63,12 +63,12 @@ class Plane:
         *,
         method: str = "GET",
         host: str | None = None,
+        body: bytes = b"",
     ) -> tuple[RawResponse, list[dict[str, Any]]]:
         """The response, and what the portal received for this request."""
         case = uuid4().hex
-        response = raw_request(
-            self.port, target, [(CASE_HEADER, case), *(headers or [])], method=method, host=host
-        )
+        sent = [(CASE_HEADER, case), *(headers or [])]
+        response = raw_request(self.port, target, sent, method=method, host=host, body=body)
         return response, received(self.recording, case)
 
     def login(self, method: LoginMethod = LoginMethod.CARD) -> str:
@@ -208,6 +208,20 @@ def test_a_target_in_normal_form_reaches_the_portal_exactly(plane: Plane) -> Non
     response, records = plane.send(target)
     assert response.status == 200
     assert [r["raw_uri"] for r in records] == [target]
+
+
+def test_requests_with_a_body_reach_the_portal_whole_one_after_the_other(plane: Plane) -> None:
+    session = plane.login()
+    headers = [("Cookie", f"{COOKIE}={session}"), ("Sec-Fetch-Site", "same-origin")]
+    for body in ("first=1", "second=22"):
+        sent = [
+            *headers,
+            ("Content-Type", "application/x-www-form-urlencoded"),
+            ("Content-Length", str(len(body))),
+        ]
+        response, records = plane.send("/account/profile", sent, method="POST", body=body.encode())
+        assert response.status == 200, response.body
+        assert [(r["method"], r["body"]) for r in records] == [("POST", body)]
 
 
 def test_an_absolute_form_target_is_judged_by_its_path(plane: Plane) -> None:

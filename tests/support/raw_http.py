@@ -32,6 +32,7 @@ def raw_request(
     method: str = "GET",
     host: str | None = None,
     source: str = CLIENT_ADDRESS,
+    body: bytes = b"",
 ) -> RawResponse:
     """Send ``method target`` to 127.0.0.1:``port`` with exactly ``headers`` (Host: 127.0.0.1:port unless
     ``host`` or a Host header is given)."""
@@ -42,7 +43,7 @@ def raw_request(
             connection.putheader("Host", host or f"127.0.0.1:{port}")
         for name, value in headers:
             connection.putheader(name, value)
-        connection.endheaders()
+        connection.endheaders(body or None)
         response = connection.getresponse()
         return RawResponse(response.status, response.getheaders(), response.read())
     finally:

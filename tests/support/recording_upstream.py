@@ -2,7 +2,7 @@
 what never did). Plain WSGI, run under gunicorn like tests/support/upstream.py.
 
 Each request appends one JSON line to ``$RECORDING_FILE``: method, raw request target, headers (lower-case
-names). Answers: ``.../redirect-internal`` redirects to the portal's own address (``$PORTAL_ORIGIN``),
+names), body. Answers: ``.../redirect-internal`` redirects to the portal's own address (``$PORTAL_ORIGIN``),
 ``.../set-cookie`` tries to set the gateway's cookies, anything else echoes the record as JSON.
 """
 
@@ -31,6 +31,7 @@ def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable
         "method": environ["REQUEST_METHOD"],
         "raw_uri": environ.get("RAW_URI"),
         "headers": {k[5:].replace("_", "-").lower(): v for k, v in environ.items() if k.startswith("HTTP_")},
+        "body": environ["wsgi.input"].read().decode("latin-1"),
     }
     line = json.dumps(record) + "\n"
     with _LOCK, open(os.environ["RECORDING_FILE"], "a", encoding="utf-8") as file:
