@@ -22,6 +22,7 @@ import requests
 from gateway import pkcs11 as tokens
 from gateway.authn.card.certificate import format_serial
 from gateway.authn.card.challenge import challenge_message
+from gateway.authn.card.handoff import new_binding, reference_of
 from gateway.devtools.cards import Card, softhsm_env
 from gateway.devtools.pki import DevPki
 from tests.support.card_stack import (
@@ -186,7 +187,8 @@ def test_a_certificate_header_from_the_card_hosts_address_without_its_secret_is_
     ]
     before = len(stack.audit())
     port = int(stack.gateway_url.rsplit(":", 1)[1])
-    response = raw_request(port, "/.gateway/login/card", headers, source=NGINX_SOURCE_ADDRESS)
+    login = f"/.gateway/login/card?binding={reference_of(new_binding())}"
+    response = raw_request(port, login, headers, source=NGINX_SOURCE_ADDRESS)
     assert (response.status, response.header("X-Gateway-Reason")) == (401, "card_missing")
     assert response.header("Set-Cookie") is None
     spoofed = [e for e in stack.audit()[before:] if e["event"] == "spoofed_header"]
