@@ -14,6 +14,7 @@ from urllib.parse import unquote_plus
 from flask import request
 
 from gateway import metrics
+from gateway.audit import AuditError
 from gateway.authn.card.revocation import REVOCATION_EVENT
 from gateway.limits import LimitsUnavailable, QuotaSpec
 from gateway.policy.decision import Decision, Outcome, Reason
@@ -40,36 +41,49 @@ def check_access(
     gateway: Gateway, environ: dict[str, Any], method: str, host: str, target: NormalisedTarget
 ) -> Access:
     """The decision on ``method host target`` for the request in ``environ`` (its session cookie, its client
-    for the audit record)."""
+    for the audit record). A decision that must be audited and cannot be is a refusal (audit_unavailable)."""
     now = time.time()
     rule = gateway.policies.match(method, host, target.path)
+    try:
+        access = _decide(gateway, environ, method, rule, target, now)
+        if rule is None or rule.action is not Action.PUBLIC:
+            audit_decision(gateway, environ, access, method, target.path)
+    except AuditError:
+        access = Access(Decision(Outcome.DENY, (Reason.AUDIT_UNAVAILABLE,), rule), rule, None, now)
+    metrics.request_decided(access.decision)
+    return access
+
+
+def _decide(
+    gateway: Gateway,
+    environ: dict[str, Any],
+    method: str,
+    rule: Rule | None,
+    target: NormalisedTarget,
+    now: float,
+) -> Access:
     if rule is None:
-        access = Access(_NO_RULE, None, None, now)
-    elif rule.action is not Action.AUTHENTICATE:
+        return Access(_NO_RULE, None, None, now)
+    if rule.action is not Action.AUTHENTICATE:
         # Public and deny rules never touch the session store: they keep working when it is down.
-        access = Access(decide_rule(rule, None, now), rule, None, now)
-    elif rule.origin_check and is_cross_site(
+        return Access(decide_rule(rule, None, now), rule, None, now)
+    if rule.origin_check and is_cross_site(
         method,
         environ.get("HTTP_ORIGIN"),
         environ.get("HTTP_SEC_FETCH_SITE"),
         gateway.settings.server.trusted_origins,
     ):
         # Before the session and the quota: a forged request neither uses nor counts against anything.
-        access = Access(Decision(Outcome.DENY, (Reason.CROSS_SITE_REQUEST,), rule), rule, None, now)
-    else:
-        try:
-            session = session_of(gateway, environ, now)
-        except SessionStoreUnavailable:
-            decision = Decision(Outcome.DENY, (Reason.SESSION_STORE_UNAVAILABLE,), rule)
-            access = Access(decision, rule, None, now)
-        else:
-            decision = decide_rule(rule, session.identity if session else None, now)
-            access = Access(decision, rule, session, now)
-            if decision.allowed and rule.quota is not None and session is not None:
-                access = _within_quota(gateway, environ, access, rule, rule.quota, session, target)
-    if rule is None or rule.action is not Action.PUBLIC:
-        audit_decision(gateway, environ, access, method, target.path)
-    metrics.request_decided(access.decision)
+        return Access(Decision(Outcome.DENY, (Reason.CROSS_SITE_REQUEST,), rule), rule, None, now)
+    try:
+        session = session_of(gateway, environ, now)
+    except SessionStoreUnavailable:
+        decision = Decision(Outcome.DENY, (Reason.SESSION_STORE_UNAVAILABLE,), rule)
+        return Access(decision, rule, None, now)
+    decision = decide_rule(rule, session.identity if session else None, now)
+    access = Access(decision, rule, session, now)
+    if decision.allowed and rule.quota is not None and session is not None:
+        access = _within_quota(gateway, environ, access, rule, rule.quota, session, target)
     return access
 
 
@@ -160,6 +174,13 @@ def _on_breach(
     now: float,
 ) -> None:
     revoke = quota.on_exceed is QuotaBreachAction.REVOKE_SESSION
+    metrics.quota_breach(rule.name, quota.on_exceed.value)
+    if revoke:
+        # A stolen session draining records dies here, even if the audit below cannot be written; the owner
+        # must log in again with the card or e-CPS. If the store is down, the quota still refuses this
+        # identity's reads until the window ends.
+        with contextlib.suppress(SessionStoreUnavailable):
+            gateway.sessions.delete(session.id)
     audit_request_event(
         gateway,
         environ,
@@ -175,12 +196,6 @@ def _on_breach(
         max_distinct=quota.max_distinct,
         session_revoked=revoke,
     )
-    metrics.quota_breach(rule.name, quota.on_exceed.value)
-    if revoke:
-        # A stolen session draining records dies here; the owner must log in again with the card or e-CPS.
-        # If the store is down, the quota still refuses this identity's reads until the window ends.
-        with contextlib.suppress(SessionStoreUnavailable):
-            gateway.sessions.delete(session.id)
 
 
 class UnidentifiedResource(Exception):

@@ -151,7 +151,18 @@ def _parser() -> argparse.ArgumentParser:
         "verify", help="check the hash chain of an audit file; name the first broken line"
     )
     verify.add_argument("file", type=Path)
-    verify.add_argument("--head", help="the last line's hash recorded elsewhere: detects a removed tail")
+    verify.add_argument(
+        "--key",
+        type=Path,
+        action="append",
+        default=[],
+        help="the audit.key_file of a keyed log (repeat for records written before a key change)",
+    )
+    verify.add_argument(
+        "--head",
+        help="SEQ:HASH exported earlier (log line or metric) and kept elsewhere: detects a removed tail or a "
+        "rewrite up to it (a bare HASH must be the last line's)",
+    )
     verify.set_defaults(run=_audit_verify)
 
     demo = commands.add_parser("demo", help="demo portal + gateway on the embedded default; Ctrl-C stops all")
@@ -350,6 +361,7 @@ def _settings_keys(args: argparse.Namespace) -> int:
 
 
 def _session_revoke(args: argparse.Namespace) -> int:
+    from gateway.audit import AuditError
     from gateway.runtime import build_audit_log, build_session_store
     from gateway.sessions import SessionStoreUnavailable, idnat_tag
 
@@ -365,15 +377,19 @@ def _session_revoke(args: argparse.Namespace) -> int:
     except SessionStoreUnavailable:
         print("the session store is unavailable: nothing was revoked", file=sys.stderr)
         return 1
-    build_audit_log(settings).record(
-        "logout", idnat=args.idnat, decision="deny", reasons=["revoked_by_operator"], sessions=count
-    )
     print(f"{count} session(s) of {args.idnat} revoked")
+    try:
+        build_audit_log(settings).record(
+            "logout", idnat=args.idnat, decision="deny", reasons=["revoked_by_operator"], sessions=count
+        )
+    except AuditError as exc:
+        print(f"the revocation could not be audited: {exc}", file=sys.stderr)
+        return 1
     return EXIT_OK
 
 
 def _audit_verify(args: argparse.Namespace) -> int:
-    from gateway.audit import verify_audit_file
+    from gateway.audit import Head, read_audit_key, verify_audit_file
 
     if args.file.is_dir():
         print(
@@ -386,14 +402,28 @@ def _audit_verify(args: argparse.Namespace) -> int:
             f"error: no file {args.file} (audit.file in the settings names the audit file)", file=sys.stderr
         )
         return EXIT_USAGE
-    result = verify_audit_file(args.file)
+    try:
+        keys = [read_audit_key(path) for path in args.key]
+        head = Head.parse(args.head) if args.head else None
+        result = verify_audit_file(args.file, keys=keys, head=head)
+    except (OSError, ValueError) as exc:
+        print(f"error: cannot verify: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    for recovery in result.recoveries:
+        lines = (
+            f"line {recovery.first_torn_line}"
+            if recovery.first_torn_line == recovery.last_torn_line
+            else f"lines {recovery.first_torn_line}-{recovery.last_torn_line}"
+        )
+        print(
+            f"{args.file}:{recovery.line}: recovery: {recovery.length} torn byte(s) at offset {recovery.offset} "
+            f"({lines}, an interrupted write) closed; checked on from there"
+        )
     if not result.ok:
         print(f"{args.file}:{result.first_broken_line}: {result.problem}: {result.detail}")
         return 1
-    if args.head and args.head != result.head:
-        print(f"{args.file}: the last line's hash is not {args.head}: lines were removed at the end")
-        return 1
-    print(f"OK: {result.lines} lines, chain intact; head {result.head}")
+    keyed = f"keyed (key id {', '.join(result.key_ids)})" if result.key_ids else "unkeyed"
+    print(f"OK: {result.lines} lines, chain intact, {keyed}; head {result.seq}:{result.head}")
     return EXIT_OK
 
 

@@ -13,8 +13,9 @@ rather than touching metric objects, so label names stay consistent.
 from __future__ import annotations
 
 import os
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 
 from prometheus_client import (
@@ -26,6 +27,8 @@ from prometheus_client import (
     multiprocess,
     start_http_server,
 )
+from prometheus_client.core import GaugeMetricFamily, InfoMetricFamily
+from prometheus_client.registry import Collector
 
 from gateway.policy.decision import Decision
 
@@ -85,6 +88,42 @@ IDENTITY_PROVIDER_UP = Gauge(
     ["provider"],
     multiprocess_mode="livemin",  # down as soon as one live worker cannot reach it
 )
+
+
+class _AuditHead(Collector):
+    """The audit head the master exported last (gateway.audit.HeadExporter). A collector, not a Gauge: the
+    hash is a label, and a gauge would keep one stale series per past hash."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._heads: dict[str, tuple[int, str, float]] = {}
+
+    def set(self, file: str, seq: int, digest: str) -> None:
+        with self._lock:
+            self._heads[file] = (seq, digest, time.time())
+
+    def collect(self) -> Iterable[GaugeMetricFamily | InfoMetricFamily]:
+        with self._lock:
+            heads = dict(self._heads)
+        sequence = GaugeMetricFamily(
+            "gateway_audit_head_sequence", "Sequence number of the audit file's last record.", labels=["file"]
+        )
+        info = InfoMetricFamily(
+            "gateway_audit_head", "Hash of the audit file's last record.", labels=["file"]
+        )
+        exported = GaugeMetricFamily(
+            "gateway_audit_head_exported_seconds",
+            "When the audit head was last read (POSIX time).",
+            labels=["file"],
+        )
+        for file, (seq, digest, at) in heads.items():
+            sequence.add_metric([file], seq)
+            info.add_metric([file], {"hash": digest})
+            exported.add_metric([file], at)
+        return [sequence, info, exported]
+
+
+AUDIT_HEAD = _AuditHead()
 
 
 # --- Functions the rest of the gateway calls ----------------------------------------------------------
@@ -149,6 +188,11 @@ def config_reload(outcome: str) -> None:
     CONFIG_RELOADS.labels(outcome=outcome).inc()
 
 
+def audit_head(file: str, seq: int, digest: str) -> None:
+    """The master's head exporter: the audit file's last record, served with the other metrics."""
+    AUDIT_HEAD.set(file, seq, digest)
+
+
 # --- Multiprocess plumbing (gunicorn master) -----------------------------------------------------------
 
 
@@ -160,6 +204,7 @@ def serve_metrics(listen: str) -> None:
         multiprocess.MultiProcessCollector(registry)
     else:
         registry = REGISTRY
+    registry.register(AUDIT_HEAD)
     start_http_server(int(port), addr=host.strip("[]"), registry=registry)
 
 

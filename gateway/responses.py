@@ -49,6 +49,7 @@ PAGES: dict[Reason, Page] = {
     Reason.REQUEST_TOO_LARGE: Page(413),
     Reason.SESSION_STORE_UNAVAILABLE: Page(503),
     Reason.LIMITS_UNAVAILABLE: Page(503),
+    Reason.AUDIT_UNAVAILABLE: Page(503),
     Reason.CSRF_FAILED: Page(403),
     Reason.CROSS_SITE_REQUEST: Page(403),
     Reason.RATE_LIMITED: Page(429),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import secrets
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
@@ -14,7 +15,7 @@ from werkzeug.exceptions import HTTPException
 from werkzeug.http import parse_cookie
 
 from gateway import metrics
-from gateway.audit import AuditLog
+from gateway.audit import AuditError, AuditLog
 from gateway.authn.card.challenge import ChallengeIssuer, NonceKind, NonceSpace, NonceStore
 from gateway.authn.card.handoff import BINDING_COOKIE
 from gateway.authn.card.headers import CardHost
@@ -114,10 +115,11 @@ def build_session_store(settings: Settings) -> SessionStore:
 
 
 def build_audit_log(settings: Settings) -> AuditLog:
+    """Never raises: an audit file that cannot be opened or written makes an instance not ready (and its
+    audited requests 503), it never stops a worker from booting."""
     if settings.audit.file is None:
         return AuditLog(sys.stderr)
-    settings.audit.file.parent.mkdir(parents=True, exist_ok=True)
-    return AuditLog(settings.audit.file)
+    return AuditLog(settings.audit.file, key_file=settings.audit.key_file)
 
 
 def build_ecps(config: EcpsSettings, settings: Settings) -> ProSanteConnect:
@@ -200,10 +202,20 @@ def build_gateway(
         ecps_login_url=ECPS_LOGIN_PATH if settings.ecps else None,
     )
     gateway.readiness.register("sessions", gateway.sessions.ping)
+    gateway.readiness.register("audit", _audit_ready(gateway.audit))
     probe_timeout = min(upstream.connect_timeout, 1.0)
     gateway.readiness.register("upstream", UpstreamProbe(upstream.url, timeout=probe_timeout, ttl=1.0))
     _add_card_login(gateway)
     return gateway
+
+
+def _audit_ready(audit: AuditLog) -> Callable[[], None]:
+    def check() -> None:
+        problem = audit.unavailable()
+        if problem is not None:
+            raise NotReady(problem)
+
+    return check
 
 
 CARD_LOGIN_PATH = f"{GATEWAY_PREFIX}/login/card"
@@ -334,8 +346,14 @@ def unexpected_error(error: Exception) -> Response:
     if isinstance(error, HTTPException):
         return error  # type: ignore[return-value]
     if isinstance(error, RequestBodyTimeout):  # a login form or upload that arrived too slowly
-        audit_event(gateway_of(), "bad_request", reasons=[Reason.CLIENT_TIMEOUT.value], detail=str(error))
+        try:
+            audit_event(gateway_of(), "bad_request", reasons=[Reason.CLIENT_TIMEOUT.value], detail=str(error))
+        except AuditError:
+            return refuse(Reason.AUDIT_UNAVAILABLE, next_path="/")
         return refuse(Reason.CLIENT_TIMEOUT, next_path="/")
+    if isinstance(error, AuditError):
+        # Logged once per outage by the audit log itself, not once per refused request.
+        return refuse(Reason.AUDIT_UNAVAILABLE, next_path="/")
     if isinstance(error, STORAGE_ERRORS):
         log.warning("limits storage unavailable (request %s): %s", request_id(), type(error).__name__)
         return refuse(Reason.LIMITS_UNAVAILABLE, next_path="/")

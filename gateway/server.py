@@ -640,7 +640,7 @@ class GatewayServer(BaseApplication):
             "loglevel": "info",
             "proc_name": "cps-gateway",
             "pidfile": str(server.pid_file) if server.pid_file else None,
-            "when_ready": _start_metrics_listener(self._settings),
+            "when_ready": self._when_ready,
             "child_exit": _forget_worker_metrics,
             "pre_fork": _assign_slot,
             "on_reload": _adopt_new_listeners,
@@ -650,6 +650,16 @@ class GatewayServer(BaseApplication):
 
     def load(self) -> Flask:
         return self._app_factory()
+
+    def _when_ready(self, _arbiter: Any) -> None:
+        """Once, in the master: a reload replaces workers, never the metrics listener or the head exporter."""
+        settings = self._settings
+        if settings.metrics is not None:
+            from gateway import metrics
+
+            metrics.serve_metrics(settings.metrics.listen)
+            log.info("metrics on http://%s/metrics", settings.metrics.listen)
+        _start_head_exporter(self, publish_metrics=settings.metrics is not None)
 
 
 def serve(
@@ -694,16 +704,29 @@ def remove_metrics_dir(directory: Path) -> None:
     shutil.rmtree(directory, ignore_errors=True)
 
 
-def _start_metrics_listener(settings: Settings) -> Callable[[Any], None]:
-    def when_ready(_arbiter: Any) -> None:
-        # Once, in the master: a reload replaces workers, never this listener.
-        if settings.metrics is not None:
-            from gateway import metrics
+def _start_head_exporter(server: GatewayServer, *, publish_metrics: bool) -> None:
+    """The audit head (sequence + hash) as a log line on stderr every audit.head_interval, and as metrics,
+    from the master alone: one export per instance, whatever the number of workers. Follows reloads."""
+    from gateway.audit import Head, HeadExporter
 
-            metrics.serve_metrics(settings.metrics.listen)
-            log.info("metrics on http://%s/metrics", settings.metrics.listen)
+    head_log = logging.getLogger("gateway.audit")
+    if not head_log.handlers:  # gunicorn configures its own loggers only: give this one the same format
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s [%(process)d] [%(levelname)s] %(message)s"))
+        head_log.addHandler(handler)
+        head_log.setLevel(logging.INFO)
+        head_log.propagate = False
 
-    return when_ready
+    def publish(file: str, head: Head) -> None:
+        from gateway import metrics
+
+        metrics.audit_head(file, head.seq, head.hash)
+
+    HeadExporter(
+        lambda: server.settings.audit.file,
+        lambda: server.settings.audit.head_interval,
+        publish if publish_metrics else None,
+    ).start()
 
 
 def _forget_worker_metrics(_arbiter: Any, worker: Any) -> None:
@@ -731,11 +754,15 @@ def _reload_accepted(settings: Settings) -> None:
 
 
 def _audit_reload(settings: Settings, decision: str, errors: list[str]) -> None:
+    """Never raises: the master outlives any audit outage (the reload itself goes on, logged here)."""
+    from gateway.audit import AuditError
     from gateway.runtime import build_audit_log
 
     audit = build_audit_log(settings)
     try:
         audit.record("config_reload", decision=decision, errors=errors)
+    except AuditError as exc:
+        log.error("configuration reload (%s) could not be audited: %s", decision, exc)
     finally:
         if settings.audit.file is not None:
             audit.close()

@@ -26,6 +26,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 from pydantic import ConfigDict, Field, field_validator, model_validator
 
+from gateway.audit import read_audit_key
 from gateway.config_source import (
     ConfigError,
     ConfigErrors,
@@ -323,8 +324,31 @@ class LimitsSettings(_Section):
 
 class AuditSettings(_Section):
     file: Path | None = Field(None, description="Append-only JSON-lines audit file (hash-chained).")
+    key_file: Path | None = Field(
+        None,
+        description=(
+            "Secret of at least 32 bytes (`openssl rand -hex 32`) keying the chain with HMAC-SHA256: without "
+            "it nobody can rewrite the log undetected; `gateway audit verify --key` checks it. None: SHA-256."
+        ),
+    )
+    head_interval: Duration = Field(
+        60.0,
+        gt=0,
+        description="How often the master logs and exports the audit head (sequence + hash) to keep off-host.",
+    )
 
-    _resolve_paths = _paths_relative_to_settings("file")
+    _resolve_paths = _paths_relative_to_settings("file", "key_file")
+
+    @field_validator("key_file", mode="after")
+    @classmethod
+    def _key(cls, value: Path | None, info: pydantic.ValidationInfo) -> Path | None:
+        if value is None or not (info.context or {}).get("require_files", True):
+            return value
+        try:
+            read_audit_key(value)
+        except OSError as exc:
+            raise ValueError(f"cannot read {value}: {exc.strerror}") from None
+        return value
 
 
 class MetricsSettings(_Section):

@@ -21,7 +21,7 @@ def test_ready_when_store_and_portal_answer(app: Flask) -> None:
     assert response.status_code == 200
     assert response.json == {
         "status": "ready",
-        "checks": {"sessions": {"ok": True}, "upstream": {"ok": True}},
+        "checks": {"sessions": {"ok": True}, "audit": {"ok": True}, "upstream": {"ok": True}},
     }
     assert response.headers["Cache-Control"] == "no-store"
 

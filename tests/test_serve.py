@@ -8,7 +8,7 @@ import signal
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,7 +19,7 @@ from tests.support.audit import audit_records
 from tests.support.config import TEST_POLICIES, write_config
 from tests.support.gateways import running_gateways, serve_argv
 from tests.support.metrics import metric_value
-from tests.support.processes import PYTHON, free_port, running
+from tests.support.processes import PYTHON, free_port, running, wait_until
 from tests.support.redis import redis_server
 
 HELLO_DENIED = TEST_POLICIES.replace("paths: [/hello, ", "paths: [") + (
@@ -72,14 +72,6 @@ def _answers(url: str) -> bool:
         return requests.get(url, timeout=1).status_code == 200
     except requests.RequestException:
         return False
-
-
-def wait_until(condition: Callable[[], bool], timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise TimeoutError("condition not met in time")
-        time.sleep(0.05)
 
 
 def test_metrics_are_served_on_their_own_listener_aggregated_over_workers(served: Served) -> None:

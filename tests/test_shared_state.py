@@ -10,11 +10,10 @@ from pathlib import Path
 import pytest
 import requests
 
-from gateway.identity import Identity, LoginMethod
 from gateway.sessions import RedisSessionStore, idnat_tag
 from tests.support.gateways import running_gateways
 from tests.support.processes import REPO_ROOT
-from tests.support.redis import RedisServer
+from tests.support.redis import RedisServer, new_session
 
 COOKIE = "__Host-gateway-session"
 BREACH_IDENTITIES = 19
@@ -54,8 +53,7 @@ def gateways(
 
 
 def stolen_session(redis: RedisServer, idnat: str) -> str:
-    identity = Identity(idnat, LoginMethod.ECPS, time.time(), professions=("10",), auth_mode="MOBILE")
-    return RedisSessionStore(redis.url).create(identity, time.time()).id
+    return new_session(redis.url, idnat)
 
 
 def get(url: str, session_id: str | None = None, **headers: str) -> requests.Response:

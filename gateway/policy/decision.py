@@ -42,6 +42,8 @@ class Reason(enum.StrEnum):
     SPOOFED_HEADER = "spoofed_header"
     # The gateway itself
     INTERNAL_ERROR = "internal_error"
+    #: The audit trail cannot be written: nothing that must be audited is done.
+    AUDIT_UNAVAILABLE = "audit_unavailable"
     # Upstream
     UPSTREAM_UNAVAILABLE = "upstream_unavailable"
     UPSTREAM_TIMEOUT = "upstream_timeout"

@@ -82,3 +82,14 @@ def redis_server() -> Iterator[RedisServer]:
             yield server
         finally:
             server.stop()
+
+
+def new_session(url: str, idnat: str, professions: tuple[str, ...] = ("10",)) -> str:
+    """A session made straight in the store, as an e-CPS login would leave it (e.g. a stolen one); its id."""
+    import time
+
+    from gateway.identity import Identity, LoginMethod
+    from gateway.sessions import RedisSessionStore
+
+    identity = Identity(idnat, LoginMethod.ECPS, time.time(), professions=professions, auth_mode="MOBILE")
+    return RedisSessionStore(url).create(identity, time.time()).id
