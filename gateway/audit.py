@@ -77,6 +77,8 @@ _TAIL_CHUNK = 64 * 1024
 #: Events the log writes about itself.
 RECOVERY_EVENT = "audit_recovery"
 RESUMED_EVENT = "audit_resumed"
+#: Readiness fails below this much free space where the audit file lives (a few thousand records).
+MIN_FREE_BYTES = 64 * 1024
 #: A key shorter than this is refused: the chain is only as strong as the key is hard to guess.
 MIN_KEY_BYTES = 32
 
@@ -191,6 +193,16 @@ def _describe(error: BaseException) -> str:
     )
 
 
+def _free_bytes(directory: Path) -> int | None:
+    """Space the gateway may still write in ``directory``'s file system (root may use the reserved blocks)."""
+    try:
+        stats = os.statvfs(directory)
+    except OSError:
+        return None
+    blocks = stats.f_bfree if os.geteuid() == 0 else stats.f_bavail
+    return blocks * stats.f_frsize
+
+
 @dataclass(slots=True)
 class _Outage:
     """Records this process could not write, since when and why (cleared by an ``audit_resumed`` record)."""
@@ -282,8 +294,15 @@ class AuditLog:
 
     def unavailable(self) -> str | None:
         """None when records can be written; else why not (for readiness). During an outage, tries again at
-        most every ``retry_interval`` seconds, so the log resumes by itself even when no request comes."""
-        if self._outage is None or self._path is None:
+        most every ``retry_interval`` seconds, so the log resumes by itself even when no request comes. A file
+        system with less than ``MIN_FREE_BYTES`` left counts too: every process of the instance says so, not
+        only those whose writes already failed."""
+        if self._path is None:
+            return None
+        if self._outage is None:
+            free = _free_bytes(self._path.parent)
+            if free is not None and free < MIN_FREE_BYTES:
+                return f"the audit file system is full ({free} bytes free)"
             return None
         with self._lock:
             if self._outage is not None and time.monotonic() - self._last_attempt >= self._retry_interval:

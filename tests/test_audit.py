@@ -559,6 +559,8 @@ def test_a_full_disk_tears_a_line_then_the_log_recovers_by_itself(tmp_path: Path
         log = AuditLog(log_path, retry_interval=0)
         log.record("decision", now=T0, request_id="before")
         filler = fill_up(mount)
+        # A process that has not written since says so too (readiness of every worker of the instance).
+        assert "file system is full" in (AuditLog(log_path).unavailable() or "")
         written = 0
         with pytest.raises(
             AuditError
