@@ -500,8 +500,8 @@ class CardVerifier:
 
     def revoked_since_login(self, identity: Identity) -> bool:
         """Whether a loaded CRL now lists the card of a card login, or a configured CA above it."""
-        if identity.method is not LoginMethod.CARD:
-            return False
+        if identity.method is not LoginMethod.CARD or not identity.card_serial:
+            return False  # no certificate to look up (not made by a card login: tests, tools)
         try:
             return any(self._crls.lists(issuer, serial) for issuer, serial in self._card_and_cas(identity))
         except ValueError:

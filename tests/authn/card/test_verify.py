@@ -447,3 +447,16 @@ def test_a_session_tags_its_card_and_the_cas_above_it(own_tool_pki: OpensslPki, 
         card_tag(card.issuer.rfc4514_string(), 0x0C31),
         card_tag(people.issuer.rfc4514_string(), people.serial_number),
     )
+
+
+def test_only_a_card_logins_certificate_is_looked_up_at_each_request(own_tool_pki: OpensslPki) -> None:
+    from gateway.identity import Identity
+
+    verifier, _ = _tool_verifier(own_tool_pki)
+    issuer = own_tool_pki.people.certificate.subject.rfc4514_string()
+    card = Identity("810002813839", LoginMethod.CARD, 0.0, card_serial="0C41", card_issuer=issuer)
+    assert not verifier.revoked_since_login(card)
+    assert not verifier.revoked_since_login(Identity("810002813839", LoginMethod.CARD, 0.0))  # tools, tests
+    assert not verifier.revoked_since_login(Identity("810002813839", LoginMethod.ECPS, 0.0, card_serial="zz"))
+    # A serial no card login wrote: the session ends rather than being trusted.
+    assert verifier.revoked_since_login(Identity("810002813839", LoginMethod.CARD, 0.0, card_serial="zz"))
