@@ -103,6 +103,23 @@ def _parser() -> argparse.ArgumentParser:
     init = dev.add_parser("init", help="create the dev assertion key and files the embedded default needs")
     _config_option(init)
     init.set_defaults(run=_dev_init)
+    browser = dev.add_parser(
+        "browser", help="set up the NSS database (and Chromium) to log in with the SoftHSM test cards"
+    )
+    _config_option(browser)
+    browser.add_argument("--nssdb", type=Path, default=None, help="NSS database (default ~/.pki/nssdb)")
+    browser.add_argument(
+        "--policy-dir",
+        type=Path,
+        default=None,
+        help="Chromium managed policy directory (default /etc/chromium/policies/managed; root only)",
+    )
+    browser.add_argument(
+        "--no-auto-select",
+        action="store_true",
+        help="write no policy: Chromium asks which certificate to use",
+    )
+    browser.set_defaults(run=_dev_browser)
     portal = dev.add_parser("portal", help="run the demo portal (the upstream of the embedded default)")
     portal.add_argument("--listen", default="127.0.0.1:8081", type=_listen_address, help="HOST:PORT")
     portal.set_defaults(run=_dev_portal)
@@ -664,6 +681,42 @@ def _card_pin(args: argparse.Namespace) -> str | None:
         return getpass.getpass(f"PIN of the card {args.token_label}: ")
     except EOFError:
         raise NoPin("no PIN typed") from None
+
+
+def _dev_browser(args: argparse.Namespace) -> int:
+    from gateway.devtools.browser import CHROMIUM_POLICY_DIR, BrowserSetupError, set_up_browser
+
+    settings = load_settings(args.config)
+    if settings.card is None:
+        print(
+            f"error: {args.config} has no card section: no card login to set a browser up for",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
+    policy_dir = None if args.no_auto_select else (args.policy_dir or CHROMIUM_POLICY_DIR)
+    try:
+        setup = set_up_browser(
+            settings.card.trust_anchors[0].parent, settings.card.login_origin, args.nssdb, policy_dir
+        )
+    except BrowserSetupError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    print(f"NSS database {setup.nssdb}: SoftHSM module (slots FRIENDLY), dev server CA trusted for TLS")
+    if setup.policy_file is not None:
+        print(
+            f"Chromium picks the card's certificate on {settings.card.login_origin} by itself: {setup.policy_file}"
+        )
+    elif policy_dir is not None:
+        print(
+            f"Chromium will ask which certificate to use on {settings.card.login_origin}. To skip that question,"
+            f" write this, as root, to {policy_dir}/cps-gateway-dev-cards.json:\n{setup.policy}",
+            end="",
+        )
+    print(
+        "Start the browser with the cards' SoftHSM (after making new cards, run this command again):\n"
+        f"  SOFTHSM2_CONF={setup.softhsm_conf} chromium {settings.server.public_origin}/"
+    )
+    return EXIT_OK
 
 
 def _dev_portal(args: argparse.Namespace) -> int:

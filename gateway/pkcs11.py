@@ -124,7 +124,8 @@ def _softhsm_util(args: list[str], env: dict[str, str], what: str) -> None:
 
 def _private_key_template(private: bool) -> dict[Attribute, Any]:
     # Sensitive and non-extractable like a real card. private=False lets headless browsers use the key
-    # without a PIN dialog (recipes.md): usable without login, but it can never leave the token.
+    # without a PIN dialog (docs/card.md, "A browser with a test card"): usable without login, but it can never
+    # leave the token.
     return {
         Attribute.TOKEN: True,
         Attribute.PRIVATE: private,

@@ -167,10 +167,11 @@ def banner(settings: Settings, cards: Path | None) -> str:
             f"    SOFTHSM2_CONF={softhsm} {gateway} card login --url {origin} --token-label {card.label}"
             " --cookie-jar cookies.txt",
             f"    curl -b cookies.txt {record}",
-            f"  Revoke it{_revocation_note(settings)}:",
+            f"  In a browser, the card button leads to the nginx card host{_card_host_note(settings)}; put the"
+            " card in the browser's NSS database first, and start the browser as it then says (docs/card.md):",
+            f"    {gateway} dev browser",
+            f"  Revoke the card{_revocation_note(settings)}:",
             f"    {gateway} dev revoke --label {card.label}",
-            f"  In a browser, the card button leads to the nginx card host{_card_host_note(settings)}; the"
-            " browser needs the card in its NSS database (docs/card.md).",
         ]
     if settings.audit.file is not None:
         audit = shown_path(settings.audit.file)

@@ -1,8 +1,9 @@
-"""A real headless Chromium logs in with a SoftHSM card through nginx's card-login host (recipes.md).
+"""A real headless Chromium logs in with a SoftHSM card through nginx's card-login host.
 
-The three settings that keep Chromium from hanging on a dialog nobody sees: the card module in the NSS db of
-a private $HOME (FRIENDLY once the token exists), an AutoSelectCertificateForUrls enterprise policy for the
-card host (port included), and a card key with CKA_PRIVATE=False (no PIN prompt).
+The settings that keep Chromium from hanging on a dialog nobody sees are made by what `gateway dev browser`
+runs (gateway/devtools/browser.py): the card module in the NSS db of a private $HOME (FRIENDLY once the token
+exists), an AutoSelectCertificateForUrls enterprise policy for the card host (port included); and the card
+key has CKA_PRIVATE=False (no PIN prompt).
 """
 
 from __future__ import annotations
@@ -14,17 +15,15 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from playwright.sync_api import sync_playwright
 
+from gateway.devtools.browser import set_up_browser
 from gateway.devtools.cards import create_card, softhsm_env, use_softhsm
-from gateway.devtools.pki import INTERMEDIATE_CN, DevPki, ensure_dev_pki
+from gateway.devtools.pki import DevPki, ensure_dev_pki
 from gateway.pkcs11 import SOFTHSM_MODULE
-from tests.support.browser import CHROMIUM, CHROMIUM_ARGS
-from tests.support.card_stack import CardStack, card_stack
+from tests.support.browser import chromium_policies, log_in_with_the_card_button
+from tests.support.card_stack import card_stack
 from tests.support.openssl_pki import softhsm_config
 
-POLICY_DIR = Path("/etc/chromium/policies/managed")
-POLICY_FILE = POLICY_DIR / "cps-gateway-card-test.json"
 CARD_ROUTE = "/echo/card/browser"
 
 # No skip when a component is missing: `make test` installs nginx, Chromium and the NSS tools.
@@ -42,70 +41,6 @@ def browser_pki(dev_pki: DevPki, tmp_path_factory: pytest.TempPathFactory) -> It
     finally:
         use_softhsm(dev_pki.base_dir)  # this process's other tests use the session cards
     yield pki
-
-
-def _nss_home(pki: DevPki, home: Path) -> dict[str, str]:
-    env = dict(softhsm_env(pki.base_dir), HOME=str(home))
-    nssdb = home / ".pki" / "nssdb"
-    nssdb.mkdir(parents=True)
-    db = f"sql:{nssdb}"
-
-    def run(*argv: str) -> None:
-        subprocess.run(argv, env=env, check=True, capture_output=True, stdin=subprocess.DEVNULL, timeout=30)
-
-    run("certutil", "-N", "--empty-password", "-d", db)
-    run("modutil", "-force", "-dbdir", db, "-add", "softhsm", "-libfile", SOFTHSM_MODULE)
-    run("modutil", "-force", "-dbdir", db, "-default", "softhsm", "-mechanisms", "FRIENDLY")
-    run(
-        "certutil",
-        "-A",
-        "-d",
-        db,
-        "-n",
-        "dev-server-ca",
-        "-t",
-        "C,,",
-        "-i",
-        str(pki.base_dir / "server-ca.pem"),
-    )
-    return env
-
-
-@pytest.fixture
-def auto_select_policy() -> Iterator[None]:
-    yield
-    POLICY_FILE.unlink(missing_ok=True)
-
-
-def _write_policy(card_origin: str) -> None:
-    rule = {"pattern": card_origin, "filter": {"ISSUER": {"CN": INTERMEDIATE_CN}}}
-    POLICY_DIR.mkdir(parents=True, exist_ok=True)
-    POLICY_FILE.write_text(json.dumps({"AutoSelectCertificateForUrls": [json.dumps(rule)]}))
-
-
-def _browse(stack: CardStack, env: dict[str, str], profile: Path) -> str:
-    with sync_playwright() as playwright:
-        context = playwright.chromium.launch_persistent_context(
-            str(profile),
-            executable_path=str(CHROMIUM),
-            args=CHROMIUM_ARGS,
-            env=env,
-            headless=True,
-            timeout=20_000,
-        )
-        try:
-            page = context.new_page()
-            page.set_default_navigation_timeout(15_000)
-            # As a professional does: the protected page, its "Carte CPS" button (the main host binds the
-            # browser, then the card host asks for the card), back on the page with the session.
-            response = page.goto(f"{stack.gateway_url}{CARD_ROUTE}")
-            assert response is not None and response.status == 401
-            page.click("#login-card")
-            page.wait_for_url(f"{stack.gateway_url}{CARD_ROUTE}")
-            assert page.url.startswith(f"{stack.gateway_url}{CARD_ROUTE}"), page.url
-            return str(page.inner_text("body"))
-        finally:
-            context.close()
 
 
 #: What card middleware without RSA-PSS offers (e.g. an older Cryptolib): PKCS#1 v1.5 signatures only.
@@ -160,17 +95,22 @@ def test_chromium_logs_in_with_the_card_and_sees_the_protected_page(
     upstream_url: str,
     assertion_key: Path,
     tmp_path: Path,
-    auto_select_policy: None,
 ) -> None:
     pki: DevPki = request.getfixturevalue(card_pki)
-    env = _nss_home(pki, tmp_path / "home")
+    home = tmp_path / "home"
+    env = dict(softhsm_env(pki.base_dir), HOME=str(home))
     # As in the demo: the card host's nginx is not a trusted proxy, so the card host and the main host see
     # different client addresses; the hand-off is bound to the browser, not to an address.
-    with card_stack(
-        tmp_path / "stack", pki, upstream_url, assertion_key, nginx_is_a_trusted_proxy=False
-    ) as stack:
-        _write_policy(stack.card_origin)
-        page = json.loads(_browse(stack, env, tmp_path / "profile"))
+    with (
+        card_stack(
+            tmp_path / "stack", pki, upstream_url, assertion_key, nginx_is_a_trusted_proxy=False
+        ) as stack,
+        chromium_policies(),
+    ):
+        # What `gateway dev browser` does: NSS database, FRIENDLY slots, dev server CA, auto-select policy.
+        set_up_browser(pki.base_dir, stack.card_origin, home / ".pki" / "nssdb")
+        text = log_in_with_the_card_button(stack.gateway_url, CARD_ROUTE, env, tmp_path / "profile")
+        page = json.loads(text)
     assert page["path"] == CARD_ROUTE
     assert page["headers"]["x-gateway-subject"] == idnat
     assert page["headers"]["x-gateway-auth-method"] == "card"

@@ -4,73 +4,29 @@ where it says, an e-CPS login leaves no token in its output, and Ctrl-C stops ev
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
-import signal
 import subprocess
-import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import requests
 
-from tests.support.demo import DEMO_PORTS, ORIGIN, demo_ports, listening
+from tests.support.browser import chromium_policies
+from tests.support.demo import DEMO_PORTS, ORIGIN, UP, demo_ports, listening, running_demo, wait_for_banner
 from tests.support.ecps import Browser
-from tests.support.processes import PYTHON
 from tests.support.psc import PscServer
 
-UP = "The demo is up"
-LAST_BANNER_LINE = "Ctrl-C stops everything."
 STAND_IN_DOCTOR = "810001234567"  # one of the stand-in's default identities
 RECORD = "/patients/180017512345678"
 
 
-def wait_for_banner(demo: subprocess.Popen[bytes], log: Path, timeout: float = 120.0) -> str:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        text = log.read_text(errors="replace")
-        if LAST_BANNER_LINE in text:
-            return text
-        assert demo.poll() is None, f"gateway demo exited with {demo.returncode}:\n{text}"
-        time.sleep(0.2)
-    raise AssertionError(f"no banner after {timeout} s:\n{log.read_text(errors='replace')}")
-
-
-def stop_like_ctrl_c(demo: subprocess.Popen[bytes]) -> None:
-    """A terminal's Ctrl-C: SIGINT to the foreground process group."""
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(demo.pid, signal.SIGINT)
-    try:
-        demo.wait(60)
-    except subprocess.TimeoutExpired:
-        os.killpg(demo.pid, signal.SIGKILL)
-        demo.wait(10)
-        raise
-
-
-@contextlib.contextmanager
-def running_demo(directory: Path, log: Path) -> Iterator[subprocess.Popen[bytes]]:
-    with log.open("wb") as output:
-        demo = subprocess.Popen(
-            [PYTHON, "-m", "gateway.cli", "demo"],
-            cwd=directory,
-            stdin=subprocess.DEVNULL,
-            stdout=output,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    try:
-        yield demo
-    finally:
-        stop_like_ctrl_c(demo)
-
-
-def run_printed(command: str, directory: Path) -> subprocess.CompletedProcess[str]:
-    """A command line exactly as the banner printed it, typed into a shell in the same directory."""
+def run_printed(command: str, directory: Path, home: Path) -> subprocess.CompletedProcess[str]:
+    """A command line exactly as the banner printed it, typed into a shell in the same directory (by a user
+    whose home is ``home``: `gateway dev browser` sets up the NSS database there)."""
     return subprocess.run(
         ["bash", "-c", command],
         cwd=directory,
+        env={**os.environ, "HOME": str(home)},
         capture_output=True,
         text=True,
         stdin=subprocess.DEVNULL,
@@ -99,7 +55,7 @@ def test_demo_says_it_is_up_once_everything_listens_and_its_commands_run_as_prin
     here = tmp_path / "somewhere"  # a newcomer's directory: the demo makes its files here
     here.mkdir()
     log = tmp_path / "demo.log"
-    with demo_ports(), running_demo(here, log) as demo:
+    with demo_ports(), chromium_policies(), running_demo(here, log) as demo:
         text = wait_for_banner(demo, log)
         not_yet = [name for name, port in DEMO_PORTS.items() if not listening(port)]
         assert not not_yet, f"the banner came before {not_yet} listened:\n{text}"
@@ -115,7 +71,7 @@ def test_demo_says_it_is_up_once_everything_listens_and_its_commands_run_as_prin
         assert any(" card login " in c for c in commands) and any(c.startswith("curl ") for c in commands)
         outputs = {}
         for command in commands:
-            done = run_printed(command, here)
+            done = run_printed(command, here, tmp_path / "home")
             assert done.returncode == 0, f"{command}\n{done.stdout}\n{done.stderr}"
             outputs[command] = done.stdout
         assert "DUPONT" in next(
@@ -126,7 +82,7 @@ def test_demo_says_it_is_up_once_everything_listens_and_its_commands_run_as_prin
 
         check = re.search(r"check its chain: (.+)\)", banner)
         assert check is not None, banner
-        verified = run_printed(check.group(1), here)
+        verified = run_printed(check.group(1), here, tmp_path / "home")
         assert verified.returncode == 0 and verified.stdout.startswith("OK:"), (
             verified.stdout + verified.stderr
         )

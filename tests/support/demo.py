@@ -8,10 +8,15 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import os
+import signal
 import socket
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
+
+from tests.support.processes import PYTHON
 
 ORIGIN = "http://127.0.0.1:8080"
 #: The embedded default's listeners: gateway, metrics, demo portal, PSC stand-in, nginx card host.
@@ -23,6 +28,8 @@ DEMO_PORTS = {
     "card host": 8443,
 }
 LOCK_FILE = Path("/tmp/cps-gateway-demo-ports.lock")
+UP = "The demo is up"
+LAST_BANNER_LINE = "Ctrl-C stops everything."
 LOCK_WAIT = 600.0
 
 
@@ -51,3 +58,43 @@ def demo_ports() -> Iterator[None]:
             yield
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def wait_for_banner(demo: subprocess.Popen[bytes], log: Path, timeout: float = 120.0) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        text = log.read_text(errors="replace")
+        if LAST_BANNER_LINE in text:
+            return text
+        assert demo.poll() is None, f"gateway demo exited with {demo.returncode}:\n{text}"
+        time.sleep(0.2)
+    raise AssertionError(f"no banner after {timeout} s:\n{log.read_text(errors='replace')}")
+
+
+def stop_like_ctrl_c(demo: subprocess.Popen[bytes]) -> None:
+    """A terminal's Ctrl-C: SIGINT to the foreground process group."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(demo.pid, signal.SIGINT)
+    try:
+        demo.wait(60)
+    except subprocess.TimeoutExpired:
+        os.killpg(demo.pid, signal.SIGKILL)
+        demo.wait(10)
+        raise
+
+
+@contextlib.contextmanager
+def running_demo(directory: Path, log: Path) -> Iterator[subprocess.Popen[bytes]]:
+    with log.open("wb") as output:
+        demo = subprocess.Popen(
+            [PYTHON, "-m", "gateway.cli", "demo"],
+            cwd=directory,
+            stdin=subprocess.DEVNULL,
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        yield demo
+    finally:
+        stop_like_ctrl_c(demo)
