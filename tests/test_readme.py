@@ -7,9 +7,11 @@ import re
 from pathlib import Path
 
 import pytest
+import yaml
 
 from gateway.cli import _parser, main
-from gateway.settings import documented_keys
+from gateway.config_source import known_keys
+from gateway.settings import Settings, documented_keys
 
 README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
 
@@ -60,3 +62,24 @@ def test_the_configuration_example_is_valid(tmp_path: Path) -> None:
     (tmp_path / "gateway.yaml").write_text(text)
     settings = load_settings(tmp_path / "gateway.yaml")
     assert settings.sessions.store.startswith("redis://") and settings.server.workers == 4
+
+
+def _key_paths(value: object, path: tuple[str | int, ...] = ()) -> list[tuple[str | int, ...]]:
+    if isinstance(value, dict):
+        return [p for key, item in value.items() for p in [(*path, key), *_key_paths(item, (*path, key))]]
+    if isinstance(value, list):
+        return [p for item in value for p in _key_paths(item, (*path, 0))]
+    return []
+
+
+def test_every_settings_snippet_uses_real_keys() -> None:
+    """The README's YAML examples (the configuration, the real anchors, the real PSC client) name real keys."""
+    snippets = re.findall(r"```yaml\n(.*?)```", README, re.S)
+    assert len(snippets) >= 3
+    unknown = [
+        ".".join(map(str, path))
+        for snippet in snippets
+        for path in _key_paths(yaml.safe_load(snippet))
+        if isinstance(path[-1], str) and path[-1] not in known_keys(Settings, path[:-1])
+    ]
+    assert unknown == []
