@@ -1,22 +1,25 @@
 """Login throttling with failure bans, per-identity quotas ("bulk-access guard"), and flask-limiter wiring.
 
 Everything is shared across gateway processes when the storage URI is ``redis://...`` and per process with
-``memory://``. Counting uses fixed windows whose bucket number comes from the caller's ``now``
-(``floor(now / window)`` is part of the key): decisions depend only on the clock passed in, so tests pin it;
-storage expiry only collects old buckets. A storage error raises :class:`LimitsUnavailable`: the caller
+``memory://``. Decisions depend only on the clock the caller passes (``now``), so tests pin it; storage expiry
+only collects what has left every window. A storage error raises :class:`LimitsUnavailable`: the caller
 fails closed (503), never lets a login or a request through unchecked.
 
-Refused requests still count (one atomic increment, no read-then-write race between processes). With fixed
-windows this cannot prolong a refusal past the current window, so a client hammering while refused only
-stays refused until the window ends.
+Quotas (:class:`QuotaGuard`) use sliding windows: no interval of the window's length ever holds more than the
+limits. The login throttle counts attempts and failures in fixed windows whose bucket number comes from
+``now`` (``floor(now / window)`` is part of the key): refused attempts still count (one atomic increment, no
+read-then-write race between processes), which cannot prolong a refusal past the current window.
 """
 
 from __future__ import annotations
 
+import collections
+import itertools
 import math
+import os
 import threading
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import flask
@@ -224,7 +227,7 @@ class LoginThrottle:
 
 @dataclass(frozen=True, slots=True)
 class QuotaSpec:
-    """What one identity may do on one rule within a fixed window."""
+    """What one identity may do on one rule within any interval of ``window_seconds``."""
 
     #: Requests allowed per window; None: unlimited.
     max_requests: int | None
@@ -247,40 +250,98 @@ class QuotaVerdict:
     #: Reason.QUOTA_EXCEEDED when refused.
     reason: Reason | None
     retry_after: int
-    #: Counts in the current window, this request included (distinct: capped at max_distinct + 1).
+    #: Allowed requests and distinct resources in the window ending now, this request included (when
+    #: refused: what it would have made); 0 for a limit the quota does not set (it is not tracked).
     requests: int
     distinct: int
     #: True for the request that first went over (to audit one quota_breach, not one per refusal).
     breach_started: bool = False
 
 
-# KEYS: request counter, distinct set. ARGV: ttl, max_distinct (-1: not counted), resource.
-# The set stops growing at max_distinct + 1 members: the extra one marks the breach, memory stays bounded.
-_QUOTA_SCRIPT = """
-local n = redis.call('INCR', KEYS[1])
-if n == 1 then redis.call('EXPIRE', KEYS[1], ARGV[1]) end
-local max_distinct = tonumber(ARGV[2])
-local d = 0
-local added = 0
-if max_distinct >= 0 then
-  d = redis.call('SCARD', KEYS[2])
-  if d <= max_distinct and redis.call('SADD', KEYS[2], ARGV[3]) == 1 then
-    d = d + 1
-    added = 1
-    if d == 1 then redis.call('EXPIRE', KEYS[2], ARGV[1]) end
-  end
+#: The marker a distinct-resource breach leaves: the whole rule is closed for a window from the breach.
+_CLOSED = "distinct"
+#: The marker a request-count breach leaves: only so that the breach is audited once per window.
+_MARKED = "requests"
+
+# One round trip decides and counts (issue 14: the decision path stays cheap).
+# KEYS: allowed requests (sorted set, score = time), resources read (sorted set, score = last allowed read),
+#       breach marker (string, expires a window after the breach).
+# ARGV: now, "(" .. window start (exclusive bound of what has left the window), window in ms,
+#       max_requests (-1: none), max_distinct (-1: none), resource, a unique member for this request,
+#       now + window (until when a breach now marks the rule).
+# Returns {allowed, requests, distinct, breach started, ms until trying again can succeed}.
+# Only allowed requests are recorded: each sorted set holds at most max_requests / max_distinct members.
+_QUOTA_SCRIPT = (
+    """
+local now, window_ms = tonumber(ARGV[1]), tonumber(ARGV[3])
+local max_requests, max_distinct = tonumber(ARGV[4]), tonumber(ARGV[5])
+local n, d, known, this = 0, 0, true, 0
+if max_requests >= 0 then
+  redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[2])
+  n = redis.call('ZCARD', KEYS[1])
+  this = 1
 end
-return {n, d, added}
+if max_distinct >= 0 then
+  redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', ARGV[2])
+  d = redis.call('ZCARD', KEYS[2])
+  known = redis.call('ZSCORE', KEYS[2], ARGV[6]) ~= false
+end
+local new = known and 0 or 1
+-- The marker holds "<kind>|<until>" in the caller's clock; its Redis expiry only collects it.
+local kind, marked_until = false, 0
+local marker = redis.call('GET', KEYS[3])
+if marker then
+  local sep = string.find(marker, '|', 1, true)
+  marked_until = tonumber(string.sub(marker, sep + 1))
+  if marked_until > now then kind = string.sub(marker, 1, sep - 1) end
+end
+if kind == '""" + _CLOSED + """' then
+  return {0, n + this, d + new, 0, math.ceil((marked_until - now) * 1000)}
+end
+if not known and d >= max_distinct then
+  redis.call('SET', KEYS[3], '""" + _CLOSED + """|' .. ARGV[8], 'PX', 2 * window_ms)
+  return {0, n + this, d + 1, 1, window_ms}
+end
+if max_requests >= 0 and n >= max_requests then
+  local oldest = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
+  local wait = window_ms
+  if oldest[2] then wait = math.ceil((tonumber(oldest[2]) - now) * 1000 + window_ms) end
+  local started = 0
+  if not kind then
+    redis.call('SET', KEYS[3], '""" + _MARKED + """|' .. ARGV[8], 'PX', 2 * window_ms)
+    started = 1
+  end
+  return {0, n + this, d + new, started, wait}
+end
+if max_requests >= 0 then
+  redis.call('ZADD', KEYS[1], ARGV[1], ARGV[7])
+  redis.call('PEXPIRE', KEYS[1], window_ms)
+end
+if max_distinct >= 0 then
+  redis.call('ZADD', KEYS[2], ARGV[1], ARGV[6])
+  redis.call('PEXPIRE', KEYS[2], window_ms)
+end
+return {1, n + this, d + new, 0, 0}
 """
+)
 
 
 class QuotaGuard:
-    """Per-identity quotas on sensitive rules: requests and DISTINCT resources per fixed window, counted
-    exactly (a Redis set per identity, rule and window; a dict of sets in memory).
+    """Per-identity quotas on sensitive rules: requests and DISTINCT resources within a sliding window.
 
-    Once an identity goes over ``max_distinct`` in a window, every request on that rule is refused until the
-    window ends, revisits included: pulling more records than allowed is what a bulk exfiltration looks like,
-    and an alarm that a revisit clears would be too easy to game.
+    Neither limit can be exceeded within ANY interval of the window's length (a fixed window would let
+    ``max_distinct`` records through just before a boundary and as many again just after). Each identity and
+    rule keeps the times of its allowed requests and, per resource, the time of its last allowed read; a
+    request is allowed if the window ending now holds fewer than ``max_requests`` requests and the resource is
+    among those read in it or fewer than ``max_distinct`` were. Only allowed requests are kept, so memory per
+    identity is bounded by the limits and a refused client does not extend its own refusal.
+
+    Once an identity goes over ``max_distinct``, every request on that rule is refused for a window from that
+    moment, revisits included: pulling more records than allowed is what a bulk exfiltration looks like, and
+    an alarm that a revisit clears would be too easy to game. Over ``max_requests``, requests are refused until
+    the oldest one in the window leaves it.
+
+    Decisions use the caller's ``now`` (tests pin it; gateway instances need synchronised clocks: NTP).
     """
 
     def __init__(
@@ -292,6 +353,7 @@ class QuotaGuard:
         self._prefix = key_prefix
         self._memory: _MemoryQuotas | None = None
         self._redis: redis.Redis | None = None
+        self._ids = itertools.count()
         if storage_uri.startswith("memory://"):
             self._memory = _MemoryQuotas()
         elif storage_uri.startswith(("redis://", "rediss://", "unix://")):
@@ -303,37 +365,40 @@ class QuotaGuard:
     def check_and_count(
         self, identity_key: str, rule_name: str, quota: QuotaSpec, resource_key: str | None, now: float
     ) -> QuotaVerdict:
-        bucket = math.floor(now / quota.window_seconds)
-        base = f"{self._prefix}:{rule_name}:{identity_key}:{quota.window_seconds}:{bucket}"
+        window = quota.window_seconds
+        base = f"{self._prefix}:{rule_name}:{identity_key}:{window}"
+        max_requests = quota.max_requests if quota.max_requests is not None else -1
         max_distinct = quota.max_distinct if quota.max_distinct is not None and resource_key else -1
         if self._memory is not None:
-            requests, distinct, added = self._memory.count(
-                base, bucket, max_distinct, resource_key or "", now
+            allowed, requests, distinct, started, wait = self._memory.count(
+                base, window, max_requests, max_distinct, resource_key or "", now
             )
         else:
             assert self._redis is not None
+            # Times travel as Python's exact repr: Lua would print them with 14 digits only.
+            member = f"{now!r}:{os.getpid()}:{next(self._ids)}"
             try:
                 result = self._script(
-                    keys=[f"{base}:n", f"{base}:d"],
-                    args=[2 * quota.window_seconds, max_distinct, resource_key or ""],
+                    keys=[f"{base}:log", f"{base}:read", f"{base}:breach"],
+                    args=[
+                        repr(now),
+                        f"({now - window!r}",
+                        window * 1000,
+                        max_requests,
+                        max_distinct,
+                        resource_key or "",
+                        member,
+                        repr(now + window),
+                    ],
                 )
             except redis.RedisError as exc:
                 raise _unavailable(exc) from None
-            requests, distinct, added = (int(x) for x in result)
-        over_requests = quota.max_requests is not None and requests > quota.max_requests
-        over_distinct = max_distinct >= 0 and distinct > max_distinct
-        if not (over_requests or over_distinct):
+            allowed_flag, requests, distinct, started_flag, wait_ms = (int(x) for x in result)
+            allowed, started, wait = bool(allowed_flag), bool(started_flag), wait_ms / 1000
+        if allowed:
             return QuotaVerdict(True, None, 0, requests, distinct)
-        breach_started = (over_requests and requests == (quota.max_requests or 0) + 1) or (
-            over_distinct and bool(added)
-        )
         return QuotaVerdict(
-            False,
-            Reason.QUOTA_EXCEEDED,
-            _retry_after(now, quota.window_seconds),
-            requests,
-            distinct,
-            breach_started,
+            False, Reason.QUOTA_EXCEEDED, max(1, math.ceil(wait)), requests, distinct, started
         )
 
     def ping(self) -> None:
@@ -344,13 +409,25 @@ class QuotaGuard:
                 raise _unavailable(exc) from None
 
 
+@dataclass(slots=True)
+class _Window:
+    #: Times of the allowed requests still in the window (oldest first).
+    requests: collections.deque[float] = field(default_factory=collections.deque)
+    #: Resource -> time of its last allowed read.
+    reads: dict[str, float] = field(default_factory=dict)
+    #: The breach marker: _CLOSED or _MARKED, until ``marker_until``.
+    marker: str = ""
+    marker_until: float = -math.inf
+    last_seen: float = -math.inf
+
+
 class _MemoryQuotas:
-    """The in-process twin of the Lua script. Memory: one entry per (identity, rule) live in the current
-    window, each set capped at max_distinct + 1; entries of past windows are purged."""
+    """The in-process twin of the Lua script (same decisions, same counts). Memory: one entry per identity and
+    rule seen within a window, bounded by the limits; entries idle for a window are purged."""
 
     def __init__(self, purge_interval: float = 60.0) -> None:
         self._lock = threading.Lock()
-        self._entries: dict[str, tuple[int, list[int], set[str]]] = {}
+        self._entries: dict[str, tuple[int, _Window]] = {}
         self._purge_interval = purge_interval
         self._last_purge = -math.inf
 
@@ -358,31 +435,50 @@ class _MemoryQuotas:
         return len(self._entries)
 
     def count(
-        self, base: str, bucket: int, max_distinct: int, resource: str, now: float
-    ) -> tuple[int, int, int]:
-        # The bucket is part of ``base``; keep it separately to purge by age.
+        self, base: str, window: int, max_requests: int, max_distinct: int, resource: str, now: float
+    ) -> tuple[bool, int, int, bool, float]:
+        """(allowed, requests, distinct, breach started, seconds until trying again can succeed)"""
         with self._lock:
             if now - self._last_purge >= self._purge_interval:
                 self._purge(now)
-            _, counter, members = self._entries.setdefault(base, (bucket, [0], set()))
-            counter[0] += 1
-            added = 0
-            if max_distinct >= 0 and len(members) <= max_distinct and resource not in members:
-                members.add(resource)
-                added = 1
-            return counter[0], len(members) if max_distinct >= 0 else 0, added
+            entry = self._entries.setdefault(base, (window, _Window()))[1]
+            entry.last_seen = now
+            since = now - window
+            while entry.requests and entry.requests[0] < since:
+                entry.requests.popleft()
+            entry.reads = {key: seen for key, seen in entry.reads.items() if seen >= since}
+            n = len(entry.requests) if max_requests >= 0 else 0
+            this = 1 if max_requests >= 0 else 0
+            d = len(entry.reads) if max_distinct >= 0 else 0
+            known = max_distinct < 0 or resource in entry.reads
+            new = 0 if known else 1
+            marker = entry.marker if entry.marker_until > now else ""
+            if marker == _CLOSED:
+                return False, n + this, d + new, False, entry.marker_until - now
+            if not known and d >= max_distinct:
+                entry.marker, entry.marker_until = _CLOSED, now + window
+                return False, n + this, d + 1, True, window
+            if max_requests >= 0 and n >= max_requests:
+                wait = entry.requests[0] + window - now if entry.requests else window
+                started = not marker
+                if started:
+                    entry.marker, entry.marker_until = _MARKED, now + window
+                return False, n + this, d + new, started, wait
+            if max_requests >= 0:
+                entry.requests.append(now)
+            if max_distinct >= 0:
+                entry.reads[resource] = now
+            return True, n + this, d + new, False, 0.0
 
     def _purge(self, now: float) -> None:
         self._last_purge = now
-        # Keys end with ":<window>:<bucket>"; a bucket is stale once its window has ended.
-        stale = [key for key in self._entries if _bucket_end(key) <= now]
+        stale = [
+            key
+            for key, (window, entry) in self._entries.items()
+            if entry.last_seen < now - window and entry.marker_until <= now
+        ]
         for key in stale:
             del self._entries[key]
-
-
-def _bucket_end(base: str) -> float:
-    window, bucket = base.rsplit(":", 2)[1:]
-    return (int(bucket) + 1) * int(window)
 
 
 def build_limiter(

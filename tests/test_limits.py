@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import random
 import subprocess
 import sys
 import textwrap
@@ -162,22 +163,24 @@ def test_distinct_resources_are_counted_exactly(storage_uri: str, prefix: str) -
     for i, patient in enumerate(["A", "B", "A", "C", "B", "C", "A"]):
         verdict = guard.check_and_count(ALICE, "patient_record", spec, patient, T0 + i)
         assert verdict.allowed, patient
-    assert verdict.distinct == 3 and verdict.requests == 7
+    assert verdict.distinct == 3 and verdict.requests == 0  # no max_requests: requests are not tracked
     breach = guard.check_and_count(ALICE, "patient_record", spec, "D", T0 + 100)
-    assert (breach.allowed, breach.reason, breach.retry_after, breach.breach_started) == (
+    assert (breach.allowed, breach.reason, breach.retry_after, breach.breach_started, breach.distinct) == (
         False,
         Reason.QUOTA_EXCEEDED,
-        3500,
+        3600,
         True,
+        4,
     )
-    # After the breach the whole rule is closed for the window, revisits included; one breach, one event.
+    # After the breach the whole rule is closed for a window, revisits included; one breach, one event.
     for patient in ("E", "A"):
         later = guard.check_and_count(ALICE, "patient_record", spec, patient, T0 + 200)
-        assert not later.allowed and not later.breach_started
-    # Other people, other rules and the next window are untouched.
+        assert not later.allowed and not later.breach_started and later.retry_after == 3500
+    # Other people and other rules are untouched; the rule opens again a window after the breach.
     assert guard.check_and_count(BOB, "patient_record", spec, "D", T0 + 200).allowed
     assert guard.check_and_count(ALICE, "other_rule", spec, "D", T0 + 200).allowed
-    assert guard.check_and_count(ALICE, "patient_record", spec, "D", T0 + 3600).allowed
+    assert not guard.check_and_count(ALICE, "patient_record", spec, "D", T0 + 3699).allowed
+    assert guard.check_and_count(ALICE, "patient_record", spec, "D", T0 + 3700).allowed
 
 
 def test_request_quota(storage_uri: str, prefix: str) -> None:
@@ -188,18 +191,62 @@ def test_request_quota(storage_uri: str, prefix: str) -> None:
     verdicts = [guard.check_and_count(ALICE, "export", spec, None, T0 + i) for i in range(5)]
     assert [v.allowed for v in verdicts] == [True, True, True, False, False]
     assert [v.breach_started for v in verdicts] == [False, False, False, True, False]
-    assert verdicts[3].retry_after == 57
+    assert verdicts[3].retry_after == 57  # when the oldest request leaves the window
+    # Refused requests are not recorded: the client may go on as soon as the oldest one has left.
+    assert not guard.check_and_count(ALICE, "export", spec, None, T0 + 60).allowed  # [now - 60, now] holds it
+    assert guard.check_and_count(ALICE, "export", spec, None, T0 + 60.001).allowed
 
 
-def test_distinct_sets_stay_bounded(redis_srv: RedisServer, prefix: str) -> None:
+@pytest.mark.parametrize("limit", ["max_distinct", "max_requests"])
+def test_a_window_boundary_lets_nothing_more_through(storage_uri: str, prefix: str, limit: str) -> None:
+    """Fixed windows let the limit through just before a boundary and again just after: 2x in 2 seconds."""
+    spec = QuotaSpec(
+        max_requests=3 if limit == "max_requests" else None,
+        max_distinct=3 if limit == "max_distinct" else None,
+        window_seconds=60,
+    )
+    guard = quota_guard(storage_uri, prefix)
+    before = [guard.check_and_count(ALICE, "r", spec, f"p{i}", T0 + 59 + i / 10) for i in range(3)]
+    after = [guard.check_and_count(ALICE, "r", spec, f"p{i + 3}", T0 + 61 + i / 10) for i in range(3)]
+    assert [v.allowed for v in before] == [True] * 3
+    assert [v.allowed for v in after] == [False] * 3
+    assert after[0].breach_started and not any(v.breach_started for v in after[1:])
+
+
+@pytest.mark.parametrize("limit", ["max_distinct", "max_requests"])
+def test_no_interval_of_the_window_length_ever_holds_more_than_the_limit(
+    storage_uri: str, prefix: str, limit: str
+) -> None:
+    rng = random.Random(1234)
+    window, maximum = 10, 4
+    spec = QuotaSpec(
+        max_requests=maximum if limit == "max_requests" else None,
+        max_distinct=maximum if limit == "max_distinct" else None,
+        window_seconds=window,
+    )
+    guard = quota_guard(storage_uri, prefix)
+    now, allowed = T0, []
+    for _ in range(600):
+        now += rng.choice([0.001, 0.3, 1.7, 4.2, 9.999, 10.0, 10.001])
+        resource = f"p{rng.randrange(8)}"
+        if guard.check_and_count(ALICE, "r", spec, resource, now).allowed:
+            allowed.append((now, resource))
+    # Every interval [t, t + window] starting at an allowed request (the worst ones start there).
+    for start, _ in allowed:
+        inside = [resource for at, resource in allowed if start <= at <= start + window]
+        assert len(set(inside) if limit == "max_distinct" else inside) <= maximum
+    assert len(allowed) > 100  # the guard let a real load through meanwhile
+
+
+def test_quota_memory_stays_bounded(redis_srv: RedisServer, prefix: str) -> None:
     spec = QuotaSpec(max_requests=None, max_distinct=5, window_seconds=3600)
     guard = quota_guard(redis_srv.url, prefix)
     for i in range(500):
         guard.check_and_count(ALICE, "r", spec, f"patient-{i}", T0)
     client = redis.Redis.from_url(redis_srv.url)
-    (set_key,) = client.keys(f"{prefix}:r:{ALICE}:*:d")
-    assert client.scard(set_key) == 6
-    assert 0 < client.ttl(set_key) <= 7200
+    (reads,) = client.keys(f"{prefix}:r:{ALICE}:*:read")
+    assert client.zcard(reads) == 5  # only allowed reads are kept
+    assert 0 < client.ttl(reads) <= 3600
     client.close()
 
     memory = QuotaGuard("memory://")
@@ -211,7 +258,7 @@ def test_distinct_sets_stay_bounded(redis_srv: RedisServer, prefix: str) -> None
     for i in range(50):
         memory.check_and_count(f"8200000{i:05d}", "r", spec, "p", T0)
     assert len(store) == 51
-    # Past windows are purged: memory follows the identities active now.
+    # Entries idle for a window (and no longer closed) are purged: memory follows the identities active now.
     memory.check_and_count(BOB, "r", spec, "p", T0 + 3600 + 61)
     assert len(store) == 1
 

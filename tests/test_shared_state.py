@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -11,6 +12,8 @@ import pytest
 import requests
 
 from gateway.sessions import RedisSessionStore, idnat_tag
+from tests.support.audit import audit_records
+from tests.support.config import TEST_POLICIES
 from tests.support.gateways import running_gateways
 from tests.support.processes import REPO_ROOT
 from tests.support.redis import RedisServer, new_session
@@ -159,3 +162,59 @@ def test_an_instance_that_cached_a_session_sees_its_revocation_within_the_cache_
             assert time.monotonic() - revoked < 5, "the revocation never reached the instance"
             time.sleep(0.05)
         assert time.monotonic() - revoked < 1 + 0.75  # local_cache_seconds, plus a request's time
+
+
+QUOTA_WINDOW = 6
+QUOTA_POLICIES = f"""\
+rules:
+  - name: distinct-records
+    match: {{ path: /echo/records/*, methods: [GET] }}
+    action: authenticate
+    quota: {{ window: {QUOTA_WINDOW}s, max_distinct: 5, resource: {{ path_segment: 3 }}, on_exceed: block }}
+  - name: request-count
+    match: {{ path: /echo/exports/*, methods: [GET] }}
+    action: authenticate
+    quota: {{ window: {QUOTA_WINDOW}s, max_requests: 5, on_exceed: block }}
+""" + TEST_POLICIES.removeprefix("rules:\n")
+
+
+def sleep_until(moment: float) -> None:
+    time.sleep(max(0.0, moment - time.time()))
+
+
+def test_quotas_hold_across_a_window_boundary_and_two_gateway_processes(
+    tmp_path: Path, redis: RedisServer, upstream_url: str, assertion_key: Path
+) -> None:
+    """A fixed window let 5 records be read just before a clock boundary and 5 more just after it."""
+    extra = {"server": {"workers": 1}, "sessions": {"store": redis.url, "local_cache_seconds": 0}}
+    with running_gateways(
+        tmp_path,
+        2,
+        upstream_url=upstream_url,
+        assertion_key=assertion_key,
+        extra=extra,
+        policies=QUOTA_POLICIES,
+    ) as urls:
+        reader, exporter = new_session(redis.url, "810000000410"), new_session(redis.url, "810000000411")
+
+        def batch(first: int) -> list[int]:
+            statuses = []
+            for n in range(first, first + 5):
+                gateway = urls[n % 2]
+                statuses.append(get(f"{gateway}/echo/records/{n}", reader).status_code)
+                statuses.append(get(f"{gateway}/echo/exports/{n}", exporter).status_code)
+            return statuses
+
+        boundary = math.ceil(time.time() / QUOTA_WINDOW) * QUOTA_WINDOW  # where a fixed window would restart
+        if boundary - time.time() < 1.5:
+            boundary += QUOTA_WINDOW
+        sleep_until(boundary - 1.0)
+        before = batch(0)
+        sleep_until(boundary + 0.05)
+        after = batch(5)
+    assert before == [200] * 10
+    assert after == [429] * 10
+    breaches = audit_records(tmp_path / "gw0" / "audit.log", "quota_breach") + audit_records(
+        tmp_path / "gw1" / "audit.log", "quota_breach"
+    )
+    assert sorted(b["rule"] for b in breaches) == ["distinct-records", "request-count"]

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from tests.support.config import write_config
+from tests.support.config import TEST_POLICIES, write_config
 from tests.support.processes import PYTHON, free_port, running
 
 
@@ -17,7 +17,13 @@ def serve_argv(config: Path) -> list[str]:
 
 @contextlib.contextmanager
 def running_gateways(
-    directory: Path, count: int, *, upstream_url: str, assertion_key: Path, extra: dict[str, Any]
+    directory: Path,
+    count: int,
+    *,
+    upstream_url: str,
+    assertion_key: Path,
+    extra: dict[str, Any],
+    policies: str = TEST_POLICIES,
 ) -> Iterator[list[str]]:
     """``count`` gateway processes on free ports, each with its own settings file in ``directory/gw<n>``."""
     urls = []
@@ -30,6 +36,7 @@ def running_gateways(
                 assertion_key=assertion_key,
                 listen=f"127.0.0.1:{port}",
                 extra=extra,
+                policies=policies,
             )
             stack.enter_context(running(serve_argv(config), port, log=directory / f"gw{index}.log"))
             urls.append(f"http://127.0.0.1:{port}")
