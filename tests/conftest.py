@@ -15,6 +15,21 @@ from tests.support.softhsm import softhsm_cards  # noqa: F401 - fixture
 from tests.support.upstream import gunicorn_argv
 
 
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Compile the page catalogs a pull or an edit left older than their .po (what `make translations` does):
+    a stale .mo would show keys instead of wording in every page test."""
+    from babel.messages.frontend import CommandLineInterface
+
+    from gateway.i18n import CATALOG_DIR, DOMAIN
+
+    sources = list(CATALOG_DIR.glob(f"*/LC_MESSAGES/{DOMAIN}.po"))
+    if any(
+        not po.with_suffix(".mo").exists() or po.stat().st_mtime > po.with_suffix(".mo").stat().st_mtime
+        for po in sources
+    ):
+        CommandLineInterface().run(["pybabel", "-q", "compile", "-d", str(CATALOG_DIR), "-D", DOMAIN])
+
+
 @pytest.fixture(scope="session")
 def upstream_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A real upstream HTTP server process (gunicorn) for the whole session."""
