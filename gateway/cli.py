@@ -122,6 +122,11 @@ def _parser() -> argparse.ArgumentParser:
     browser.set_defaults(run=_dev_browser)
     portal = dev.add_parser("portal", help="run the demo portal (the upstream of the embedded default)")
     portal.add_argument("--listen", default="127.0.0.1:8081", type=_listen_address, help="HOST:PORT")
+    portal.add_argument(
+        "--gateway",
+        default="http://127.0.0.1:8080",
+        help="the gateway's origin as the portal reaches it (its /.gateway/jwks.json verifies the assertions)",
+    )
     portal.set_defaults(run=_dev_portal)
     _add_dev_card_commands(dev)
 
@@ -723,7 +728,7 @@ def _dev_portal(args: argparse.Namespace) -> int:
     from gateway.devtools.demo_portal import run
 
     host, port = args.listen
-    run(host, port)
+    run(host, port, args.gateway)
     return EXIT_OK
 
 
