@@ -23,6 +23,9 @@ def login(app: Flask, client: FlaskClient, **fields: object) -> str:
         "surname": "DUPONT",
         "given_name": "JEAN",
         "auth_mode": "CARD",
+        # A card login names its certificate: a gateway with card login ends sessions that name none.
+        "card_serial": "1A2B3C",
+        "card_issuer": "CN=TEST AC IGC-SANTE ELEMENTAIRE PERSONNES,OU=IGC-SANTE TEST,O=ASIP-SANTE,C=FR",
     }
     values.update(fields)
     session = gateway_of(app).sessions.create(Identity(**values), time.time())
