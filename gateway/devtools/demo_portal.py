@@ -23,7 +23,7 @@ _PAGE = """<!doctype html>
 <html lang="fr"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
 <title>{{ title }} — Portail démo</title><link rel="stylesheet" href="/static/portal.css"></head>
 <body><header><a class="brand" href="/">Portail démo des professionnels de santé</a>
-<nav id="who">{% if who %}<span id="professional">{{ who.given_name }} {{ who.family_name }}
+<nav id="who">{% if who %}<span id="professional">{{ who.given_name }} {{ who.family_name }} ({{ who.idnat }})
 {%- if professions %} · {{ professions }}{% endif %}</span>
 <span class="login">{{ method }}, connecté à {{ who.login_time.astimezone().strftime("%H:%M") }}</span>
 <a id="logout" href="/.gateway/logout">Se déconnecter</a>

@@ -54,7 +54,7 @@ def test_the_demo_portal_shows_who_is_logged_in_and_how_to_log_out(demo: tuple[s
     gateway, _, redis_url = demo
     page = requests.get(f"{gateway}/patients/180017512345678", cookies=session(redis_url), timeout=5)
     assert page.status_code == 200, page.text[:300]
-    assert "JEAN DUPONT · Médecin" in page.text and "carte CPS, connecté à" in page.text
+    assert "JEAN DUPONT (810002813839) · Médecin" in page.text and "carte CPS, connecté à" in page.text
     assert Links(page.text).by_id["logout"] == "/.gateway/logout"
     account = requests.get(f"{gateway}/account", cookies=session(redis_url, LoginMethod.ECPS), timeout=5)
     assert "Identifiant national : 810002813839" in account.text and "par e-CPS" in account.text
