@@ -585,7 +585,8 @@ class CardSettings(_Section):
     )
     login_origin: str = Field(
         description="Origin of the dedicated card-login host (nginx asking for the client certificate), "
-        "e.g. https://carte.portail.fr; the login page's card button leads there."
+        "e.g. https://carte.portail.fr; the login page's card button leads there (through the main host's "
+        "/.gateway/card/start)."
     )
     challenge_ttl: Duration = Field(
         60.0, gt=0, le=600, description="Lifetime of a challenge nonce (`gateway card login`)."

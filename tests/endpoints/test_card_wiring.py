@@ -501,3 +501,26 @@ def test_a_revoked_intermediate_ends_the_sessions_of_every_card_under_it(
     (ended,) = [e for e in _audit(tmp_path / "gw") if e["event"] == "card_revocation"]
     assert (ended["card_serial"], ended["sessions_ended"]) == (printed_serial(pki.people.cert_path), 2)
     assert "TEST AC RACINE IGC-SANTE STANDARD" in ended["card_issuer"]
+
+
+def test_cross_site_posts_to_the_card_endpoints_are_refused_and_never_counted(
+    strict_app: Flask, dev_pki: DevPki, tmp_path: Path
+) -> None:
+    """A page of another site, seen from a hospital NAT: text/plain forms and cross-site fetches to
+    /.gateway/card/verify never reach the login logic, so they can neither ban the address nor use its budget."""
+    client = strict_app.test_client()
+    nat = {"X-Forwarded-For": OWNER}
+    for _ in range(6):  # ban_after is 3
+        plain = client.post(
+            "/.gateway/card/verify", data='{"nonce": "x"}', headers={**nat, "Content-Type": "text/plain"}
+        )
+        assert (plain.status_code, plain.get_json()["error"]) == (403, "cross_site_request")
+        fetched = client.post(
+            "/.gateway/card/verify",
+            json={"nonce": "x"},
+            headers={**nat, "Sec-Fetch-Site": "cross-site", "Origin": "https://evil.example"},
+        )
+        assert (fetched.status_code, fetched.get_json()["error"]) == (403, "cross_site_request")
+    assert not [e for e in _audit(tmp_path) if e["event"] in ("ban", "rate_limited")]
+    body = _challenge_body(client, software_card(dev_pki), sign=True, address=OWNER)
+    assert client.post("/.gateway/card/verify", json=body, headers=nat).status_code == 200
