@@ -7,7 +7,7 @@ import math
 import re
 import time
 import unicodedata
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 from urllib.parse import unquote_plus
 
@@ -35,18 +35,28 @@ class Access:
     session: Session | None
     now: float
     retry_after: int | None = None
+    #: The resource a quota rule counted for this request (its resource key), when it has one.
+    resource: str | None = None
 
 
 def check_access(
-    gateway: Gateway, environ: dict[str, Any], method: str, host: str, target: NormalisedTarget
+    gateway: Gateway,
+    environ: dict[str, Any],
+    method: str,
+    host: str,
+    target: NormalisedTarget,
+    *,
+    audit: bool = True,
 ) -> Access:
     """The decision on ``method host target`` for the request in ``environ`` (its session cookie, its client
-    for the audit record). A decision that must be audited and cannot be is a refusal (audit_unavailable)."""
+    for the audit record). A decision that must be audited and cannot be is a refusal (audit_unavailable).
+    ``audit=False``: the caller has the access recorded otherwise (forward-auth's access stream); events
+    about the request (a quota breach, a revoked card) are still written here."""
     now = time.time()
     rule = gateway.policies.match(method, host, target.path)
     try:
         access = _decide(gateway, environ, method, rule, target, now)
-        if rule is None or rule.action is not Action.PUBLIC:
+        if audit and (rule is None or rule.action is not Action.PUBLIC):
             audit_decision(gateway, environ, access, method, target.path)
     except AuditError:
         access = Access(Decision(Outcome.DENY, (Reason.AUDIT_UNAVAILABLE,), rule), rule, None, now)
@@ -156,7 +166,7 @@ def _within_quota(
     except LimitsUnavailable:
         return Access(Decision(Outcome.DENY, (Reason.LIMITS_UNAVAILABLE,), rule), rule, session, access.now)
     if verdict.allowed:
-        return access
+        return replace(access, resource=resource)
     if verdict.breach_started:
         _on_breach(gateway, environ, rule, quota, session, verdict.requests, verdict.distinct, access.now)
     decision = Decision(Outcome.DENY, (Reason.QUOTA_EXCEEDED,), rule)

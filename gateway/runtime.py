@@ -15,6 +15,7 @@ from werkzeug.exceptions import HTTPException
 from werkzeug.http import parse_cookie
 
 from gateway import metrics
+from gateway.access_stream import AccessStream, StreamHealth
 from gateway.audit import AuditError, AuditLog
 from gateway.authn.card.challenge import ChallengeIssuer, NonceKind, NonceSpace, NonceStore
 from gateway.authn.card.handoff import BINDING_COOKIE
@@ -80,6 +81,8 @@ class Gateway:
     card_handoffs: NonceStore | None = None
     #: Who may send client-certificate headers (None without a card section: nobody).
     card_host: CardHost | None = None
+    #: Forward-auth's access stream (forward_auth.access_log): whether the audit trail keeps up with it.
+    stream_health: StreamHealth | None = None
 
     def login_links(self, next_path: str) -> LoginLinks:
         card, ecps = self.card_login_url, self.ecps_login_url
@@ -203,6 +206,7 @@ def build_gateway(
     )
     gateway.readiness.register("sessions", gateway.sessions.ping)
     gateway.readiness.register("audit", _audit_ready(gateway.audit))
+    _add_access_stream(gateway)
     probe_timeout = min(upstream.connect_timeout, 1.0)
     gateway.readiness.register("upstream", UpstreamProbe(upstream.url, timeout=probe_timeout, ttl=1.0))
     _add_card_login(gateway)
@@ -216,6 +220,31 @@ def _audit_ready(audit: AuditLog) -> Callable[[], None]:
             raise NotReady(problem)
 
     return check
+
+
+def _add_access_stream(gateway: Gateway) -> None:
+    settings = gateway.settings
+    access_log, audit_file = settings.forward_auth.access_log, settings.audit.file
+    if access_log is None or audit_file is None:
+        return
+    health = StreamHealth(access_log, audit_file, settings.forward_auth.max_lag)
+    gateway.stream_health = health
+
+    def stream_keeps_up() -> None:
+        problem = health.problem()
+        if problem is not None:
+            raise NotReady(problem)
+
+    gateway.readiness.register("access_stream", stream_keeps_up)
+
+
+def access_stream_reader(gateway: Gateway) -> AccessStream | None:
+    """The reader of forward-auth's access log for this process (None without one): workers run it."""
+    settings = gateway.settings
+    access_log, audit_file = settings.forward_auth.access_log, settings.audit.file
+    if access_log is None or audit_file is None:
+        return None
+    return AccessStream(access_log, audit_file, gateway.audit)
 
 
 CARD_LOGIN_PATH = f"{GATEWAY_PREFIX}/login/card"

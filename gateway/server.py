@@ -644,6 +644,8 @@ class GatewayServer(BaseApplication):
             "child_exit": _forget_worker_metrics,
             "pre_fork": _assign_slot,
             "on_reload": _adopt_new_listeners,
+            "post_worker_init": _start_worker_services,
+            "worker_exit": _stop_worker_services,
         }
         for key, value in options.items():
             self.cfg.set(key, value)
@@ -675,6 +677,24 @@ def serve(
         )
         return
     GatewayServer(settings, app_factory, reload_config=reload_config).run()
+
+
+def _start_worker_services(worker: Any) -> None:
+    """gunicorn's post_worker_init hook (in each worker, its app loaded): forward-auth's access-stream reader
+    (one worker of the instance reads at a time, see gateway/access_stream.py)."""
+    from gateway.access_stream import run_in_background
+    from gateway.runtime import access_stream_reader, gateway_of
+
+    reader = access_stream_reader(gateway_of(worker.wsgi))
+    if reader is not None:
+        worker.stop_services = run_in_background(reader)
+
+
+def _stop_worker_services(_arbiter: Any, worker: Any) -> None:
+    """gunicorn's worker_exit hook (in the worker): the reader finishes its batch and saves its position."""
+    stop = getattr(worker, "stop_services", None)
+    if stop is not None:
+        stop()
 
 
 def _assign_slot(arbiter: Any, worker: Any) -> None:

@@ -361,10 +361,41 @@ class MetricsSettings(_Section):
 
 
 class ForwardAuthSettings(_Section):
+    """nginx asking the gateway (auth_request) and serving the portal itself: docs/operations.md."""
+
     trusted_nginx: list[Network] = Field(
         default_factory=list,
         description="Networks (nginx) whose X-Original-Method/-URI are believed on /.gateway/auth.",
     )
+    access_log: Path | None = Field(
+        None,
+        description=(
+            "The access log nginx writes in the template's cps_gateway_access format: every line becomes an "
+            "`access` audit record and counts for quotas (docs/operations.md, 'Access stream'). Needs "
+            "audit.file. Without it nginx may cache no decision on a protected route (each one is audited "
+            "as it is made)."
+        ),
+    )
+    cache_seconds: Duration = Field(
+        5.0,
+        ge=0,
+        le=60,
+        description=(
+            "How long nginx may serve an allow from its decision cache (X-Accel-Expires; never past the "
+            "login's max_age or the session's end). A logout or revocation reaches cached requests at most "
+            "this much (plus sessions.local_cache_seconds) later. 0: no caching."
+        ),
+    )
+    max_lag: Duration = Field(
+        10.0,
+        gt=0,
+        description=(
+            "Longest the audit trail may lag behind the access log: beyond it, and while the ingester is "
+            "down, decisions are refused (503) and the instance is not ready."
+        ),
+    )
+
+    _resolve_paths = _paths_relative_to_settings("access_log")
 
 
 class EcpsSettings(_Section):
@@ -709,7 +740,7 @@ class Settings(_Section):
     card: CardSettings | None = Field(None, description="CPS card login (absent: no card login).")
     ecps: EcpsSettings | None = Field(None, description="e-CPS login via Pro Santé Connect (None: off).")
     metrics: MetricsSettings | None = Field(None, description="Prometheus metrics; absent: none are served.")
-    forward_auth: ForwardAuthSettings = Field(default_factory=ForwardAuthSettings)
+    forward_auth: ForwardAuthSettings = Field(default_factory=ForwardAuthSettings)  # type: ignore[arg-type]
 
     @property
     def https_hosts(self) -> frozenset[str]:
@@ -752,6 +783,23 @@ class Settings(_Section):
             raise ValueError(
                 f"upstream.max_concurrent ({limit}) must be below server.threads ({self.server.threads}): "
                 "the gateway's own pages (health, login) need a thread while the portal is slow"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _access_stream_is_audited(self) -> Settings:
+        forward_auth = self.forward_auth
+        if forward_auth.access_log is not None and self.audit.file is None:
+            raise ValueError(
+                "forward_auth.access_log needs audit.file: the access records and the ingester's position "
+                "are kept beside it"
+            )
+        if forward_auth.cache_seconds >= self.assertion.lifetime / 2:
+            # The signer reuses a token while more than half its lifetime remains: a cached allow must
+            # never hand nginx an expired one.
+            raise ValueError(
+                f"forward_auth.cache_seconds ({forward_auth.cache_seconds:g}) must be below half of "
+                f"assertion.lifetime ({self.assertion.lifetime:g})"
             )
         return self
 

@@ -11,6 +11,7 @@ import requests
 from flask import Flask
 from flask.testing import FlaskClient
 
+from gateway.access_stream import DecisionToken, Position, position_file
 from gateway.identity import Identity, LoginMethod
 from gateway.runtime import gateway_of
 from gateway.sessions import RedisSessionStore
@@ -19,7 +20,7 @@ from tests.support.audit import audit_records
 from tests.support.config import TEST_POLICIES, write_config
 from tests.support.gateways import serve_argv
 from tests.support.nginx import FORWARD_AUTH_TEMPLATE, running_nginx
-from tests.support.processes import free_port, running
+from tests.support.processes import free_port, running, wait_until
 from tests.support.redis import redis_server
 
 COOKIE = "__Host-gateway-session"
@@ -44,13 +45,26 @@ def identity(**fields: object) -> Identity:
 
 @pytest.fixture
 def app(tmp_path: Path, upstream_url: str, assertion_key: Path) -> Iterator[Flask]:
-    nginx = {"trusted_nginx": ["127.0.0.0/29"]}
+    """As deployed: nginx's access stream read by the gateway (forward_auth.access_log)."""
+    nginx = {"trusted_nginx": ["127.0.0.0/29"], "access_log": str(tmp_path / "access.log")}
     with gateway_app(
         tmp_path,
         upstream_url=upstream_url,
         assertion_key=assertion_key,
         policies=POLICIES,
         extra={"forward_auth": nginx},
+    ) as application:
+        yield application
+
+
+@pytest.fixture
+def app_without_stream(tmp_path: Path, upstream_url: str, assertion_key: Path) -> Iterator[Flask]:
+    with gateway_app(
+        tmp_path,
+        upstream_url=upstream_url,
+        assertion_key=assertion_key,
+        policies=POLICIES,
+        extra={"forward_auth": {"trusted_nginx": ["127.0.0.0/29"]}},
     ) as application:
         yield application
 
@@ -79,8 +93,90 @@ def test_public_route_is_allowed_and_cacheable(app: Flask) -> None:
     response = ask(app.test_client(), "/hello")
     assert response.status_code == 200
     assert response.headers["X-Gateway-Rule"] == "public-hello"
-    assert response.headers["X-Gateway-Cacheable"] == "1"
+    assert (response.headers["X-Gateway-Cacheable"], response.headers["X-Accel-Expires"]) == ("1", "5")
     assert "X-Gateway-Subject" not in response.headers
+    # nginx does not log public requests: the token says the route is public.
+    assert response.headers["X-Gateway-Decision"].startswith("public ")
+
+
+def test_the_decision_token_carries_what_the_access_record_needs(app: Flask) -> None:
+    session = gateway_of(app).sessions.create(identity(), time.time())
+    request_id = "0123456789abcdef0123456789abcdef"
+    response = ask(app.test_client(), "/echo/counted/x", session=session.id, **{"X-Request-Id": request_id})
+    token = DecisionToken.decode(response.headers["X-Gateway-Decision"])
+    assert token == DecisionToken(
+        "allow",
+        request_id,
+        rule="counted",
+        reasons=("authenticated",),
+        idnat="810001234567",
+        method="card",
+        auth_mode="CARD",
+    )
+    refused = DecisionToken.decode(ask(app.test_client(), "/echo/forbidden/x").headers["X-Gateway-Decision"])
+    assert refused is not None and (refused.outcome, refused.reasons) == ("deny", ("denied_by_rule",))
+
+
+def test_with_the_stream_the_access_is_recorded_from_it_not_by_the_decision(
+    app: Flask, tmp_path: Path
+) -> None:
+    session = gateway_of(app).sessions.create(identity(), time.time())
+    for uri in ("/echo/protected/x", "/echo/forbidden/x"):
+        assert ask(app.test_client(), uri, session=session.id).status_code in (200, 403)
+    assert audit_records(tmp_path / "audit.log", "decision") == []
+
+
+def test_without_the_stream_no_protected_answer_is_cached_and_each_decision_is_audited(
+    app_without_stream: Flask, tmp_path: Path
+) -> None:
+    app = app_without_stream
+    session = gateway_of(app).sessions.create(identity(), time.time())
+    response = ask(app.test_client(), "/echo/protected/x", session=session.id)
+    assert response.status_code == 200
+    assert (response.headers["X-Gateway-Cacheable"], response.headers["X-Accel-Expires"]) == ("0", "0")
+    assert ask(app.test_client(), "/hello").headers["X-Gateway-Cacheable"] == "1"  # public: nothing to audit
+    (record,) = audit_records(tmp_path / "audit.log", "decision")
+    assert (record["path"], record["decision"], record["idnat"]) == (
+        "/echo/protected/x",
+        "allow",
+        "810001234567",
+    )
+
+
+def test_a_cached_allow_never_outlives_the_login_max_age_nor_the_session(
+    tmp_path: Path, upstream_url: str, assertion_key: Path
+) -> None:
+    forward_auth = {"trusted_nginx": ["127.0.0.0/29"], "access_log": str(tmp_path / "access.log")}
+    sessions = {"idle_timeout": "1m", "absolute_timeout": "1m"}
+    extra = {"forward_auth": forward_auth, "sessions": sessions}
+    with gateway_app(
+        tmp_path, upstream_url=upstream_url, assertion_key=assertion_key, policies=POLICIES, extra=extra
+    ) as app:
+        store = gateway_of(app).sessions
+        # card-only: max_age 10 min; a login 9 min 58 s old may be cached 2 s, not 5.
+        old_login = store.create(identity(auth_time=time.time() - 598), time.time())
+        response = ask(app.test_client(), "/echo/card/x", session=old_login.id)
+        assert response.status_code == 200 and response.headers["X-Accel-Expires"] in ("1", "2")
+        ending = store.create(identity(), time.time() - 57)  # ends 3 s from now
+        response = ask(app.test_client(), "/echo/protected/x", session=ending.id)
+        assert response.status_code == 200 and response.headers["X-Accel-Expires"] in ("2", "3")
+
+
+def test_a_quota_route_is_cacheable_with_the_stream(app: Flask) -> None:
+    session = gateway_of(app).sessions.create(identity(), time.time())
+    response = ask(app.test_client(), "/echo/counted/x", session=session.id)
+    assert (response.headers["X-Gateway-Cacheable"], response.headers["X-Accel-Expires"]) == ("1", "5")
+
+
+def test_no_decision_while_the_audit_trail_lags_the_stream(app: Flask, tmp_path: Path) -> None:
+    access_log = tmp_path / "access.log"
+    access_log.write_bytes(b'{"line": "nobody read yet"}\n')
+    stale = time.time() - 60
+    position_file(tmp_path / "audit.log").write_bytes(Position(0, 0, time.time(), stale).encode())
+    session = gateway_of(app).sessions.create(identity(), time.time())
+    response = ask(app.test_client(), "/echo/protected/x", session=session.id)
+    assert (response.status_code, response.headers["X-Gateway-Reason"]) == (503, "audit_unavailable")
+    assert "X-Gateway-Subject" not in response.headers and response.headers["X-Gateway-Cacheable"] == "0"
 
 
 def test_protected_route_without_session_answers_401_with_the_login_location(app: Flask) -> None:
@@ -100,9 +196,6 @@ def test_session_gets_identity_headers(app: Flask) -> None:
     assert response.headers["X-Gateway-Professions"] == "10"
     assert response.headers["X-Gateway-Assertion"].count(".") == 2
     assert response.headers["X-Gateway-Cacheable"] == "1"
-    counted = ask(client, "/echo/counted/x", session=session.id)
-    assert counted.status_code == 200
-    assert counted.headers["X-Gateway-Cacheable"] == "0" and counted.headers["X-Accel-Expires"] == "0"
 
 
 def test_only_the_session_nginx_keyed_on_counts_never_the_cookie(app: Flask) -> None:
@@ -182,7 +275,8 @@ def test_a_host_the_gateway_does_not_serve_is_400_and_audited(app: Flask, tmp_pa
     assert (malformed.status_code, malformed.headers["X-Gateway-Reason"]) == (400, "bad_host")
 
 
-def test_the_audit_trail_uses_nginx_request_id(app: Flask, tmp_path: Path) -> None:
+def test_the_audit_trail_uses_nginx_request_id(app_without_stream: Flask, tmp_path: Path) -> None:
+    app = app_without_stream
     ask(app.test_client(), "/echo/forbidden/x", **{"X-Request-Id": "0123456789abcdef0123456789abcdef"})
     assert audit_events(tmp_path)[-1]["request_id"] == "0123456789abcdef0123456789abcdef"
     ask(app.test_client(), "/echo/forbidden/x", **{"X-Request-Id": "not an id; really"})
@@ -204,7 +298,7 @@ def test_original_headers_from_an_untrusted_peer_are_refused_and_audited(app: Fl
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory, upstream_url: str, assertion_key: Path) -> Iterator[dict]:
     directory = tmp_path_factory.mktemp("forward-auth")
-    gateway_port = free_port()
+    gateway_port, access_log = free_port(), directory / "nginx" / "access.log"
     with redis_server() as redis:
         config = write_config(
             directory,
@@ -215,12 +309,16 @@ def stack(tmp_path_factory: pytest.TempPathFactory, upstream_url: str, assertion
             # No per-process session cache: the tests revoke sessions from outside and expect it at once.
             extra={
                 "sessions": {"store": redis.url, "local_cache_seconds": 0},
-                "forward_auth": {"trusted_nginx": ["127.0.0.1/32"]},
+                "forward_auth": {"trusted_nginx": ["127.0.0.1/32"], "access_log": str(access_log)},
             },
         )
         argv = serve_argv(config)
         with running(argv, gateway_port, log=directory / "gateway.log"):
-            values = {"GATEWAY": f"127.0.0.1:{gateway_port}", "PORTAL": upstream_url.removeprefix("http://")}
+            values = {
+                "GATEWAY": f"127.0.0.1:{gateway_port}",
+                "PORTAL": upstream_url.removeprefix("http://"),
+                "ACCESS_LOG": str(access_log),
+            }
             with running_nginx(directory / "nginx", FORWARD_AUTH_TEMPLATE, values) as nginx:
                 store = RedisSessionStore(redis.url)
                 yield {"nginx": nginx, "store": store, "directory": directory}
@@ -262,18 +360,19 @@ def test_nginx_denied_route_is_403_and_the_decision_endpoint_is_not_exposed(stac
     assert direct.status_code == 404
 
 
-def test_nginx_caches_allowed_decisions_briefly_except_on_quota_routes(stack: dict) -> None:
+def test_nginx_serves_repeated_reads_from_its_decision_cache_quota_routes_included(stack: dict) -> None:
     store = stack["store"]
     session = store.create(identity(), time.time())
     headers = {"Cookie": f"{COOKIE}={session.id}"}
     base = stack["nginx"].base_url
     for path in ("/echo/protected/cached", "/echo/counted/x"):
         assert requests.get(base + path, headers=headers, timeout=5).status_code == 200
-    store.delete(session.id)  # logout: the gateway now says 401
-    cached = requests.get(base + "/echo/protected/cached", headers=headers, timeout=5, allow_redirects=False)
-    counted = requests.get(base + "/echo/counted/x", headers=headers, timeout=5, allow_redirects=False)
-    assert cached.status_code == 200  # served from the few-second decision cache
-    assert counted.status_code == 302  # quota routes always ask the gateway
+    store.delete(session.id)  # logout: the gateway now says 401, nginx's cache a few seconds more
+    for path in ("/echo/protected/cached", "/echo/counted/x"):
+        cached = requests.get(base + path, headers=headers, timeout=5, allow_redirects=False)
+        assert cached.status_code == 200, path
+    fresh = requests.get(base + "/echo/counted/y", headers=headers, timeout=5, allow_redirects=False)
+    assert fresh.status_code == 302  # a new resource always asks the gateway
 
 
 def test_nginx_refuses_a_cross_site_post_and_never_caches_a_state_changing_answer(stack: dict) -> None:
@@ -288,9 +387,13 @@ def test_nginx_refuses_a_cross_site_post_and_never_caches_a_state_changing_answe
     forged_headers = {**cookie, "Origin": "https://evil.example", "Sec-Fetch-Site": "cross-site"}
     forged = requests.post(url, headers=forged_headers, data=b"x=2", timeout=5, allow_redirects=False)
     assert forged.status_code == 403 and forged.headers["X-Gateway-Reason"] == "cross_site_request"
-    refusals = [
-        e
-        for e in audit_records(stack["directory"] / "audit.log", "decision")
-        if e["path"] == "/echo/protected/form"
+
+    def accesses() -> list[dict]:
+        records = audit_records(stack["directory"] / "audit.log", "access")
+        return [e for e in records if e["path"] == "/echo/protected/form"]
+
+    wait_until(lambda: len(accesses()) == 2, timeout=10, what="both accesses recorded")
+    assert [(e["http_method"], e["status"], e["reasons"]) for e in accesses()] == [
+        ("POST", 200, ["authenticated"]),
+        ("POST", 403, ["cross_site_request"]),
     ]
-    assert refusals[-1]["reasons"] == ["cross_site_request"]

@@ -148,13 +148,15 @@ def test_the_gateway_container_serves_on_a_read_only_root_with_the_configuration
         upstream_url=upstream_url,
     )
     audit_volume = f"gateway-audit-test-{port}"
+    access = tmp_path / "access-log"  # nginx's access stream (deploy/compose.yaml); no nginx runs here
+    access.mkdir()
     docker.run("volume", "create", audit_volume)
     before = volumes(docker)
     try:
         with container(
             docker,
             # The gateway service of deploy/compose.yaml: read-only root, tmpfs, mounts, environment.
-            *compose_options("gateway", {"./gateway": str(config), "audit": audit_volume}),
+            *compose_options("gateway", {"./gateway": str(config), "audit": audit_volume, "access": str(access)}),
             "--env", f"GATEWAY_HEALTH_URL={origin}/.gateway/healthz",
             "--health-interval", "1s",  # the image's HEALTHCHECK command, probed sooner
             image,

@@ -90,6 +90,21 @@ def test_memory_sessions_refuse_several_workers(tmp_path: Path) -> None:
     ]
 
 
+def test_the_access_stream_needs_an_audit_file_and_short_cached_answers(tmp_path: Path) -> None:
+    stream = "forward_auth:\n  access_log: /var/log/nginx/cps-access.log\n"
+    assert errors(write(tmp_path, VALID + stream)) == [
+        "1: (top level): forward_auth.access_log needs audit.file: the access records and the ingester's "
+        "position are kept beside it"
+    ]
+    settings = load_settings(write(tmp_path, VALID + stream + "audit:\n  file: audit.log\n"))
+    assert settings.forward_auth.access_log == Path("/var/log/nginx/cps-access.log")
+    assert (settings.forward_auth.cache_seconds, settings.forward_auth.max_lag) == (5.0, 10.0)
+    long_cache = VALID + "forward_auth:\n  cache_seconds: 40s\n"
+    assert errors(write(tmp_path, long_cache)) == [
+        "1: (top level): forward_auth.cache_seconds (40) must be below half of assertion.lifetime (60)"
+    ]
+
+
 def test_environment_references(tmp_path: Path) -> None:
     path = write(tmp_path, VALID + "sessions:\n  store: ${SESSION_URL}\n")
     settings = load_settings(path, environ={"SESSION_URL": "redis://127.0.0.1:6390/0"})

@@ -12,9 +12,14 @@ data plane, so it must be exactly as strong as proxy mode; what makes it so:
 - The session is the one nginx keyed its decision cache on (X-Gateway-Session, taken from the cookie by the
   template's map), never a cookie the gateway would read differently: a cached answer can only ever be
   served to requests that present the same session id.
-- Only decisions that depend on nothing but (session, method, host, URI) are cacheable: allowed, a safe
-  method (a state-changing one is judged on its Origin too), and a rule without quota (a cached answer would
-  skip the count).
+- Only decisions that depend on nothing but (session, method, host, URI) are cacheable: allowed and a safe
+  method (a state-changing one is judged on its Origin too); on a protected route only when nginx's access
+  stream is read (``forward_auth.access_log``, gateway/access_stream.py): nginx then logs every access,
+  cached or not, the gateway records each one and counts quotas from it, so a decision is only needed when
+  the answer can change (a new session, rule or resource). Without the stream every protected request is
+  judged and audited here. A cached allow lives ``forward_auth.cache_seconds`` at most (X-Accel-Expires),
+  never past the login's ``max_age`` nor the session's end.
+- Every answer carries the decision token (``X-Gateway-Decision``) that nginx writes in its access log.
 
 nginx's auth_request understands 2xx (allow), 401 and 403 only; the template maps the gateway's 400 back onto
 a 400 for the client, other refusals onto 401/403, the precise reason travelling in X-Gateway-Reason.
@@ -22,13 +27,18 @@ a 400 for the client, other refusals onto 401/403, the precise reason travelling
 
 from __future__ import annotations
 
+import logging
+import math
 import re
+from dataclasses import dataclass
 from typing import Any
 
 from werkzeug.wrappers import Response
 
 from gateway.access import Access, check_access
+from gateway.access_stream import DECISION_HEADER, PUBLIC, DecisionToken
 from gateway.policy.decision import Outcome, Reason
+from gateway.policy.model import Action
 from gateway.policy.origin import SAFE_METHODS
 from gateway.policy.paths import BadPath, normalise_target
 from gateway.proxy.forward import identity_headers
@@ -42,21 +52,40 @@ from gateway.runtime import (
     audit_request_event,
     peer_of,
     refused_host,
+    request_id_of,
 )
 from gateway.wsgi import normalise_host
+
+log = logging.getLogger("gateway.forward_auth")
 
 AUTH_PATH = GATEWAY_PREFIX + "/auth"
 ORIGINAL_METHOD = "X-Original-Method"
 ORIGINAL_URI = "X-Original-URI"
-#: "1" when nginx may cache this answer for a few seconds (see the module docstring).
+#: "1" when nginx may cache this answer (for X-Accel-Expires seconds; see the module docstring).
 CACHEABLE = "X-Gateway-Cacheable"
 #: nginx's $request_id (32 hex digits): the audit trail and the portal then share one id per request.
 _REQUEST_ID = re.compile(r"^[0-9A-Za-z-]{8,64}$")
+_NOT_CACHED = [(CACHEABLE, "0"), ("X-Accel-Expires", "0")]
+
+
+@dataclass(slots=True)
+class Answer:
+    """What the decision endpoint answers nginx: a status and headers, no body."""
+
+    status: int
+    headers: list[tuple[str, str]]
+
+    def response(self) -> Response:
+        return Response(status=self.status, headers=self.headers)
 
 
 def decide(gateway: Gateway, environ: dict[str, Any]) -> Response:
-    """The answer to one nginx sub-request. Plain WSGI like the proxy (endpoints/proxy.py dispatches here):
-    routes with a quota ask on every request."""
+    """The WSGI route (endpoints/proxy.py dispatches here): see :func:`answer`."""
+    return answer(gateway, environ).response()
+
+
+def answer(gateway: Gateway, environ: dict[str, Any]) -> Answer:
+    """The answer to one nginx sub-request, described by ``environ``'s HTTP_* and REMOTE_ADDR entries."""
     if not in_networks(peer_of(environ), gateway.settings.forward_auth.trusted_nginx):
         return _untrusted_peer(gateway, environ)
     request_id = environ.get("HTTP_X_REQUEST_ID", "")
@@ -69,59 +98,108 @@ def decide(gateway: Gateway, environ: dict[str, Any]) -> Response:
         target = normalise_target(raw_uri)
     except BadPath as exc:
         _audit_refusal(gateway, environ, "bad_request", Reason.BAD_REQUEST_PATH, detail=str(exc))
-        return _answer(400, Reason.BAD_REQUEST_PATH)
+        return _refusal(environ, 400, Reason.BAD_REQUEST_PATH)
     if target.path != raw_uri.partition("?")[0]:
         # nginx would forward the raw form: the portal could resolve it to another resource than the one judged.
         detail = f"not in normal form (nginx would forward it as received); normal form: {target.path}"
         _audit_refusal(gateway, environ, "bad_request", Reason.BAD_REQUEST_PATH, detail=detail)
-        return _answer(400, Reason.BAD_REQUEST_PATH)
+        return _refusal(environ, 400, Reason.BAD_REQUEST_PATH)
     raw_host = environ.get("HTTP_X_FORWARDED_HOST") or environ.get("HTTP_HOST", "")
     host = normalise_host(raw_host)
     if host is None or host not in gateway.allowed_hosts:
-        return _answer(400, refused_host(gateway, environ, host, raw_host) or Reason.BAD_HOST)
-    access = check_access(gateway, environ, method, host, target)
+        return _refusal(environ, 400, refused_host(gateway, environ, host, raw_host) or Reason.BAD_HOST)
+    stream = gateway.stream_health
+    if stream is not None and stream.problem() is not None:
+        # The trail lags or cannot be written: what nginx would serve now might never be recorded.
+        return _refusal(environ, 503, Reason.AUDIT_UNAVAILABLE)
+    access = check_access(gateway, environ, method, host, target, audit=stream is None)
     if access.decision.allowed:
-        return _allowed(gateway, access, method, target.path)
+        return _allowed(gateway, environ, access, method, target.path)
+    headers = [(DECISION_HEADER, _token(environ, access).encode())]
     if access.decision.outcome is Outcome.LOGIN:
-        next_path = target.path_and_query
-        response = _answer(401, access.decision.reason)
-        response.headers["X-Gateway-Login"] = login_link(f"{GATEWAY_PREFIX}/login", next_path)
-        return response
-    return _answer(403, access.decision.reason)
+        login = login_link(f"{GATEWAY_PREFIX}/login", target.path_and_query)
+        return _refusal(environ, 401, access.decision.reason, [*headers, ("X-Gateway-Login", login)])
+    return _refusal(environ, 403, access.decision.reason, headers)
 
 
-def _allowed(gateway: Gateway, access: Access, method: str, path: str) -> Response:
-    response = Response(status=200)
+def _allowed(gateway: Gateway, environ: dict[str, Any], access: Access, method: str, path: str) -> Answer:
     rule, session = access.rule, access.session
-    # Never cache a state-changing request's answer: nginx's cache key does not hold the Origin and
-    # Sec-Fetch-Site headers the cross-site check judged, and each such request gets its own assertion.
-    cacheable = rule is not None and rule.quota is None and method in SAFE_METHODS
+    headers = [(DECISION_HEADER, _token(environ, access).encode())]
     if rule is not None:
-        response.headers["X-Gateway-Rule"] = rule.name
-    response.headers[CACHEABLE] = "1" if cacheable else "0"
-    if not cacheable:
-        response.headers["X-Accel-Expires"] = "0"
+        headers.append(("X-Gateway-Rule", rule.name))
+    lifetime = cache_lifetime(gateway, access, method)
+    if lifetime:
+        headers += [(CACHEABLE, "1"), ("X-Accel-Expires", str(lifetime))]
+    else:
+        headers += _NOT_CACHED
     if session is not None and rule is not None:
         assertion = gateway.signer.assertion(
             session.identity, session.id, rule.name, access.now, method=method, path=path
         )
-        response.headers.extend(identity_headers(session.identity, assertion))
-    return response
+        headers.extend(identity_headers(session.identity, assertion))
+    return Answer(200, headers)
 
 
-def _untrusted_peer(gateway: Gateway, environ: dict[str, Any]) -> Response:
+def cache_lifetime(gateway: Gateway, access: Access, method: str) -> int:
+    """Whole seconds nginx may serve this allow from its cache; 0: not at all.
+
+    Never a state-changing request's (nginx's cache key does not hold the Origin and Sec-Fetch-Site headers
+    the cross-site check judged, and each such request gets its own assertion). Never a protected route's
+    without the access stream (the cached accesses would go unaudited and uncounted). Never past the moment
+    the answer would change by itself: the end of the login's ``max_age``, the session's end.
+    """
+    rule, session = access.rule, access.session
+    settings = gateway.settings
+    if rule is None or method not in SAFE_METHODS:
+        return 0
+    seconds = settings.forward_auth.cache_seconds
+    if rule.action is not Action.PUBLIC:
+        if gateway.stream_health is None or session is None:
+            return 0
+        ends = [
+            session.created_at + settings.sessions.absolute_timeout,
+            session.last_seen + settings.sessions.idle_timeout,
+        ]
+        if rule.login.max_age is not None:
+            ends.append(session.identity.auth_time + rule.login.max_age)
+        seconds = min(seconds, min(ends) - access.now)
+    return max(0, math.floor(seconds))
+
+
+def _token(environ: dict[str, Any], access: Access) -> DecisionToken:
+    rule, session = access.rule, access.session
+    identity = session.identity if session is not None else None
+    allowed = access.decision.allowed
+    public = allowed and rule is not None and rule.action is Action.PUBLIC
+    return DecisionToken(
+        outcome=PUBLIC if public else access.decision.outcome.value,
+        decision_id=request_id_of(environ),
+        rule=rule.name if rule is not None else "",
+        reasons=tuple(reason.value for reason in access.decision.reasons),
+        idnat=identity.idnat if identity is not None else "",
+        method=identity.method.value if identity is not None else "",
+        auth_mode=(identity.auth_mode or "") if identity is not None else "",
+        resource=access.resource if allowed else None,
+    )
+
+
+def _untrusted_peer(gateway: Gateway, environ: dict[str, Any]) -> Answer:
     sent = [name for name in (ORIGINAL_METHOD, ORIGINAL_URI) if _environ_key(name) in environ]
     _audit_refusal(gateway, environ, "spoofed_header", Reason.SPOOFED_HEADER, headers=sorted(sent))
-    return _answer(403, Reason.SPOOFED_HEADER)
+    return _refusal(environ, 403, Reason.SPOOFED_HEADER)
 
 
-def _answer(status: int, reason: Reason) -> Response:
-    response = Response(status=status)
-    response.headers["X-Gateway-Reason"] = reason.value
-    response.headers[CACHEABLE] = "0"
-    response.headers["Cache-Control"] = "no-store"
-    response.headers["X-Accel-Expires"] = "0"  # nginx's own "never cache this", in case its config forgets
-    return response
+def _refusal(
+    environ: dict[str, Any], status: int, reason: Reason, headers: list[tuple[str, str]] | None = None
+) -> Answer:
+    if headers is None:
+        token = DecisionToken(Outcome.DENY.value, request_id_of(environ), reasons=(reason.value,))
+        headers = [(DECISION_HEADER, token.encode())]
+    # X-Accel-Expires: nginx's own "never cache this", in case its config forgets.
+    return Answer(
+        status,
+        [*headers, ("X-Gateway-Reason", reason.value), *_NOT_CACHED, ("Cache-Control", "no-store")],
+    )
 
 
 def _audit_refusal(

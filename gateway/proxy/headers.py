@@ -49,6 +49,7 @@ GATEWAY_HEADER_NAMES = (
     "X-Gateway-Login",
     "X-Gateway-Cacheable",
     "X-Gateway-Session",
+    "X-Gateway-Decision",
 )
 #: Client-certificate headers in use by TLS terminators (nginx, Apache, HAProxy, Traefik): the gateway drops
 #: every X-SSL-Client-*; nginx clears these by name.

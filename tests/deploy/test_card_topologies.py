@@ -94,6 +94,7 @@ def one_nginx(
             "GATEWAY": f"127.0.0.1:{gateway_port}",
             "PORTAL": upstream_url.removeprefix("http://"),
             "CACHE_DIR": str(prefix),
+            "ACCESS_LOG": str(prefix / "access.log"),
         },
     )
     card_host = card_host_config(

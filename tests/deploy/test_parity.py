@@ -33,7 +33,7 @@ from tests.support.audit import audit_records
 from tests.support.config import write_config
 from tests.support.gateways import serve_argv
 from tests.support.nginx import FORWARD_AUTH_TEMPLATE, running_nginx
-from tests.support.processes import REPO_ROOT, free_port, running
+from tests.support.processes import REPO_ROOT, free_port, running, wait_until
 from tests.support.raw_http import CLIENT_ADDRESS, RawResponse, raw_request
 from tests.support.recording_upstream import CASE_HEADER, received
 from tests.support.redis import redis_server
@@ -91,6 +91,7 @@ def planes(tmp_path_factory: pytest.TempPathFactory, assertion_key: Path) -> Ite
     recording = directory / "portal-requests.jsonl"
     portal_port, gateway_port = free_port(), free_port()
     portal = f"127.0.0.1:{portal_port}"
+    access_log = directory / "nginx" / "access.log"
     portal_env = {
         "RECORDING_FILE": str(recording),
         "PORTAL_ORIGIN": f"http://{portal}",
@@ -111,12 +112,13 @@ def planes(tmp_path_factory: pytest.TempPathFactory, assertion_key: Path) -> Ite
                 # The hosts of public_origin only (127.0.0.1): the default.
                 "server": {"allowed_hosts": []},
                 "sessions": {"store": redis.url, "local_cache_seconds": 0},
-                "forward_auth": {"trusted_nginx": ["127.0.0.1/32"]},
+                # As deployed: the gateway reads nginx's access stream (nginx may cache protected answers).
+                "forward_auth": {"trusted_nginx": ["127.0.0.1/32"], "access_log": str(access_log)},
                 "limits": {"login_requests_per_ip": "10000/minute"},
             },
         )
         with running(serve_argv(config), gateway_port, log=directory / "gateway.log"):
-            values = {"GATEWAY": f"127.0.0.1:{gateway_port}", "PORTAL": portal}
+            values = {"GATEWAY": f"127.0.0.1:{gateway_port}", "PORTAL": portal, "ACCESS_LOG": str(access_log)}
             with running_nginx(directory / "nginx", FORWARD_AUTH_TEMPLATE, values) as nginx:
                 common = {
                     "recording": recording,
@@ -414,5 +416,11 @@ def test_the_portal_and_the_audit_trail_share_the_request_id(plane: Plane) -> No
     response, records = plane.send(f"/patients/{NIR}", [("Cookie", f"{COOKIE}={session}")])
     assert response.status == 200
     request_id = records[0]["headers"]["x-request-id"]
-    decisions = [e for e in plane.audit() if e["event"] == "decision" and e["request_id"] == request_id]
-    assert [(e["path"], e["decision"]) for e in decisions] == [(f"/patients/{NIR}", "allow")]
+    # Proxy mode audits its decision before forwarding; nginx's access stream is recorded as it is read.
+    event = "decision" if plane.mode == "proxy" else "access"
+
+    def recorded() -> list[dict[str, Any]]:
+        return [e for e in plane.audit() if e["event"] == event and e["request_id"] == request_id]
+
+    wait_until(lambda: bool(recorded()), timeout=10, what="the access recorded")
+    assert [(e["path"], e["decision"]) for e in recorded()] == [(f"/patients/{NIR}", "allow")]

@@ -1,0 +1,445 @@
+"""The access stream (gateway/access_stream.py): every access nginx serves in forward-auth mode is one audit
+record. First the reader on real files (rotation, restarts, torn lines), then a real nginx from the shipped
+template in front of a real gateway (`gateway serve`) reading its access log."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+from uuid import uuid4
+
+import pytest
+import requests
+
+from gateway.access_stream import (
+    ACCESS_EVENT,
+    AccessStream,
+    DecisionToken,
+    Position,
+    StreamHealth,
+    position_file,
+)
+from gateway.audit import AuditLog, verify_audit_file
+from gateway.identity import Identity, LoginMethod
+from gateway.sessions import RedisSessionStore
+from tests.support.audit import audit_records
+from tests.support.config import TEST_POLICIES, write_config
+from tests.support.gateways import serve_argv
+from tests.support.nginx import FORWARD_AUTH_TEMPLATE, Nginx, running_nginx
+from tests.support.processes import free_port, running, wait_until
+from tests.support.redis import redis_server
+
+COOKIE = "__Host-gateway-session"
+
+
+def nginx_line(
+    request_id: str, *, uri: str = "/patients/1", decision: str = "", cache: str = "MISS"
+) -> bytes:
+    """One line as the template's cps_gateway_access format writes it."""
+    token = (
+        decision
+        or DecisionToken(
+            "allow",
+            request_id,
+            rule="records",
+            reasons=("authenticated",),
+            idnat="810001234567",
+            method="card",
+        ).encode()
+    )
+    line = {
+        "time": f"{time.time():.3f}",
+        "request_id": request_id,
+        "client_ip": "192.0.2.7",
+        "http_method": "GET",
+        "uri": uri,
+        "status": "200",
+        "decision": token,
+        "cache": cache,
+        "reason": "",
+    }
+    return json.dumps(line, separators=(",", ":")).encode() + b"\n"
+
+
+def append(path: Path, *lines: bytes) -> None:
+    with path.open("ab") as file:
+        for line in lines:
+            file.write(line)
+
+
+def recorded_ids(audit_file: Path) -> list[str]:
+    return [record["request_id"] for record in audit_records(audit_file, ACCESS_EVENT)]
+
+
+@pytest.fixture
+def files(tmp_path: Path) -> tuple[Path, Path]:
+    return tmp_path / "nginx" / "access.log", tmp_path / "gateway" / "audit.log"
+
+
+def reader(files: tuple[Path, Path], **options: Any) -> AccessStream:
+    access_log, audit_file = files
+    stream = AccessStream(access_log, audit_file, AuditLog(audit_file), **options)
+    assert stream.try_lead()
+    return stream
+
+
+# --- The decision token ------------------------------------------------------------------------------------
+
+
+def test_the_decision_token_survives_any_value() -> None:
+    token = DecisionToken(
+        "allow",
+        "0123456789abcdef",
+        rule="patient-records",
+        reasons=("authenticated",),
+        idnat="810001234567",
+        method="ecps",
+        auth_mode='MOBILE "app" é;\n x=1',
+        resource="1 80 01",
+    )
+    encoded = token.encode()
+    assert len(encoded.split(" ")) == 8  # one space between fields, none inside them
+    assert '"' not in encoded and "\n" not in encoded and "\\" not in encoded
+    assert DecisionToken.decode(encoded) == token
+    assert DecisionToken.decode("") is None and DecisionToken.decode("allow id") is None
+
+
+# --- The reader on real files ------------------------------------------------------------------------------
+
+
+def test_every_line_becomes_one_chained_record_with_the_access_facts(files: tuple[Path, Path]) -> None:
+    access_log, audit_file = files
+    access_log.parent.mkdir()
+    ids = [uuid4().hex for _ in range(5)]
+    append(access_log, *(nginx_line(i, cache="HIT" if n else "MISS") for n, i in enumerate(ids)))
+    stream = reader(files)
+    assert stream.step() == 5
+    records = audit_records(audit_file, ACCESS_EVENT)
+    assert [r["request_id"] for r in records] == ids
+    first = records[0]
+    assert (first["idnat"], first["method"], first["rule"], first["decision"]) == (
+        "810001234567",
+        "card",
+        "records",
+        "allow",
+    )
+    assert (first["path"], first["status"], first["client_ip"], first["cached"]) == (
+        "/patients/1",
+        200,
+        "192.0.2.7",
+        False,
+    )
+    assert [r["cached"] for r in records[1:]] == [True] * 4
+    assert first["decision_id"] == ids[0]
+    assert verify_audit_file(audit_file).ok
+    assert stream.step() == 0  # nothing new
+
+
+def test_a_line_being_written_waits_and_a_torn_one_is_recorded_as_unreadable(
+    files: tuple[Path, Path],
+) -> None:
+    access_log, audit_file = files
+    access_log.parent.mkdir()
+    whole = nginx_line("a" * 32)
+    append(access_log, whole, whole[:40])  # the second is still being written
+    stream = reader(files)
+    assert stream.step() == 1
+    append(access_log, b"garbage\n")  # the rest never came (a crash): the torn line merges with the next
+    append(access_log, nginx_line("b" * 32))
+    assert stream.step() == 2
+    events = [r["event"] for r in audit_records(audit_file)]
+    assert events == [ACCESS_EVENT, "access_unreadable", ACCESS_EVENT]
+
+
+def test_a_new_reader_starts_where_the_last_stopped(files: tuple[Path, Path]) -> None:
+    access_log, audit_file = files
+    access_log.parent.mkdir()
+    append(access_log, nginx_line("1" * 32), nginx_line("2" * 32))
+    first = reader(files)
+    first.step()
+    first.release()
+    append(access_log, nginx_line("3" * 32))
+    second = reader(files)
+    assert second.step() == 1
+    assert recorded_ids(audit_file) == ["1" * 32, "2" * 32, "3" * 32]
+
+
+def test_a_reader_that_died_before_saving_its_position_records_nothing_twice(
+    files: tuple[Path, Path],
+) -> None:
+    access_log, audit_file = files
+    access_log.parent.mkdir()
+    append(access_log, nginx_line("1" * 32))
+    first = reader(files)
+    first.step()
+    stale = position_file(audit_file).read_bytes()
+    append(access_log, nginx_line("2" * 32), nginx_line("3" * 32))
+    first.step()
+    first.release()
+    position_file(audit_file).write_bytes(stale)  # as if it died between its records and its position
+    second = reader(files)
+    assert second.step() == 0
+    assert recorded_ids(audit_file) == ["1" * 32, "2" * 32, "3" * 32]
+
+
+def test_rotation_finishes_the_renamed_file_before_the_new_one(files: tuple[Path, Path]) -> None:
+    access_log, audit_file = files
+    access_log.parent.mkdir()
+    append(access_log, nginx_line("1" * 32))
+    stream = reader(files, rotation_grace=0.0)
+    stream.step()
+    rotated = access_log.with_name("access.log.1")
+    access_log.rename(rotated)
+    append(rotated, nginx_line("2" * 32))  # nginx writes to the old file until it reopens its logs
+    append(access_log, nginx_line("3" * 32))  # ...then to the new one
+    while stream.step() > 0 or stream._fd < 0 or os.fstat(stream._fd).st_ino != access_log.stat().st_ino:
+        pass
+    stream.step()
+    assert recorded_ids(audit_file) == ["1" * 32, "2" * 32, "3" * 32]
+
+
+def test_a_restart_after_rotation_finds_the_renamed_file_by_inode(files: tuple[Path, Path]) -> None:
+    access_log, audit_file = files
+    access_log.parent.mkdir()
+    append(access_log, nginx_line("1" * 32))
+    first = reader(files)
+    first.step()
+    first.release()
+    rotated = access_log.with_name("access.log.1")
+    access_log.rename(rotated)
+    append(rotated, nginx_line("2" * 32))
+    append(access_log, nginx_line("3" * 32))
+    second = reader(files, rotation_grace=0.0)
+    for _ in range(4):
+        second.step()
+    assert recorded_ids(audit_file) == ["1" * 32, "2" * 32, "3" * 32]
+
+
+def test_a_file_truncated_in_place_is_read_again_and_the_gap_recorded(files: tuple[Path, Path]) -> None:
+    access_log, audit_file = files
+    access_log.parent.mkdir()
+    append(access_log, nginx_line("1" * 32), nginx_line("2" * 32))
+    stream = reader(files)
+    stream.step()
+    access_log.write_bytes(nginx_line("3" * 32))  # copytruncate, then a new line
+    stream.step()
+    stream.step()
+    events = [(r["event"], r["request_id"]) for r in audit_records(audit_file)]
+    assert events == [
+        (ACCESS_EVENT, "1" * 32),
+        (ACCESS_EVENT, "2" * 32),
+        ("access_log_truncated", ""),
+        (ACCESS_EVENT, "3" * 32),
+    ]
+
+
+def test_one_reader_at_a_time(files: tuple[Path, Path]) -> None:
+    access_log, audit_file = files
+    first = reader(files)
+    second = AccessStream(access_log, audit_file, AuditLog(audit_file))
+    assert not second.try_lead()
+    first.release()
+    assert second.try_lead()
+
+
+def test_records_that_cannot_be_written_are_tried_again_and_health_says_why(files: tuple[Path, Path]) -> None:
+    access_log, audit_file = files
+    access_log.parent.mkdir()
+    append(access_log, nginx_line("1" * 32))
+    stream = reader(files)
+    health = StreamHealth(access_log, audit_file, max_lag=10, check_interval=0)
+    blocker = audit_file.parent / "not-a-directory"
+    blocker.write_text("")
+    stream._audit = AuditLog(blocker / "audit.log")  # ENOTDIR: like a disk that is gone
+    assert stream.step() == -1
+    assert "cannot be recorded" in (health.problem() or "")
+    stream._audit = AuditLog(audit_file)
+    assert stream.step() == 1
+    assert health.problem() is None
+    assert recorded_ids(audit_file) == ["1" * 32]
+
+
+def test_health_fails_when_the_trail_lags_or_no_reader_runs(files: tuple[Path, Path]) -> None:
+    access_log, audit_file = files
+    access_log.parent.mkdir()
+    audit_file.parent.mkdir()
+    health = StreamHealth(access_log, audit_file, max_lag=10, check_interval=0)
+    now = time.time()
+    assert health.problem(now) is None  # just started: the reader has a moment to appear
+    assert "no reader" in (health.problem(now + 11) or "")
+    append(access_log, nginx_line("1" * 32))
+    inode = access_log.stat().st_ino
+    position_file(audit_file).write_bytes(Position(inode, 0, now, now - 11).encode())
+    assert "lags" in (health.problem(now) or "")
+    position_file(audit_file).write_bytes(Position(inode, access_log.stat().st_size, now, now - 11).encode())
+    assert health.problem(now) is None  # nothing unread: no lag, whatever the last catch-up
+    position_file(audit_file).write_bytes(Position(inode, 0, now - 11, now - 11).encode())
+    assert "no reader" in (health.problem(now) or "")
+
+
+# --- A real nginx (shipped template) and a real gateway ---------------------------------------------------
+
+STREAM_POLICIES = TEST_POLICIES + (
+    "  - name: counted\n    match: { path: /echo/counted/* }\n    action: authenticate\n"
+    "    quota: { window: 1h, max_requests: 100000, max_distinct: 1000, resource: { path_segment: 3 } }\n"
+)
+
+
+class Stack:
+    """nginx (the shipped template) -> gateway (2 workers) -> portal, the gateway reading nginx's access log."""
+
+    def __init__(self, directory: Path, redis_url: str, upstream_url: str, assertion_key: Path) -> None:
+        self.directory = directory
+        self.gateway_port = free_port()
+        self.access_log = directory / "nginx" / "access.log"
+        self.config = write_config(
+            directory / "gateway",
+            upstream_url=upstream_url,
+            assertion_key=assertion_key,
+            policies=STREAM_POLICIES,
+            listen=f"127.0.0.1:{self.gateway_port}",
+            extra={
+                "server": {"workers": 2, "threads": 4},
+                "sessions": {"store": redis_url, "local_cache_seconds": 0},
+                "forward_auth": {
+                    "trusted_nginx": ["127.0.0.1/32"],
+                    "access_log": str(self.access_log),
+                    "cache_seconds": 1,
+                },
+            },
+        )
+        self.audit_file = directory / "gateway" / "audit.log"
+        self.store = RedisSessionStore(redis_url)
+        self.values = {
+            "GATEWAY": f"127.0.0.1:{self.gateway_port}",
+            "PORTAL": upstream_url.removeprefix("http://"),
+            "ACCESS_LOG": str(self.access_log),
+        }
+
+    def gateway(self) -> Any:
+        return running(serve_argv(self.config), self.gateway_port, log=self.directory / "gateway.log")
+
+    def login(self, idnat: str) -> dict[str, str]:
+        identity = Identity(idnat, LoginMethod.CARD, time.time(), professions=("10",), auth_mode="CARD")
+        return {"Cookie": f"{COOKIE}={self.store.create(identity, time.time()).id}"}
+
+    def recorded(self, marker: str) -> list[dict[str, Any]]:
+        """The access records of one test: its identity's, or on its paths."""
+        return [
+            r
+            for r in audit_records(self.audit_file, ACCESS_EVENT)
+            if marker in (r["idnat"], *r["path"].split("/"))
+        ]
+
+
+@contextlib.contextmanager
+def stack_in(directory: Path, upstream_url: str, assertion_key: Path) -> Iterator[tuple[Stack, Nginx]]:
+    with redis_server() as redis:
+        built = Stack(directory, redis.url, upstream_url, assertion_key)
+        with running_nginx(directory / "nginx", FORWARD_AUTH_TEMPLATE, built.values) as nginx:
+            yield built, nginx
+
+
+@pytest.fixture(scope="module")
+def shared(
+    tmp_path_factory: pytest.TempPathFactory, upstream_url: str, assertion_key: Path
+) -> Iterator[tuple[Stack, Nginx]]:
+    directory = tmp_path_factory.mktemp("stream")
+    with stack_in(directory, upstream_url, assertion_key) as (built, nginx), built.gateway():
+        yield built, nginx
+
+
+def send(nginx: Nginx, path: str, headers: dict[str, str] | None = None) -> requests.Response:
+    return requests.get(nginx.base_url + path, headers=headers, timeout=5, allow_redirects=False)
+
+
+def unique_idnat() -> str:
+    return "8" + str(uuid4().int)[:11]
+
+
+def test_n_requests_through_forward_auth_are_n_audit_records(shared: tuple[Stack, Nginx]) -> None:
+    built, nginx = shared
+    idnat, cookie = (idnat := unique_idnat()), built.login(idnat)
+    statuses = [send(nginx, "/echo/protected/same", cookie).status_code for _ in range(20)]  # mostly cached
+    statuses += [send(nginx, f"/echo/counted/{n}", cookie).status_code for n in range(10)]  # new resources
+    statuses += [send(nginx, "/echo/counted/0", cookie).status_code for _ in range(10)]  # a granted one again
+    statuses += [send(nginx, f"/echo/protected/{idnat}").status_code for _ in range(5)]  # no session: login
+    statuses += [send(nginx, f"/echo/forbidden/{idnat}", cookie).status_code for _ in range(5)]  # denied
+    statuses += [send(nginx, f"/echo/public/{idnat}").status_code for _ in range(5)]  # public: not audited
+    assert statuses.count(200) == 45 and statuses.count(302) == 5 and statuses.count(403) == 5
+    wait_until(lambda: len(built.recorded(idnat)) >= 50, timeout=10, what="50 access records")
+    time.sleep(0.5)  # what came more would be a duplicate
+    records = built.recorded(idnat)
+    assert len(records) == 50 and len({r["request_id"] for r in records}) == 50
+    assert any(r["cached"] for r in records)  # nginx served some from its decision cache...
+    allowed = [r for r in records if r["decision"] == "allow"]
+    assert len(allowed) == 40 and {r["idnat"] for r in allowed} == {idnat}  # ...all of them audited
+    logins = [r for r in records if r["decision"] == "login"]
+    assert len(logins) == 5 and {r["status"] for r in logins} == {302}
+    assert [r["reasons"] for r in records if r["decision"] == "deny"] == [["denied_by_rule"]] * 5
+    assert not any(r["path"].startswith("/echo/public/") for r in records)
+    assert verify_audit_file(built.audit_file).ok
+
+
+def test_a_logout_ends_cached_access_within_the_stated_bound(shared: tuple[Stack, Nginx]) -> None:
+    built, nginx = shared
+    cookie = built.login(unique_idnat())
+    for path in ("/echo/protected/page", "/echo/counted/7"):
+        assert send(nginx, path, cookie).status_code == 200
+        assert send(nginx, path, cookie).status_code == 200
+    built.store.delete(cookie["Cookie"].partition("=")[2])
+    logged_out = time.monotonic()
+    # forward_auth.cache_seconds is 1 here (no per-process session cache): refused within that.
+    for path in ("/echo/protected/page", "/echo/counted/7"):
+        wait_until(lambda p=path: send(nginx, p, cookie).status_code == 302, timeout=5, what="logout")
+    assert time.monotonic() - logged_out < 1 + 1.5
+
+
+def test_a_cached_decision_on_a_quota_route_is_never_served_to_another_session(
+    shared: tuple[Stack, Nginx],
+) -> None:
+    built, nginx = shared
+    owner, other = unique_idnat(), unique_idnat()
+    assert send(nginx, f"/echo/counted/{owner}", built.login(owner)).status_code == 200
+    assert send(nginx, f"/echo/counted/{owner}", built.login(other)).status_code == 200
+    wait_until(lambda: len(built.recorded(owner)) >= 2, timeout=10, what="two records")
+    records = built.recorded(owner)
+    # The other session got a decision of its own, for its own identity, not the owner's cached one.
+    assert [(r["idnat"], r["cached"]) for r in records] == [(owner, False), (other, False)]
+
+
+def test_nothing_is_lost_or_recorded_twice_across_a_gateway_restart(
+    tmp_path: Path, upstream_url: str, assertion_key: Path
+) -> None:
+    with stack_in(tmp_path, upstream_url, assertion_key) as (built, nginx):
+        idnat = unique_idnat()
+        sent = 0
+        with built.gateway() as gateway:
+            cookie = built.login(idnat)
+            for n in range(10):
+                assert send(nginx, f"/echo/counted/{n}", cookie).status_code == 200
+                sent += 1
+            assert send(nginx, "/echo/protected/kept", cookie).status_code == 200
+            sent += 1
+            os.killpg(gateway.pid, signal.SIGKILL)  # no goodbye: records may be written, positions not saved
+            gateway.wait()
+        # The gateway is down: nginx serves from its cache what it still holds, refuses the rest (502), and
+        # logs both.
+        assert send(nginx, f"/echo/counted/{idnat}", cookie).status_code == 502
+        sent += 1
+        with built.gateway():
+            for n in range(5):
+                assert send(nginx, f"/echo/counted/{100 + n}", cookie).status_code == 200
+                sent += 1
+            wait_until(lambda: len(built.recorded(idnat)) >= sent, timeout=15, what=f"{sent} records")
+            time.sleep(0.5)
+            records = built.recorded(idnat)
+        assert len(records) == sent and len({r["request_id"] for r in records}) == sent
+        assert [r["status"] for r in records if r["decision"] == ""] == [502]
+        assert verify_audit_file(built.audit_file).ok
