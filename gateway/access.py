@@ -8,21 +8,23 @@ import re
 import time
 import unicodedata
 from dataclasses import dataclass, replace
+from functools import partial
 from typing import Any
 from urllib.parse import unquote_plus
 
 from flask import request
 
 from gateway import metrics
+from gateway.access_stream import AccessStream
 from gateway.audit import AuditError
 from gateway.authn.card.revocation import REVOCATION_EVENT
-from gateway.limits import LimitsUnavailable, QuotaSpec
+from gateway.limits import LimitsUnavailable, QuotaSpec, ServedRequest
 from gateway.policy.decision import Decision, Outcome, Reason
 from gateway.policy.engine import decide_rule
 from gateway.policy.model import Action, Quota, QuotaBreachAction, ResourceKey, Rule
 from gateway.policy.origin import is_cross_site
 from gateway.policy.paths import NormalisedTarget
-from gateway.runtime import Gateway, audit_request_event, session_id_of
+from gateway.runtime import Gateway, audit_request_event, request_id_of, session_id_of
 from gateway.sessions import Session, SessionStoreUnavailable
 
 _NO_RULE = Decision(Outcome.DENY, (Reason.NO_MATCHING_RULE,))
@@ -153,7 +155,7 @@ def _within_quota(
     target: NormalisedTarget,
 ) -> Access:
     """The bulk-access guard: count this read and refuse once the identity's quota is spent."""
-    spec = QuotaSpec(quota.max_requests, quota.max_distinct, max(1, math.ceil(quota.window)))
+    spec = quota_spec(quota)
     try:
         resource = resource_key(quota.resource, target) if quota.resource else None
     except UnidentifiedResource as exc:
@@ -161,7 +163,12 @@ def _within_quota(
         return Access(Decision(Outcome.DENY, (exc.reason,), rule), rule, session, access.now)
     try:
         verdict = gateway.quotas.check_and_count(
-            session.identity.idnat, rule.name, spec, resource, access.now
+            session.identity.idnat,
+            rule.name,
+            spec,
+            resource,
+            access.now,
+            request_id=request_id_of(environ),
         )
     except LimitsUnavailable:
         return Access(Decision(Outcome.DENY, (Reason.LIMITS_UNAVAILABLE,), rule), rule, session, access.now)
@@ -171,6 +178,32 @@ def _within_quota(
         _on_breach(gateway, environ, rule, quota, session, verdict.requests, verdict.distinct, access.now)
     decision = Decision(Outcome.DENY, (Reason.QUOTA_EXCEEDED,), rule)
     return Access(decision, rule, session, access.now, retry_after=verdict.retry_after)
+
+
+def quota_spec(quota: Quota) -> QuotaSpec:
+    return QuotaSpec(quota.max_requests, quota.max_distinct, max(1, math.ceil(quota.window)))
+
+
+def count_served(gateway: Gateway, served: list[ServedRequest]) -> None:
+    """Count requests nginx served on quota rules (forward-auth's access stream), with the rules' current
+    quotas; a rule that is gone or has no quota any more counts nothing."""
+    rules = {rule.name: rule for rule in gateway.policies.rules}
+    counted = []
+    for one in served:
+        rule = rules.get(one.rule_name)
+        if rule is not None and rule.quota is not None:
+            counted.append((one, quota_spec(rule.quota)))
+    if counted:
+        gateway.quotas.count_served(counted)
+
+
+def access_stream_reader(gateway: Gateway) -> AccessStream | None:
+    """The reader of forward-auth's access log for this process (None without one): workers run it."""
+    settings = gateway.settings
+    access_log, audit_file = settings.forward_auth.access_log, settings.audit.file
+    if access_log is None or audit_file is None:
+        return None
+    return AccessStream(access_log, audit_file, gateway.audit, count_served=partial(count_served, gateway))
 
 
 def _on_breach(

@@ -51,6 +51,7 @@ from typing import Any
 from urllib.parse import quote, unquote
 
 from gateway.audit import AuditError, AuditLog
+from gateway.limits import ServedRequest
 
 log = logging.getLogger("gateway.access_stream")
 
@@ -136,18 +137,6 @@ class DecisionToken:
             auth_mode=fields.get("mode", ""),
             resource=fields.get("resource"),
         )
-
-
-@dataclass(frozen=True, slots=True)
-class ServedRequest:
-    """An allowed request on a quota rule, as the stream saw it: counted once, whatever counts it first."""
-
-    idnat: str
-    rule: str
-    #: nginx's request id: the same request counted by its decision and by the stream is one member.
-    request_id: str
-    time: float
-    resource: str | None
 
 
 #: The fields of a ``cps_gateway_access`` line (deploy/nginx/forward-auth.conf), all JSON strings.

@@ -13,7 +13,6 @@ read-then-write race between processes), which cannot prolong a refusal past the
 
 from __future__ import annotations
 
-import collections
 import itertools
 import math
 import os
@@ -363,20 +362,29 @@ class QuotaGuard:
             raise ValueError(f"unusable quota storage URI scheme: {storage_uri.split(':', 1)[0]}")
 
     def check_and_count(
-        self, identity_key: str, rule_name: str, quota: QuotaSpec, resource_key: str | None, now: float
+        self,
+        identity_key: str,
+        rule_name: str,
+        quota: QuotaSpec,
+        resource_key: str | None,
+        now: float,
+        *,
+        request_id: str | None = None,
     ) -> QuotaVerdict:
+        """Decide on one request and count it when allowed. ``request_id`` names it (unique per request, e.g.
+        nginx's $request_id): :meth:`count_served` counting the same request again then counts nothing."""
         window = quota.window_seconds
-        base = f"{self._prefix}:{rule_name}:{identity_key}:{window}"
+        base = self._base(identity_key, rule_name, window)
         max_requests = quota.max_requests if quota.max_requests is not None else -1
         max_distinct = quota.max_distinct if quota.max_distinct is not None and resource_key else -1
+        # Times travel as Python's exact repr: Lua would print them with 14 digits only.
+        member = request_id or f"{now!r}:{os.getpid()}:{next(self._ids)}"
         if self._memory is not None:
             allowed, requests, distinct, started, wait = self._memory.count(
-                base, window, max_requests, max_distinct, resource_key or "", now
+                base, window, max_requests, max_distinct, resource_key or "", member, now
             )
         else:
             assert self._redis is not None
-            # Times travel as Python's exact repr: Lua would print them with 14 digits only.
-            member = f"{now!r}:{os.getpid()}:{next(self._ids)}"
             try:
                 result = self._script(
                     keys=[f"{base}:log", f"{base}:read", f"{base}:breach"],
@@ -401,6 +409,32 @@ class QuotaGuard:
             False, Reason.QUOTA_EXCEEDED, max(1, math.ceil(wait)), requests, distinct, started
         )
 
+    def count_served(self, served: Iterable[tuple[ServedRequest, QuotaSpec]]) -> None:
+        """Count requests that were served (forward-auth's access stream: nginx may serve a granted resource
+        again from its decision cache, unasked): each is one of the window's requests, under its request id
+        (a request its decision counted already counts once), and refreshes its resource's last read. Only
+        the newest ``max_requests`` are kept: whether the window holds that many, and when the oldest of them
+        leaves it, is all a decision needs. Idempotent: a batch counted twice counts once."""
+        groups: dict[tuple[str, int], tuple[QuotaSpec, list[ServedRequest]]] = {}
+        for request, quota in served:
+            base = self._base(request.identity_key, request.rule_name, quota.window_seconds)
+            groups.setdefault((base, quota.window_seconds), (quota, []))[1].append(request)
+        if self._memory is not None:
+            for (base, window), (quota, requests) in groups.items():
+                self._memory.count_served(base, window, quota, requests)
+            return
+        assert self._redis is not None
+        try:
+            with self._redis.pipeline(transaction=False) as pipe:
+                for (base, _window), (quota, requests) in groups.items():
+                    _queue_served(pipe, base, quota, requests)
+                pipe.execute()
+        except redis.RedisError as exc:
+            raise _unavailable(exc) from None
+
+    def _base(self, identity_key: str, rule_name: str, window: int) -> str:
+        return f"{self._prefix}:{rule_name}:{identity_key}:{window}"
+
     def ping(self) -> None:
         if self._redis is not None:
             try:
@@ -409,10 +443,42 @@ class QuotaGuard:
                 raise _unavailable(exc) from None
 
 
+@dataclass(frozen=True, slots=True)
+class ServedRequest:
+    """A request on a quota rule that was let through, as forward-auth's access stream reports it."""
+
+    identity_key: str
+    rule_name: str
+    #: Unique per request (nginx's $request_id): the request its decision counted is that same member.
+    request_id: str
+    #: When it was served.
+    time: float
+    resource_key: str | None
+
+
+def _queue_served(pipe: Any, base: str, quota: QuotaSpec, requests: list[ServedRequest]) -> None:
+    window_ms = quota.window_seconds * 1000
+    if quota.max_requests is not None:
+        times: dict[str, float] = {}
+        for request in requests:
+            times[request.request_id] = request.time
+        pipe.zadd(f"{base}:log", times)
+        pipe.zremrangebyrank(f"{base}:log", 0, -(quota.max_requests + 1))
+        pipe.pexpire(f"{base}:log", window_ms)
+    if quota.max_distinct is not None:
+        reads: dict[str, float] = {}
+        for request in requests:
+            if request.resource_key:
+                reads[request.resource_key] = max(request.time, reads.get(request.resource_key, request.time))
+        if reads:
+            pipe.zadd(f"{base}:read", reads, gt=True)  # a late line never moves a read back in time
+            pipe.pexpire(f"{base}:read", window_ms)
+
+
 @dataclass(slots=True)
 class _Window:
-    #: Times of the allowed requests still in the window (oldest first).
-    requests: collections.deque[float] = field(default_factory=collections.deque)
+    #: Allowed requests still in the window: request id -> time.
+    requests: dict[str, float] = field(default_factory=dict)
     #: Resource -> time of its last allowed read.
     reads: dict[str, float] = field(default_factory=dict)
     #: The breach marker: _CLOSED or _MARKED, until ``marker_until``.
@@ -435,7 +501,14 @@ class _MemoryQuotas:
         return len(self._entries)
 
     def count(
-        self, base: str, window: int, max_requests: int, max_distinct: int, resource: str, now: float
+        self,
+        base: str,
+        window: int,
+        max_requests: int,
+        max_distinct: int,
+        resource: str,
+        member: str,
+        now: float,
     ) -> tuple[bool, int, int, bool, float]:
         """(allowed, requests, distinct, breach started, seconds until trying again can succeed)"""
         with self._lock:
@@ -444,8 +517,7 @@ class _MemoryQuotas:
             entry = self._entries.setdefault(base, (window, _Window()))[1]
             entry.last_seen = now
             since = now - window
-            while entry.requests and entry.requests[0] < since:
-                entry.requests.popleft()
+            entry.requests = {key: seen for key, seen in entry.requests.items() if seen >= since}
             entry.reads = {key: seen for key, seen in entry.reads.items() if seen >= since}
             n = len(entry.requests) if max_requests >= 0 else 0
             this = 1 if max_requests >= 0 else 0
@@ -459,16 +531,31 @@ class _MemoryQuotas:
                 entry.marker, entry.marker_until = _CLOSED, now + window
                 return False, n + this, d + 1, True, window
             if max_requests >= 0 and n >= max_requests:
-                wait = entry.requests[0] + window - now if entry.requests else window
+                wait = min(entry.requests.values()) + window - now if entry.requests else window
                 started = not marker
                 if started:
                     entry.marker, entry.marker_until = _MARKED, now + window
                 return False, n + this, d + new, started, wait
             if max_requests >= 0:
-                entry.requests.append(now)
+                entry.requests[member] = now
             if max_distinct >= 0:
                 entry.reads[resource] = now
             return True, n + this, d + new, False, 0.0
+
+    def count_served(self, base: str, window: int, quota: QuotaSpec, requests: list[ServedRequest]) -> None:
+        """The twin of :func:`_queue_served`."""
+        with self._lock:
+            entry = self._entries.setdefault(base, (window, _Window()))[1]
+            for request in requests:
+                entry.last_seen = max(entry.last_seen, request.time)
+                if quota.max_requests is not None:
+                    entry.requests[request.request_id] = request.time
+                if quota.max_distinct is not None and request.resource_key:
+                    seen = entry.reads.get(request.resource_key, request.time)
+                    entry.reads[request.resource_key] = max(seen, request.time)
+            if quota.max_requests is not None and len(entry.requests) > quota.max_requests:
+                by_time = sorted(entry.requests.items(), key=lambda item: item[1])
+                entry.requests = dict(by_time[len(by_time) - quota.max_requests :])
 
     def _purge(self, now: float) -> None:
         self._last_purge = now

@@ -15,7 +15,7 @@ from werkzeug.exceptions import HTTPException
 from werkzeug.http import parse_cookie
 
 from gateway import metrics
-from gateway.access_stream import AccessStream, StreamHealth
+from gateway.access_stream import StreamHealth
 from gateway.audit import AuditError, AuditLog
 from gateway.authn.card.challenge import ChallengeIssuer, NonceKind, NonceSpace, NonceStore
 from gateway.authn.card.handoff import BINDING_COOKIE
@@ -236,15 +236,6 @@ def _add_access_stream(gateway: Gateway) -> None:
             raise NotReady(problem)
 
     gateway.readiness.register("access_stream", stream_keeps_up)
-
-
-def access_stream_reader(gateway: Gateway) -> AccessStream | None:
-    """The reader of forward-auth's access log for this process (None without one): workers run it."""
-    settings = gateway.settings
-    access_log, audit_file = settings.forward_auth.access_log, settings.audit.file
-    if access_log is None or audit_file is None:
-        return None
-    return AccessStream(access_log, audit_file, gateway.audit)
 
 
 CARD_LOGIN_PATH = f"{GATEWAY_PREFIX}/login/card"

@@ -682,8 +682,9 @@ def serve(
 def _start_worker_services(worker: Any) -> None:
     """gunicorn's post_worker_init hook (in each worker, its app loaded): forward-auth's access-stream reader
     (one worker of the instance reads at a time, see gateway/access_stream.py)."""
+    from gateway.access import access_stream_reader
     from gateway.access_stream import run_in_background
-    from gateway.runtime import access_stream_reader, gateway_of
+    from gateway.runtime import gateway_of
 
     reader = access_stream_reader(gateway_of(worker.wsgi))
     if reader is not None:

@@ -288,6 +288,8 @@ def test_health_fails_when_the_trail_lags_or_no_reader_runs(files: tuple[Path, P
 STREAM_POLICIES = TEST_POLICIES + (
     "  - name: counted\n    match: { path: /echo/counted/* }\n    action: authenticate\n"
     "    quota: { window: 1h, max_requests: 100000, max_distinct: 1000, resource: { path_segment: 3 } }\n"
+    "  - name: few\n    match: { path: /echo/few/* }\n    action: authenticate\n"
+    "    quota: { window: 1h, max_requests: 5, resource: { path_segment: 3 } }\n"
 )
 
 
@@ -412,6 +414,20 @@ def test_a_cached_decision_on_a_quota_route_is_never_served_to_another_session(
     records = built.recorded(owner)
     # The other session got a decision of its own, for its own identity, not the owner's cached one.
     assert [(r["idnat"], r["cached"]) for r in records] == [(owner, False), (other, False)]
+
+
+def test_max_requests_counts_the_reads_nginx_served_from_its_cache(shared: tuple[Stack, Nginx]) -> None:
+    built, nginx = shared
+    idnat = unique_idnat()
+    cookie = built.login(idnat)
+    statuses = [send(nginx, "/echo/few/1", cookie).status_code for _ in range(10)]
+    assert statuses.count(200) >= 5  # one decision, then (mostly) nginx's cache
+    wait_until(lambda: len(built.recorded(idnat)) >= 10, timeout=10, what="the reads recorded")
+    # Every read counted, cached or not: the quota (5 requests) is spent, a new resource is refused.
+    refused = send(nginx, "/echo/few/2", cookie)
+    assert (refused.status_code, refused.headers["X-Gateway-Reason"]) == (403, "quota_exceeded")
+    breaches = [r for r in audit_records(built.audit_file, "quota_breach") if r["idnat"] == idnat]
+    assert len(breaches) == 1 and breaches[0]["requests"] >= 6
 
 
 def test_nothing_is_lost_or_recorded_twice_across_a_gateway_restart(

@@ -19,6 +19,7 @@ from gateway.limits import (
     LoginThrottle,
     QuotaGuard,
     QuotaSpec,
+    ServedRequest,
     build_limiter,
 )
 from gateway.policy.decision import Reason
@@ -236,6 +237,62 @@ def test_no_interval_of_the_window_length_ever_holds_more_than_the_limit(
         inside = [resource for at, resource in allowed if start <= at <= start + window]
         assert len(set(inside) if limit == "max_distinct" else inside) <= maximum
     assert len(allowed) > 100  # the guard let a real load through meanwhile
+
+
+def served(request_id: str, at: float, resource: str | None = None) -> ServedRequest:
+    return ServedRequest(ALICE, "r", request_id, at, resource)
+
+
+def test_requests_served_from_a_cache_count_once_with_their_decision(storage_uri: str, prefix: str) -> None:
+    guard, spec = (
+        quota_guard(storage_uri, prefix),
+        QuotaSpec(max_requests=5, max_distinct=None, window_seconds=60),
+    )
+    assert guard.check_and_count(ALICE, "r", spec, None, T0, request_id="req-1").allowed
+    # nginx served req-1 (its decision's request) and three more from its cache: four requests in all...
+    stream = [(served(f"req-{i}", T0 + i), spec) for i in range(1, 5)]
+    guard.count_served(stream)
+    guard.count_served(stream)  # ...also when a restarted reader counts them again
+    assert guard.check_and_count(ALICE, "r", spec, None, T0 + 5, request_id="req-5").allowed
+    refused = guard.check_and_count(ALICE, "r", spec, None, T0 + 6, request_id="req-6")
+    assert (refused.allowed, refused.breach_started, refused.retry_after) == (False, True, 55)
+
+
+def test_the_stream_keeps_only_the_newest_requests_and_decides_the_same(
+    storage_uri: str, prefix: str
+) -> None:
+    guard, spec = (
+        quota_guard(storage_uri, prefix),
+        QuotaSpec(max_requests=3, max_distinct=None, window_seconds=60),
+    )
+    guard.count_served([(served(f"r{i}", T0 + i / 100), spec) for i in range(100)])
+    if storage_uri.startswith("redis"):
+        client = redis.Redis.from_url(storage_uri)
+        (log,) = client.keys(f"{prefix}:r:{ALICE}:*:log")
+        assert client.zcard(log) == 3  # memory stays bounded by the limit
+        client.close()
+    refused = guard.check_and_count(ALICE, "r", spec, None, T0 + 1)
+    # The third newest (T0 + 0.97) leaves the window at T0 + 60.97: until then the window holds three.
+    assert not refused.allowed and refused.retry_after == 60
+    assert not guard.check_and_count(ALICE, "r", spec, None, T0 + 60.9).allowed
+    assert guard.check_and_count(ALICE, "r", spec, None, T0 + 61).allowed
+
+
+def test_a_resource_read_again_from_a_cache_is_still_a_read_of_the_window(
+    storage_uri: str, prefix: str
+) -> None:
+    guard, spec = (
+        quota_guard(storage_uri, prefix),
+        QuotaSpec(max_requests=None, max_distinct=1, window_seconds=60),
+    )
+    assert guard.check_and_count(ALICE, "r", spec, "A", T0, request_id="1").allowed
+    # Re-read at T0 + 50 from nginx's cache, then a late line from T0 + 20 (it never moves the read back).
+    guard.count_served([(served("2", T0 + 50, "A"), spec)])
+    guard.count_served([(served("3", T0 + 20, "A"), spec)])
+    # At T0 + 70, A was read within the window (as in proxy mode, where every re-read is a decision): B is a
+    # second distinct resource.
+    assert not guard.check_and_count(ALICE, "r", spec, "B", T0 + 70).allowed
+    assert guard.check_and_count(BOB, "r", spec, "B", T0 + 70).allowed
 
 
 def test_quota_memory_stays_bounded(redis_srv: RedisServer, prefix: str) -> None:
