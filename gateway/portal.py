@@ -103,7 +103,7 @@ class GatewayKeys:
         self,
         url: str,
         *,
-        timeout: float = 3.0,
+        timeout: float = 5.0,
         ttl: float = 300.0,
         min_refetch_interval: float = 30.0,
         clock: Callable[[], float] = time.monotonic,

@@ -62,7 +62,7 @@ def wsgi_portal(verifier: AssertionVerifier) -> Callable[..., Iterable[bytes]]:
 
 def _app() -> Callable[..., Iterable[bytes]]:
     jwks = os.environ.get("PORTAL_GATEWAY_JWKS", "http://127.0.0.1:9/.gateway/jwks.json")
-    verifier = AssertionVerifier(GatewayKeys(jwks))
+    verifier = AssertionVerifier(GatewayKeys(jwks, timeout=10))
 
     def not_found(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
         start_response("404 Not Found", [("Content-Type", "text/plain")])

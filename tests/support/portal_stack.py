@@ -46,7 +46,13 @@ def portal_behind_gateway(
         assertion_key=assertion_key,
         policies=policies,
         listen=f"127.0.0.1:{gateway_port}",
-        extra={"sessions": {"store": redis.url, "local_cache_seconds": 0}, **(extra or {})},
+        # The portal's first protected page fetches the gateway's keys while the gateway waits for it: under a
+        # loaded machine that takes longer than write_config's short test read timeout.
+        extra={
+            "upstream": {"url": portal, "read_timeout": "20s"},
+            "sessions": {"store": redis.url, "local_cache_seconds": 0},
+            **(extra or {}),
+        },
     )
     try:
         with (
