@@ -7,9 +7,10 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # softhsm2/opensc/libengine-pkcs11-openssl: test cards; nginx: TLS terminator; redis-server: shared state;
+# redis-sentinel: failover tests;
 # chromium/libnss3-tools: browser tests; wrk: benchmarks; docker.io/mmdebstrap: the container image
 # (`make image`, tests/test_image.py: a private dockerd and a base image made from Debian's packages).
-DEBIAN_PACKAGES := softhsm2 opensc libengine-pkcs11-openssl redis-server nginx chromium libnss3-tools wrk curl \
+DEBIAN_PACKAGES := softhsm2 opensc libengine-pkcs11-openssl redis-server redis-sentinel nginx chromium libnss3-tools wrk curl \
 	docker.io mmdebstrap
 
 .PHONY: demo test lint bench image image-stop deps debian-packages clean translations

@@ -27,14 +27,9 @@ import limits.errors
 import limits.storage
 import redis
 from flask_limiter import Limiter
-from redis.backoff import NoBackoff
-from redis.retry import Retry
 
 from gateway.policy.decision import Reason
-
-#: Short socket timeouts: a stuck Redis becomes a quick 503, not hung workers.
-DEFAULT_STORAGE_TIMEOUT = 0.5
-
+from gateway.redis_client import DEFAULT_TIMEOUT, MEMORY, limiter_storage, limits_storage, redis_client
 
 #: What the limits storage raises when it cannot answer (flask-limiter lets them through: fail closed).
 STORAGE_ERRORS: tuple[type[Exception], ...] = (limits.errors.StorageError, redis.RedisError)
@@ -68,29 +63,6 @@ class BanEvent:
     failures: int
 
 
-def _storage(storage_uri: str, socket_timeout: float) -> limits.storage.Storage:
-    options: dict[str, Any] = {}
-    if not storage_uri.startswith("memory://"):
-        options = _redis_options(socket_timeout)
-    try:
-        storage = limits.storage.storage_from_string(storage_uri, wrap_exceptions=True, **options)
-    except limits.errors.ConfigurationError as exc:
-        raise ValueError(f"unusable limits storage URI scheme: {storage_uri.split(':', 1)[0]}") from exc
-    if not isinstance(storage, limits.storage.Storage):
-        raise ValueError("the login throttle needs a synchronous storage (not async+...)")
-    return storage
-
-
-def _redis_options(socket_timeout: float) -> dict[str, Any]:
-    return {
-        "socket_timeout": socket_timeout,
-        "socket_connect_timeout": socket_timeout,
-        # One immediate retry reconnects a pooled connection that died with a Redis restart; redis-py's
-        # default (several, with backoff) would only delay the 503 when Redis is really down.
-        "retry": Retry(NoBackoff(), 1),
-    }
-
-
 def _retry_after(now: float, window: float) -> int:
     """Seconds to the end of the current fixed window."""
     return max(1, math.ceil((math.floor(now / window) + 1) * window - now))
@@ -116,7 +88,7 @@ class LoginThrottle:
         ban_window: float = 600,
         ban_duration: float = 900,
         key_prefix: str = "gw:login",
-        socket_timeout: float = DEFAULT_STORAGE_TIMEOUT,
+        socket_timeout: float = DEFAULT_TIMEOUT,
     ) -> None:
         if ban_after < 1 or ban_window <= 0 or ban_duration <= 0:
             raise ValueError("ban_after, ban_window and ban_duration must be positive")
@@ -124,7 +96,7 @@ class LoginThrottle:
             # A ban must outlast the window it was counted in; otherwise, once it ends, the rest of that
             # window's failures would never reach ban_after exactly again and could go on unbanned.
             raise ValueError("ban_duration must be >= ban_window")
-        self._storage = _storage(storage_uri, socket_timeout)
+        self._storage = limits_storage(storage_uri, timeout=socket_timeout)
         self._per_ip = limits.parse(attempts_per_ip)
         self._per_identity = limits.parse(attempts_per_identity)
         self.ban_after = ban_after
@@ -294,11 +266,15 @@ if marker then
   marked_until = tonumber(string.sub(marker, sep + 1))
   if marked_until > now then kind = string.sub(marker, 1, sep - 1) end
 end
-if kind == '""" + _CLOSED + """' then
+if kind == '"""
+    + _CLOSED
+    + """' then
   return {0, n + this, d + new, 0, math.ceil((marked_until - now) * 1000)}
 end
 if not known and d >= max_distinct then
-  redis.call('SET', KEYS[3], '""" + _CLOSED + """|' .. ARGV[8], 'PX', 2 * window_ms)
+  redis.call('SET', KEYS[3], '"""
+    + _CLOSED
+    + """|' .. ARGV[8], 'PX', 2 * window_ms)
   return {0, n + this, d + 1, 1, window_ms}
 end
 if max_requests >= 0 and n >= max_requests then
@@ -307,7 +283,9 @@ if max_requests >= 0 and n >= max_requests then
   if oldest[2] then wait = math.ceil((tonumber(oldest[2]) - now) * 1000 + window_ms) end
   local started = 0
   if not kind then
-    redis.call('SET', KEYS[3], '""" + _MARKED + """|' .. ARGV[8], 'PX', 2 * window_ms)
+    redis.call('SET', KEYS[3], '"""
+    + _MARKED
+    + """|' .. ARGV[8], 'PX', 2 * window_ms)
     started = 1
   end
   return {0, n + this, d + new, started, wait}
@@ -347,19 +325,17 @@ class QuotaGuard:
         self,
         storage_uri: str,
         key_prefix: str = "gw:quota",
-        socket_timeout: float = DEFAULT_STORAGE_TIMEOUT,
+        socket_timeout: float = DEFAULT_TIMEOUT,
     ) -> None:
         self._prefix = key_prefix
         self._memory: _MemoryQuotas | None = None
         self._redis: redis.Redis | None = None
         self._ids = itertools.count()
-        if storage_uri.startswith("memory://"):
+        if storage_uri.startswith(MEMORY):
             self._memory = _MemoryQuotas()
-        elif storage_uri.startswith(("redis://", "rediss://", "unix://")):
-            self._redis = redis.Redis.from_url(storage_uri, **_redis_options(socket_timeout))
-            self._script = self._redis.register_script(_QUOTA_SCRIPT)
         else:
-            raise ValueError(f"unusable quota storage URI scheme: {storage_uri.split(':', 1)[0]}")
+            self._redis = redis_client(storage_uri, timeout=socket_timeout)
+            self._script = self._redis.register_script(_QUOTA_SCRIPT)
 
     def check_and_count(
         self,
@@ -575,7 +551,7 @@ def build_limiter(
     *,
     default_limits: list[str] | None = None,
     key_prefix: str = "gw:rl",
-    socket_timeout: float = DEFAULT_STORAGE_TIMEOUT,
+    socket_timeout: float = DEFAULT_TIMEOUT,
 ) -> Limiter:
     """flask-limiter for the login endpoints (the lead decorates them with ``limiter.limit("20/minute")``).
 
@@ -586,14 +562,12 @@ def build_limiter(
     ``swallow_errors=False``: a storage outage surfaces as an error (the app renders 503), never as
     "no limit".
     """
-    options: dict[str, Any] = {}
-    if not storage_uri.startswith("memory://"):
-        options = _redis_options(socket_timeout)
+    uri, options = limiter_storage(storage_uri, timeout=socket_timeout)
     return Limiter(
         client_ip,
         app=app,
         default_limits=list(default_limits or []),
-        storage_uri=storage_uri,
+        storage_uri=uri,
         storage_options=options,
         strategy="moving-window",
         headers_enabled=True,

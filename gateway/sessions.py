@@ -25,18 +25,15 @@ from types import MappingProxyType
 from typing import Any, Protocol
 
 import redis
-from redis.backoff import NoBackoff
-from redis.retry import Retry
 
 from gateway.identity import Identity
+from gateway.redis_client import DEFAULT_TIMEOUT, redis_client
 
 DEFAULT_IDLE_TIMEOUT = 30 * 60.0
 DEFAULT_ABSOLUTE_TIMEOUT = 4 * 3600.0
 #: ``get`` rewrites ``last_seen`` at most this often: the hot path calls it on every request, and a write per
 #: request would double the store traffic. Sessions may thus expire up to this much earlier than idle_timeout.
 DEFAULT_TOUCH_INTERVAL = 5.0
-#: Short socket timeouts: a stuck Redis must turn into a quick 503, not into hung gateway workers.
-DEFAULT_REDIS_TIMEOUT = 0.5
 
 IDNAT_TAG_PREFIX = "idnat:"
 PSC_SID_TAG_PREFIX = "psc-sid:"
@@ -361,20 +358,14 @@ class RedisSessionStore(_Timeouts):
         idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
         absolute_timeout: float = DEFAULT_ABSOLUTE_TIMEOUT,
         touch_interval: float = DEFAULT_TOUCH_INTERVAL,
-        socket_timeout: float = DEFAULT_REDIS_TIMEOUT,
+        socket_timeout: float = DEFAULT_TIMEOUT,
     ) -> None:
         super().__init__(idle_timeout, absolute_timeout, touch_interval)
-        if isinstance(url_or_client, str):
-            self._redis = redis.Redis.from_url(
-                url_or_client,
-                socket_timeout=socket_timeout,
-                socket_connect_timeout=socket_timeout,
-                # One immediate retry reconnects a pooled connection that died with a Redis restart;
-                # more, with backoff, would only delay the 503 when Redis is really down.
-                retry=Retry(NoBackoff(), 1),
-            )
-        else:
-            self._redis = url_or_client
+        self._redis = (
+            redis_client(url_or_client, timeout=socket_timeout)
+            if isinstance(url_or_client, str)
+            else url_or_client
+        )
         self._prefix = key_prefix
 
     def _session_key(self, key: str) -> str:

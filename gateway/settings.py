@@ -35,6 +35,7 @@ from gateway.config_source import (
     parse_yaml,
     validate,
 )
+from gateway.redis_client import check_store_url
 from gateway.wsgi import normalise_host
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -245,7 +246,13 @@ class AssertionSettings(_Section):
 
 
 class SessionSettings(_Section):
-    store: str = Field("memory://", description="memory:// (one process only) or redis://host:port/db.")
+    store: str = Field(
+        "memory://",
+        description=(
+            "memory:// (one process only), redis://host:port/db (rediss://, unix://) or, for failover, "
+            "redis+sentinel://host:port[,host:port…]/service[/db] (Redis Sentinel; Redis Cluster is not supported)."
+        ),
+    )
     idle_timeout: Duration = Field(1800.0, description="A session unused this long ends (PSC: 30 min).")
     absolute_timeout: Duration = Field(
         14400.0, description="A session ends this long after login (PSC: 4 h)."
@@ -261,12 +268,7 @@ class SessionSettings(_Section):
         ),
     )
 
-    @field_validator("store")
-    @classmethod
-    def _store(cls, value: str) -> str:
-        if not value.startswith(("memory://", "redis://", "rediss://", "unix://")):
-            raise ValueError("use memory:// or a redis://, rediss:// or unix:// URL")
-        return value
+    _store = field_validator("store")(check_store_url)
 
     @field_validator("cookie_name")
     @classmethod
@@ -284,7 +286,8 @@ class SessionSettings(_Section):
 
 class LimitsSettings(_Section):
     storage: str | None = Field(
-        None, description="memory:// or redis://... for counters and bans (default: the sessions.store URL)."
+        None,
+        description="memory:// or a Redis URL as for sessions.store, for counters and bans (default: sessions.store).",
     )
     login_requests_per_ip: str = Field(
         "120/minute",
@@ -302,6 +305,11 @@ class LimitsSettings(_Section):
     ban_after: int = Field(5, ge=1, description="Failed logins within ban_window that ban the IP / identity.")
     ban_window: Duration = Field(600.0, description="Window in which failed logins are counted.")
     ban_duration: Duration = Field(900.0, description="How long a ban lasts (at least ban_window).")
+
+    @field_validator("storage")
+    @classmethod
+    def _storage(cls, value: str | None) -> str | None:
+        return None if value is None else check_store_url(value)
 
     @field_validator(
         "login_requests_per_ip",
@@ -624,7 +632,8 @@ class CardSettings(_Section):
     )
     nonce_store: str | None = Field(
         None,
-        description="memory:// or redis://… for challenge nonces and card-host hand-offs (default: sessions.store).",
+        description="memory:// or a Redis URL as for sessions.store, for challenge nonces and card-host hand-offs "
+        "(default: sessions.store).",
     )
     host_secret: str | None = Field(
         None,
@@ -663,9 +672,7 @@ class CardSettings(_Section):
     @field_validator("nonce_store")
     @classmethod
     def _nonce_store(cls, value: str | None) -> str | None:
-        if value is not None and not value.startswith(("memory://", "redis://", "rediss://", "unix://")):
-            raise ValueError("use memory:// or a redis://, rediss:// or unix:// URL")
-        return value
+        return None if value is None else check_store_url(value)
 
     @field_validator("host_secret")
     @classmethod

@@ -14,7 +14,7 @@ import requests
 from gateway.sessions import RedisSessionStore, idnat_tag
 from tests.support.audit import audit_records
 from tests.support.config import TEST_POLICIES
-from tests.support.gateways import running_gateways
+from tests.support.gateways import running_gateways, sharing_store
 from tests.support.processes import REPO_ROOT
 from tests.support.redis import RedisServer, new_session
 
@@ -186,13 +186,12 @@ def test_quotas_hold_across_a_window_boundary_and_two_gateway_processes(
     tmp_path: Path, redis: RedisServer, upstream_url: str, assertion_key: Path
 ) -> None:
     """A fixed window let 5 records be read just before a clock boundary and 5 more just after it."""
-    extra = {"server": {"workers": 1}, "sessions": {"store": redis.url, "local_cache_seconds": 0}}
-    with running_gateways(
+    with sharing_store(
         tmp_path,
-        2,
+        redis.url,
         upstream_url=upstream_url,
         assertion_key=assertion_key,
-        extra=extra,
+        workers=1,
         policies=QUOTA_POLICIES,
     ) as urls:
         reader, exporter = new_session(redis.url, "810000000410"), new_session(redis.url, "810000000411")

@@ -41,3 +41,23 @@ def running_gateways(
             stack.enter_context(running(serve_argv(config), port, log=directory / f"gw{index}.log"))
             urls.append(f"http://127.0.0.1:{port}")
         yield urls
+
+
+def sharing_store(
+    directory: Path,
+    store_url: str,
+    *,
+    upstream_url: str,
+    assertion_key: Path,
+    workers: int,
+    policies: str = TEST_POLICIES,
+) -> contextlib.AbstractContextManager[list[str]]:
+    """Two gateway processes of ``workers`` workers sharing the store at ``store_url``, each reading it on
+    every request (no per-process session cache)."""
+    extra = {
+        "server": {"workers": workers, "threads": 8},
+        "sessions": {"store": store_url, "local_cache_seconds": 0},
+    }
+    return running_gateways(
+        directory, 2, upstream_url=upstream_url, assertion_key=assertion_key, extra=extra, policies=policies
+    )

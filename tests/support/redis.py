@@ -7,7 +7,7 @@ import contextlib
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from tests.support.processes import free_port, stop, wait_for_port
@@ -16,9 +16,11 @@ REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
 
 
 class RedisServer:
-    def __init__(self, directory: Path, port: int | None = None) -> None:
+    def __init__(self, directory: Path, port: int | None = None, *, args: Sequence[str] = ()) -> None:
+        """``args``: more redis-server options (e.g. ``--replicaof 127.0.0.1 6379``)."""
         self.directory = directory
         self.port = port or free_port()
+        self.args = list(args)
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -45,6 +47,7 @@ class RedisServer:
                 "no",
                 "--dir",
                 str(self.directory),
+                *self.args,
             ],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
@@ -56,6 +59,13 @@ class RedisServer:
     def stop(self) -> None:
         if self.process is not None:
             stop(self.process)
+            self.process = None
+
+    def kill(self) -> None:
+        """kill -9: no shutdown, no last words to replicas or clients."""
+        if self.process is not None:
+            self.process.kill()
+            self.process.wait(10)
             self.process = None
 
     def restart(self) -> None:

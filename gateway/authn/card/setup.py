@@ -36,9 +36,9 @@ def _certificates(paths: list[Path]) -> list[x509.Certificate]:
 def nonce_store(url: str, prefix: str = "gw:card-nonce:") -> NonceStore:
     if url.startswith("memory://"):
         return MemoryNonceStore()
-    import redis
+    from gateway.redis_client import redis_client
 
-    return RedisNonceStore(redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2), prefix)
+    return RedisNonceStore(redis_client(url), prefix)
 
 
 def build_card_login(
