@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import getpass
 import os
 import shutil
@@ -266,6 +267,14 @@ def _serve(args: argparse.Namespace) -> int:
             debug=args.debug,
             reload_config=lambda: _validated_config(args.config),
         )
+    except OSError as exc:
+        if exc.errno != errno.EADDRINUSE:
+            raise
+        listeners = [f"server.listen {settings.server.listen}"]
+        if settings.metrics is not None:
+            listeners.append(f"metrics.listen {settings.metrics.listen}")
+        print(f"error: cannot listen: {exc.strerror} ({', '.join(listeners)})", file=sys.stderr)
+        return 1
     finally:
         # Workers are forked inside serve() and leave through here too: only the master cleans up.
         if metrics_dir is not None and os.getpid() == master_pid:
@@ -333,7 +342,12 @@ def _explain(args: argparse.Namespace) -> int:
 
     settings = _load(args)
     policy_set = read_policies(settings).policy_set
-    parts = urlsplit(args.url)
+    try:
+        parts = urlsplit(args.url)
+        parts.port  # noqa: B018 - validates the port now
+    except ValueError as exc:
+        print(f"error: {args.url!r} is not a URL or a path: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     host = normalise_host(parts.netloc or urlsplit(settings.server.public_origin).netloc)
     raw_target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
     method = args.method.upper()

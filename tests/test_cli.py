@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
 from collections.abc import Mapping
@@ -350,3 +351,21 @@ def test_card_login_without_softhsm2_conf_hints_at_it(stack: CardStack, tmp_path
     assert login.returncode == 1
     told = no_traceback(login)
     assert "no token labelled 'test-doctor'" in told and "SOFTHSM2_CONF is not set" in told
+
+
+def test_explain_of_a_malformed_url_says_so(config: Path) -> None:
+    result = explain(config, "GET", "http://[::1/patients/1")
+    assert result.returncode == 64 and "is not a URL or a path" in no_traceback(result)
+
+
+def test_serve_on_an_address_in_use_names_the_setting(tmp_path: Path, assertion_key: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        listen = f"127.0.0.1:{taken.getsockname()[1]}"
+        config = write_config(
+            tmp_path, upstream_url="http://127.0.0.1:9", assertion_key=assertion_key, listen=listen
+        )
+        result = gateway("serve", "--config", str(config), timeout=60)
+    assert result.returncode == 1
+    assert f"cannot listen: Address already in use (server.listen {listen})" in no_traceback(result)
