@@ -19,6 +19,8 @@ demo: deps translations
 	$(VENV)/bin/gateway demo
 
 test: deps translations
+	@# The image test's base (mmdebstrap, mostly downloads) is made meanwhile: ready when that test runs.
+	$(PYTHON) deploy/image.py base --background
 	$(PY) -m pytest -q -p no:cacheprovider
 	$(VENV)/bin/ruff check gateway tests bench deploy
 	$(VENV)/bin/mypy

@@ -13,6 +13,7 @@ base (python:3.11-slim) cannot be pulled. Instead:
 3. ``docker build --build-arg BASE=<that base>`` of the repository's Dockerfile.
 
     python deploy/image.py build [--tag cps-gateway:latest]
+    python deploy/image.py base [--background]      (only the base's root filesystem; `make test` starts it early)
     python deploy/image.py stop
 """
 
@@ -266,18 +267,17 @@ def base_key(mirror: str) -> str:
     return digest.hexdigest()[:16]
 
 
-def base_image(docker: Docker, cache: Path = BASE_CACHE, log: Path | None = None) -> str:
-    """The local base image (made, or taken from the cache), imported into ``docker``; its reference."""
+def base_rootfs(cache: Path = BASE_CACHE) -> tuple[str, Path]:
+    """(key, root filesystem tarball) of the base, made with mmdebstrap unless cached. One process makes it at a
+    time: another one waits for it (`make test` starts it in the background, the image test takes it)."""
     mirror = _debian_mirror()
     key = base_key(mirror)
-    reference = f"localhost/cps-gateway-base:{key}"
-    if docker.has_image(reference):
-        return reference
     rootfs = cache / f"base-{key}.tar"
-    if not rootfs.exists():
+    with _locked(cache):
+        if rootfs.exists():
+            return key, rootfs
         if shutil.which("mmdebstrap") is None:
             raise ImageError("mmdebstrap is not installed: `make deps` installs it")
-        cache.mkdir(parents=True, exist_ok=True)
         for stale in cache.glob("*.tar"):
             stale.unlink()
         partial = cache / f"partial-{key}.tar"  # mmdebstrap picks its output format from the extension
@@ -293,8 +293,29 @@ def base_image(docker: Docker, cache: Path = BASE_CACHE, log: Path | None = None
             partial.unlink(missing_ok=True)
             raise ImageError(f"mmdebstrap failed ({made.returncode}):\n{made.stderr[-3000:]}")
         partial.rename(rootfs)
-    changes = [arg for env in BASE_ENV for arg in ("--change", f"ENV {env}")]
-    docker.run("import", *changes, "-", reference, input_file=rootfs)
+    return key, rootfs
+
+
+def start_base_rootfs_in_background(cache: Path = BASE_CACHE) -> None:
+    """Make the base's root filesystem in a detached process (mostly downloads: it overlaps with other work)."""
+    cache.mkdir(parents=True, exist_ok=True)
+    with (cache / "base.log").open("ab") as log:
+        subprocess.Popen(
+            [sys.executable, str(Path(__file__).resolve()), "base"],
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+
+def base_image(docker: Docker, cache: Path = BASE_CACHE) -> str:
+    """The local base image (made, or taken from the cache), imported into ``docker``; its reference."""
+    key, rootfs = base_rootfs(cache)
+    reference = f"localhost/cps-gateway-base:{key}"
+    if not docker.has_image(reference):
+        changes = [arg for env in BASE_ENV for arg in ("--change", f"ENV {env}")]
+        docker.run("import", *changes, "-", reference, input_file=rootfs)
     return reference
 
 
@@ -321,8 +342,16 @@ def main(argv: list[str] | None = None) -> int:
         "--base", help="base image to build on (default: one made here from Debian's packages)"
     )
     commands.add_parser("stop", help="stop this checkout's private Docker daemon")
+    base = commands.add_parser("base", help="make (or find cached) the base image's root filesystem")
+    base.add_argument("--background", action="store_true", help="in a detached process; return at once")
     args = parser.parse_args(argv)
     try:
+        if args.command == "base":
+            if args.background:
+                start_base_rootfs_in_background()
+            else:
+                print(f"base root filesystem: {base_rootfs()[1]}")
+            return 0
         if args.command == "stop":
             stopped = stop_private_daemon()
             print("private Docker daemon stopped" if stopped else "no private Docker daemon was running")

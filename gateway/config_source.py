@@ -113,6 +113,8 @@ def _yaml_problem(exc: yaml.MarkedYAMLError) -> str:
         return (
             "YAML syntax: a key without ':' (or a line continuing the previous one at the wrong indentation)"
         )
+    if "<stream end>" in problem and "flow" in context:
+        return "YAML syntax: the file ends inside a '[…]' list or a '{…}' mapping that is never closed"
     if "flow sequence" in context:
         return f"YAML syntax: the list opened with '['{opened} is not closed by ']' (or a comma is missing)"
     if "flow mapping" in context:

@@ -29,7 +29,7 @@ def test_a_valid_file_loads_with_locations() -> None:
 @pytest.mark.parametrize(
     ("text", "expected"),
     [
-        ("rules: [\n", "policies/p.yaml:2:1: YAML syntax:"),
+        ("rules: [\n", "policies/p.yaml:2:1: YAML syntax: the file ends inside a '[…]' list"),
         ("rules:\n" + GOOD_RULE + "rules: []\n", "policies/p.yaml:5: rules: duplicate key"),
         ("rulez: []\n", "policies/p.yaml:1: rulez: unknown key"),
         ("{}\n", "policies/p.yaml:1: rules: required key is missing"),
