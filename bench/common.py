@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import re
 import statistics
 import subprocess
 import sys
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +27,10 @@ class Load:
     requests_per_second: float
     p50_ms: float
     p99_ms: float
+    #: Requests completed in the run (wrk's total).
+    requests: int = 0
+    #: CPU milliseconds the measured processes used per request (see :func:`measured`), when measured.
+    cpu_ms_per_request: float | None = None
 
 
 def wrk(
@@ -50,7 +56,34 @@ def wrk(
     if "Non-2xx" in output or "Socket errors" in output:
         raise RuntimeError(f"{url} answered errors under load:\n{output}")
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", output).group(1))  # type: ignore[union-attr]
-    return Load(rps, _percentile(output, "50%"), _percentile(output, "99%"))
+    total = int(re.search(r"(\d+) requests in", output).group(1))  # type: ignore[union-attr]
+    return Load(rps, _percentile(output, "50%"), _percentile(output, "99%"), total)
+
+
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(groups: Iterable[int]) -> float:
+    """User + system CPU seconds used so far by every live process of these process groups (from /proc)."""
+    wanted = set(groups)
+    total = 0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # the process ended meanwhile
+        if int(fields[2]) in wanted:  # pgrp
+            total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / _CLOCK_TICKS
+
+
+def measured(run: Callable[[], Load], groups: Iterable[int]) -> Load:
+    """``run`` (a wrk run), with the CPU that the processes of ``groups`` used meanwhile."""
+    groups = list(groups)
+    before = cpu_seconds(groups)
+    load = run()
+    used = cpu_seconds(groups) - before
+    return replace(load, cpu_ms_per_request=used * 1000 / load.requests if load.requests else None)
 
 
 def _percentile(output: str, label: str) -> float:
@@ -61,11 +94,20 @@ def _percentile(output: str, label: str) -> float:
 
 
 def median_load(loads: list[Load]) -> Load:
+    cpu = [load.cpu_ms_per_request for load in loads if load.cpu_ms_per_request is not None]
     return Load(
         statistics.median(load.requests_per_second for load in loads),
         statistics.median(load.p50_ms for load in loads),
         statistics.median(load.p99_ms for load in loads),
+        int(statistics.median(load.requests for load in loads)),
+        statistics.median(cpu) if cpu else None,
     )
+
+
+def spread(loads: list[Load]) -> float:
+    """Round-to-round spread of the throughput: the fastest run over the slowest."""
+    rates = [load.requests_per_second for load in loads]
+    return max(rates) / min(rates)
 
 
 NGINX_PROXY_CONF = """\

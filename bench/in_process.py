@@ -94,7 +94,7 @@ def main() -> int:
         os.environ["MINIMAL_UPSTREAM"] = f"127.0.0.1:{upstream_port}"  # read when the module loads
         minimal_proxy = importlib.import_module("minimal_proxy")
         targets: dict[str, tuple[WsgiApp, Callable[[], dict[str, Any]]]] = {
-            "minimal urllib3 WSGI proxy (floor)": (minimal_proxy.app, lambda: environ("/hello")),
+            "minimal WSGI proxy (floor)": (minimal_proxy.app, lambda: environ("/hello")),
             "gateway, public route": (gateway, lambda: environ("/hello")),
             "gateway, authenticated route": (gateway, lambda: environ(RECORD, session.id)),
         }
@@ -102,7 +102,7 @@ def main() -> int:
         for _ in range(args.runs):
             for name, (app, make_environ) in targets.items():
                 runs[name].append(cpu_per_request(app, make_environ, args.requests))
-    floor = statistics.median(runs["minimal urllib3 WSGI proxy (floor)"])
+    floor = statistics.median(runs["minimal WSGI proxy (floor)"])
     print(f"\nCPU per request, in-process, median of {args.runs} runs of {args.requests} requests")
     print(f"{'target':<40}{'CPU us':>10}{'over floor':>12}")
     for name, values in runs.items():

@@ -1,7 +1,8 @@
-"""The floor: a WSGI proxy with no logic at all (urllib3 pool, buffered), under the gateway's server and worker.
+"""The floor: a WSGI proxy with no logic at all, under the gateway's server and worker, with the gateway's own
+portal client (gateway/proxy/upstream.py).
 
 What the gateway adds beyond this is the cost of its own work: normalisation, policy, session, audit,
-assertion, header rules, streaming.
+assertion, header rules.
 """
 
 from __future__ import annotations
@@ -10,14 +11,21 @@ import os
 from collections.abc import Callable, Iterable
 from typing import Any
 
-import urllib3
+from gateway.proxy.upstream import Upstream
 
-_HOST, _, _PORT = os.environ.get("MINIMAL_UPSTREAM", "127.0.0.1:8081").rpartition(":")
-_POOL = urllib3.HTTPConnectionPool(_HOST, int(_PORT), maxsize=32)
+_UPSTREAM = Upstream(
+    "http://" + os.environ.get("MINIMAL_UPSTREAM", "127.0.0.1:8081"),
+    connect_timeout=2,
+    read_timeout=30,
+    pool_size=64,
+    max_concurrent=1024,
+)
 _HOP = {"connection", "keep-alive", "transfer-encoding"}
 
 
 def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
-    answer = _POOL.urlopen(environ["REQUEST_METHOD"], environ.get("RAW_URI", "/"), retries=False)
-    start_response(f"{answer.status} -", [(k, v) for k, v in answer.headers.items() if k.lower() not in _HOP])
-    return [answer.data]
+    answer = _UPSTREAM.send(
+        environ["REQUEST_METHOD"], environ.get("RAW_URI", "/"), [("Host", _UPSTREAM.host_header)]
+    )
+    start_response(f"{answer.status} -", [(k, v) for k, v in answer.headers if k.lower() not in _HOP])
+    return answer

@@ -63,7 +63,7 @@ def forward(
     answer = upstream.send(environ["REQUEST_METHOD"], target, outgoing, body, chunked=chunked)
     try:
         response_headers = filter_response_headers(
-            answer.headers.items(), protected_cookies=protected_cookies, portal_origin=portal_origin
+            answer.headers, protected_cookies=protected_cookies, portal_origin=portal_origin
         )
         return UpstreamResponse(
             answer, status=answer.status, headers=response_headers, direct_passthrough=True

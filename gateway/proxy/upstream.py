@@ -1,22 +1,32 @@
-"""Streaming, pooled forwarding to the portal (urllib3), with explicit timeouts and named failures."""
+"""Streaming, pooled forwarding to the portal, with explicit timeouts and named failures.
+
+The one module that imports httptools: the portal's answers are parsed by llhttp (Node.js's HTTP parser,
+in C, strict by default) through it. The request side is small enough to write here: a request line and
+header lines (refused if a value could split them), then the body as it arrives (Content-Length, or
+re-chunked). Why not urllib3 (used before): on this 2-vCPU VM its pure-Python client path cost about ten
+times the CPU of this one per proxied request (docs/performance.md), the largest single cost of the
+gateway's proxy mode.
+
+What keeps the connection pool honest: a connection goes back to the pool only after a complete answer
+that allows keep-alive with nothing after it; a pooled connection that became readable (closed by the
+portal) is discarded before use; an answer to HEAD, or one whose body ends when the connection does,
+closes its connection. A request that fails on a reused connection before any byte of an answer is sent
+once more on a new connection, only when its method is idempotent and it has no body (what nginx does).
+"""
 
 from __future__ import annotations
 
-import tempfile
+import re
+import select
+import socket
+import ssl
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
-from typing import IO, Any
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any
+from urllib.parse import urlsplit
 
-import urllib3
-from urllib3.exceptions import (
-    ConnectTimeoutError,
-    HTTPError,
-    MaxRetryError,
-    NewConnectionError,
-    ProtocolError,
-    ReadTimeoutError,
-)
+import httptools
 
 from gateway import metrics
 from gateway.policy.decision import Reason
@@ -25,6 +35,10 @@ from gateway.wsgi import RequestBodyTimeout
 CHUNK_SIZE = 64 * 1024
 #: Longest wait for a concurrency slot while the portal keeps freeing them (see :class:`Upstream`).
 SLOT_WAIT = 0.25
+#: Methods sent a second time when a reused connection turns out closed before any answer (RFC 9110 9.2.2).
+_IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE"})
+#: What may not appear in a request line or header: it would end the line and smuggle another.
+_LINE_BREAKERS = re.compile(r"[\r\n\0]")
 
 
 class UpstreamError(Exception):
@@ -36,7 +50,7 @@ class UpstreamError(Exception):
 
 class ClientBodyError(Exception):
     """Reading the client's request body failed while it was being forwarded (e.g. too slow): the client's
-    fault, not the portal's. Deliberately not an OSError: urllib3 would report it as a broken portal."""
+    fault, not the portal's."""
 
     def __init__(self, reason: Reason, detail: str) -> None:
         super().__init__(detail)
@@ -44,8 +58,12 @@ class ClientBodyError(Exception):
         self.detail = detail
 
 
+class _StaleConnection(Exception):
+    """A reused connection failed before any byte of an answer: the portal had closed it."""
+
+
 class Upstream:
-    """One connection pool per process to the portal; thread-safe (the pool is).
+    """Pooled keep-alive connections to the portal, per process; thread-safe.
 
     At most ``max_concurrent`` requests are forwarded at once: beyond, :meth:`send` fails fast with
     ``upstream_busy`` instead of taking one more thread into a wait on a slow portal, so that the threads left
@@ -67,25 +85,20 @@ class Upstream:
         ca_file: str | None = None,
     ) -> None:
         self.url = url
+        parts = urlsplit(url)
+        self._tls = ssl.create_default_context(cafile=ca_file) if parts.scheme == "https" else None
+        self._address = (parts.hostname or "", parts.port or (443 if self._tls else 80))
+        default_port = parts.port is None or parts.port == (443 if self._tls else 80)
+        self.host_header = self._address[0] if default_port else f"{self._address[0]}:{self._address[1]}"
+        self.connect_timeout, self.read_timeout = connect_timeout, read_timeout
+        self.pool_size = pool_size
+        self._idle: list[socket.socket] = []
+        self._idle_lock = threading.Lock()
         self.max_concurrent = max_concurrent
         self._slots = threading.BoundedSemaphore(max_concurrent)
         #: When a slot was last taken or freed: long ago means every request in flight is old.
         self._last_change = 0.0
         metrics.upstream_concurrency_limit(max_concurrent)
-        self.timeout = urllib3.Timeout(connect=connect_timeout, read=read_timeout)
-        tls = {"ca_certs": ca_file} if url.startswith("https://") and ca_file else {}
-        self.pool = urllib3.connectionpool.connection_from_url(
-            url,
-            maxsize=pool_size,
-            block=False,
-            timeout=self.timeout,
-            retries=False,
-            blocksize=CHUNK_SIZE,
-            **tls,
-        )
-        self.host_header = (
-            self.pool.host if self.pool.port in (None, 80, 443) else f"{self.pool.host}:{self.pool.port}"
-        )
 
     def send(
         self,
@@ -96,7 +109,8 @@ class Upstream:
         *,
         chunked: bool = False,
     ) -> StreamedBody:
-        """Send a request whose body streams from ``body`` (file-like or iterable); the answer's body is unread.
+        """Send a request whose body streams from ``body`` (file-like with a Content-Length header, or an
+        iterable of chunks when ``chunked``); the answer's body is not read yet.
 
         The caller owns one concurrency slot until it closes the returned :class:`StreamedBody`.
         """
@@ -111,73 +125,267 @@ class Upstream:
         self._last_change = time.monotonic()
         metrics.upstream_started()
         try:
-            return StreamedBody(self._urlopen(method, target, headers, body, chunked), self._release)
+            return self._exchange(method, _request_head(method, target, headers, chunked), body, chunked)
         except BaseException:
             self._release()
             raise
+
+    def _exchange(self, method: str, head: bytes, body: Any, chunked: bool) -> StreamedBody:
+        sock, reused = self._connection()
+        try:
+            return self._answer(sock, reused, method, head, body, chunked)
+        except _StaleConnection as exc:
+            if method not in _IDEMPOTENT or body is not None:
+                raise UpstreamError(
+                    Reason.UPSTREAM_UNAVAILABLE, f"the portal closed the connection: {exc}"
+                ) from None
+        return self._answer(self._connect(), False, method, head, body, chunked)
+
+    def _answer(
+        self, sock: socket.socket, reused: bool, method: str, head: bytes, body: Any, chunked: bool
+    ) -> StreamedBody:
+        answer = _Answer(method)
+        try:
+            sock.sendall(head)
+            if body is not None:
+                _send_body(sock, body, chunked)
+            answer.read_head(sock)
+        except _StaleConnection:
+            sock.close()
+            if not reused:
+                raise UpstreamError(Reason.UPSTREAM_UNAVAILABLE, "the portal closed the connection") from None
+            raise
+        except TimeoutError:
+            sock.close()
+            raise UpstreamError(Reason.UPSTREAM_TIMEOUT, "the portal did not answer in time") from None
+        except (OSError, httptools.HttpParserError, httptools.HttpParserUpgrade) as exc:
+            sock.close()
+            if reused and not answer.started and isinstance(exc, OSError):
+                raise _StaleConnection(str(exc)) from None
+            raise UpstreamError(Reason.UPSTREAM_UNAVAILABLE, f"the portal failed: {exc!r}") from None
+        except BaseException:  # the client's body failed (ClientBodyError): where the request ends is lost
+            sock.close()
+            raise
+        return StreamedBody(answer, sock, self._give_back, self._release)
+
+    def _connection(self) -> tuple[socket.socket, bool]:
+        """A pooled connection the portal has not closed meanwhile, or a new one: (socket, reused)."""
+        while True:
+            with self._idle_lock:
+                sock = self._idle.pop() if self._idle else None
+            if sock is None:
+                return self._connect(), False
+            if not _readable_now(sock):  # an idle connection with something to read was closed by the portal
+                return sock, True
+            sock.close()
+
+    def _connect(self) -> socket.socket:
+        try:
+            sock = socket.create_connection(self._address, timeout=self.connect_timeout)
+        except OSError as exc:
+            raise UpstreamError(Reason.UPSTREAM_UNAVAILABLE, f"the portal is unreachable: {exc}") from None
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if self._tls is not None:
+            try:
+                sock = self._tls.wrap_socket(sock, server_hostname=self._address[0])
+            except (OSError, ssl.SSLError) as exc:
+                sock.close()
+                raise UpstreamError(Reason.UPSTREAM_UNAVAILABLE, f"TLS to the portal failed: {exc}") from None
+        sock.settimeout(self.read_timeout)
+        return sock
+
+    def _give_back(self, sock: socket.socket) -> None:
+        with self._idle_lock:
+            if len(self._idle) < self.pool_size:
+                self._idle.append(sock)
+                return
+        sock.close()
 
     def _release(self) -> None:
         metrics.upstream_finished()
         self._last_change = time.monotonic()
         self._slots.release()
 
-    def _urlopen(
-        self, method: str, target: str, headers: Sequence[tuple[str, str]], body: Any, chunked: bool
-    ) -> urllib3.BaseHTTPResponse:
-        try:
-            return self.pool.urlopen(
-                method,
-                target,
-                body=body,
-                headers=urllib3.HTTPHeaderDict(headers),
-                retries=False,
-                redirect=False,
-                assert_same_host=False,
-                preload_content=False,
-                decode_content=False,
-                chunked=chunked,
-                timeout=self.timeout,
-                release_conn=False,
-            )
-        except (ConnectTimeoutError, ReadTimeoutError) as exc:
-            raise UpstreamError(_timeout_reason(exc), f"the portal did not answer in time: {exc}") from None
-        except (NewConnectionError, ProtocolError, MaxRetryError, HTTPError, OSError) as exc:
-            raise UpstreamError(Reason.UPSTREAM_UNAVAILABLE, f"the portal is unreachable: {exc}") from None
-
     def close(self) -> None:
-        self.pool.close()
+        with self._idle_lock:
+            idle, self._idle = self._idle, []
+        for sock in idle:
+            sock.close()
 
 
-def _timeout_reason(exc: Exception) -> Reason:
-    return Reason.UPSTREAM_UNAVAILABLE if isinstance(exc, ConnectTimeoutError) else Reason.UPSTREAM_TIMEOUT
+def _request_head(method: str, target: str, headers: Sequence[tuple[str, str]], chunked: bool) -> bytes:
+    lines = [f"{method} {target} HTTP/1.1"]
+    lines.extend(f"{name}: {value}" for name, value in headers)
+    if chunked:
+        lines.append("Transfer-Encoding: chunked")
+    text = "\r\n".join(lines)
+    if _LINE_BREAKERS.search(text.replace("\r\n", "")) or " " in target:
+        raise UpstreamError(Reason.BAD_REQUEST_PATH, "a request line or header value would break the request")
+    return (text + "\r\n\r\n").encode("latin-1")
+
+
+def _send_body(sock: socket.socket, body: Any, chunked: bool) -> None:
+    if chunked:
+        for chunk in body:
+            if chunk:
+                sock.sendall(b"%x\r\n%b\r\n" % (len(chunk), chunk))
+        sock.sendall(b"0\r\n\r\n")
+    elif isinstance(body, bytes):
+        sock.sendall(body)
+    else:
+        while data := body.read(CHUNK_SIZE):
+            sock.sendall(data)
+
+
+def _readable_now(sock: socket.socket) -> bool:
+    poller = select.poll()
+    poller.register(sock, select.POLLIN)
+    return bool(poller.poll(0))
+
+
+class _Answer:
+    """The portal's answer as llhttp parses it (httptools calls the ``on_*`` methods)."""
+
+    __slots__ = (
+        "_interim",
+        "_method",
+        "_parser",
+        "body",
+        "complete",
+        "headers",
+        "headers_done",
+        "keep_alive",
+        "started",
+        "status",
+        "trailing",
+    )  # fmt: skip
+
+    def __init__(self, method: str) -> None:
+        self._method = method
+        self._parser = httptools.HttpResponseParser(self)
+        self.headers: list[tuple[str, str]] = []
+        self.body: list[bytes] = []
+        self.status = 0
+        self.started = self.headers_done = self.complete = self._interim = self.keep_alive = False
+        #: Bytes came after the final answer: the connection is out of step, never reused.
+        self.trailing = False
+
+    # --- llhttp callbacks (they never raise: httptools would wrap the error)
+
+    def on_message_begin(self) -> None:
+        if self.complete or self.headers_done:
+            self.trailing = True
+        else:
+            self.headers.clear()
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if not self.trailing:
+            self.headers.append((name.decode("latin-1"), value.decode("latin-1")))
+
+    def on_headers_complete(self) -> None:
+        if self.trailing:
+            return
+        status = self._parser.get_status_code()
+        if 100 <= status < 200:
+            self._interim = True  # 100 Continue, 103 Early Hints: the final answer follows
+        else:
+            self.status, self.headers_done = status, True
+
+    def on_body(self, body: bytes) -> None:
+        if not self.trailing:
+            self.body.append(body)
+
+    def on_message_complete(self) -> None:
+        if self._interim:
+            self._interim = False
+        elif not self.trailing:
+            self.complete = True
+            # Only meaningful now: llhttp forgets it once the message is over.
+            self.keep_alive = bool(self._parser.should_keep_alive())
+
+    # --- reading
+
+    def read_head(self, sock: socket.socket) -> None:
+        """Read until the final answer's headers."""
+        while not self.headers_done:
+            self.feed(sock)
+        if self._method == "HEAD":
+            self.complete = True  # no body, whatever Content-Length says
+
+    def feed(self, sock: socket.socket) -> None:
+        data = sock.recv(CHUNK_SIZE)
+        if not data:
+            if not self.started:
+                raise _StaleConnection("closed before answering")
+            if self.headers_done and self.ends_with_connection:
+                self.complete = True
+                return
+            raise httptools.HttpParserError("the portal closed the connection in the middle of its answer")
+        self.started = True
+        self._parser.feed_data(data)
+
+    @property
+    def ends_with_connection(self) -> bool:
+        """The body ends when the portal closes the connection (no length, not chunked)."""
+        if self.status in (204, 304) or self._method == "HEAD":
+            return False
+        names = {name.lower() for name, _ in self.headers}
+        return "content-length" not in names and "transfer-encoding" not in names
+
+    @property
+    def reusable(self) -> bool:
+        """The connection may carry another request: one complete answer allowing keep-alive, nothing after."""
+        return (
+            self.complete
+            and not self.trailing
+            and self._method != "HEAD"
+            and not self.ends_with_connection
+            and self.keep_alive
+        )
 
 
 class StreamedBody:
     """The portal's answer: its status and headers, and its body as a WSGI iterable. Closing it returns the
-    connection to the pool (only when the body was read cleanly) and the request's concurrency slot."""
+    connection to the pool (only when the answer was read completely and allows it) and the request's
+    concurrency slot."""
 
-    def __init__(self, response: urllib3.BaseHTTPResponse, release: Callable[[], None]) -> None:
-        self._response = response
-        self._complete = False
+    def __init__(
+        self,
+        answer: _Answer,
+        sock: socket.socket,
+        give_back: Callable[[socket.socket], None],
+        release: Callable[[], None],
+    ) -> None:
+        self._answer = answer
+        self._sock: socket.socket | None = sock
+        self._give_back = give_back
         self._release: Callable[[], None] | None = release
-        self.status = response.status
-        self.headers = response.headers
+        self.status = answer.status
+        self.headers = list(answer.headers)
 
     def __iter__(self) -> Iterator[bytes]:
         # A failure here propagates: the headers are already sent, cutting the connection is the only honest
         # signal left.
-        for chunk in self._response.stream(CHUNK_SIZE, decode_content=False):
-            if chunk:
-                yield chunk
-        self._complete = True
+        answer, sock = self._answer, self._sock
+        assert sock is not None
+        while True:
+            if answer.body:
+                chunks, answer.body = answer.body, []
+                yield from chunks
+            if answer.complete:
+                return
+            answer.feed(sock)
 
     def close(self) -> None:
         if self._release is None:
             return
+        sock, self._sock = self._sock, None
         try:
-            if not self._complete:
-                self._response.close()  # never hand a half-read connection back to the pool
-            self._response.release_conn()
+            if sock is not None:
+                if self._answer.reusable:
+                    self._give_back(sock)
+                else:
+                    sock.close()  # never hand a half-read connection back to the pool
         finally:
             release, self._release = self._release, None
             release()
@@ -206,7 +414,7 @@ SPOOL_IN_MEMORY = 1024 * 1024
 
 
 def _spool(body: _ClientBody) -> tuple[IO[bytes], int]:
-    spooled = tempfile.SpooledTemporaryFile(max_size=SPOOL_IN_MEMORY)  # noqa: SIM115 - handed to urllib3
+    spooled = tempfile.SpooledTemporaryFile(max_size=SPOOL_IN_MEMORY)  # noqa: SIM115 - closed with the request
     try:
         size = 0
         while chunk := body.read(CHUNK_SIZE):
@@ -220,7 +428,7 @@ def _spool(body: _ClientBody) -> tuple[IO[bytes], int]:
 
 
 class _ClientBody:
-    """The client's body as urllib3 reads it, with the client's failures named as such."""
+    """The client's body as it is forwarded, with the client's failures named as such."""
 
     def __init__(self, stream: Any) -> None:
         self._stream = stream
