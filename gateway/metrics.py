@@ -12,11 +12,13 @@ rather than touching metric objects, so label names stay consistent.
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
 import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from typing import Any
 
 from prometheus_client import (
     REGISTRY,
@@ -130,7 +132,12 @@ AUDIT_HEAD = _AuditHead()
 
 
 def request_decided(decision: Decision) -> None:
-    REQUESTS.labels(decision=decision.outcome.value, reason=decision.reason.value).inc()
+    _requests_with(decision.outcome.value, decision.reason.value).inc()
+
+
+@functools.lru_cache(maxsize=512)  # a handful of (decision, reason) pairs; labels() costs a lock and a tuple
+def _requests_with(decision: str, reason: str) -> Any:
+    return REQUESTS.labels(decision=decision, reason=reason)
 
 
 @contextmanager

@@ -23,7 +23,7 @@ from gateway.access import Access, check_access
 from gateway.authn.card.headers import CARD_HOST_SECRET_HEADER
 from gateway.policy.decision import Reason
 from gateway.policy.paths import NormalisedTarget
-from gateway.proxy.forward import forward, identity_headers
+from gateway.proxy.forward import ForwardedAnswer, forward, identity_headers
 from gateway.proxy.headers import filter_request_headers, in_networks
 from gateway.proxy.upstream import ClientBodyError, UpstreamError
 from gateway.runtime import (
@@ -67,7 +67,7 @@ class ProxyApp:
         target = environ.get(TARGET_KEY)
         if target is None:
             return self.gateway_routes(environ, start_response)
-        answer: Callable[[], Response]
+        answer: Callable[[], WsgiApp]
         if target.decoded_path.startswith(_OWN_PATHS):
             hot_route = self.hot_routes.get(target.decoded_path)
             if hot_route is None:
@@ -83,7 +83,7 @@ class ProxyApp:
             response = self._in_flask(environ, partial(unexpected_error, exc))
         return response(environ, start_response)
 
-    def _proxy(self, environ: dict[str, Any], target: NormalisedTarget) -> Response:
+    def _proxy(self, environ: dict[str, Any], target: NormalisedTarget) -> WsgiApp:
         gateway = self.gateway
         host = request_host_of(gateway, environ)
         if host is None or host not in gateway.allowed_hosts:
@@ -126,7 +126,7 @@ class ProxyApp:
             )
             return self._in_flask(environ, partial(refuse, exc.reason, next_path=next_path))
 
-    def _forward(self, environ: dict[str, Any], target: str, access: Access) -> Response:
+    def _forward(self, environ: dict[str, Any], target: str, access: Access) -> ForwardedAnswer:
         gateway = self.gateway
         server = gateway.settings.server
         peer = peer_of(environ)

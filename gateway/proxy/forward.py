@@ -2,20 +2,39 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+from collections.abc import Callable, Iterable, Sequence
+from http import HTTPStatus
 from typing import Any
 
-from werkzeug.wrappers import Response
 from werkzeug.wsgi import get_input_stream
 
 from gateway.identity import Identity
 from gateway.proxy.headers import PortalOrigin, filter_response_headers, forwarded_headers
-from gateway.proxy.upstream import Upstream, request_body
+from gateway.proxy.upstream import StreamedBody, Upstream, request_body
 
 
-class UpstreamResponse(Response):
-    # The portal's headers are passed as they are: no Content-Type is invented when it sent none.
-    default_mimetype = None
+class ForwardedAnswer:
+    """The portal's answer as a WSGI response: its status and filtered headers as they are (no Content-Type
+    invented, no Location rewritten by a framework), its body streamed. A werkzeug Response did the same for
+    a fifth of the gateway's CPU per proxied request."""
+
+    __slots__ = ("body", "headers", "status")
+
+    def __init__(self, status: int, headers: list[tuple[str, str]], body: StreamedBody) -> None:
+        self.status, self.headers, self.body = status, headers, body
+
+    def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        start_response(_status_line(self.status), self.headers)
+        return self.body
+
+
+@functools.lru_cache(maxsize=128)
+def _status_line(status: int) -> str:
+    try:
+        return f"{status} {HTTPStatus(status).phrase}"
+    except ValueError:
+        return f"{status} Unknown"
 
 
 def identity_headers(identity: Identity, assertion: str) -> list[tuple[str, str]]:
@@ -41,7 +60,7 @@ def forward(
     extra_headers: Sequence[tuple[str, str]],
     protected_cookies: frozenset[str],
     portal_origin: PortalOrigin,
-) -> Response:
+) -> ForwardedAnswer:
     """Send the request on; UpstreamError propagates for the caller to render (502/504)."""
     # The body stream stops at Content-Length (or at the end of a chunked body the server decoded).
     body, chunked, length = request_body(environ, get_input_stream(environ))
@@ -65,9 +84,7 @@ def forward(
         response_headers = filter_response_headers(
             answer.headers, protected_cookies=protected_cookies, portal_origin=portal_origin
         )
-        return UpstreamResponse(
-            answer, status=answer.status, headers=response_headers, direct_passthrough=True
-        )
+        return ForwardedAnswer(answer.status, response_headers, answer)
     except BaseException:
         answer.close()  # gives the concurrency slot back: the WSGI server will never see this body
         raise

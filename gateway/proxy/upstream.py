@@ -20,6 +20,7 @@ import re
 import select
 import socket
 import ssl
+import struct
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -92,7 +93,7 @@ class Upstream:
         self.host_header = self._address[0] if default_port else f"{self._address[0]}:{self._address[1]}"
         self.connect_timeout, self.read_timeout = connect_timeout, read_timeout
         self.pool_size = pool_size
-        self._idle: list[socket.socket] = []
+        self._idle: list[_Pooled] = []
         self._idle_lock = threading.Lock()
         self.max_concurrent = max_concurrent
         self._slots = threading.BoundedSemaphore(max_concurrent)
@@ -131,9 +132,9 @@ class Upstream:
             raise
 
     def _exchange(self, method: str, head: bytes, body: Any, chunked: bool) -> StreamedBody:
-        sock, reused = self._connection()
+        conn, reused = self._connection()
         try:
-            return self._answer(sock, reused, method, head, body, chunked)
+            return self._answer(conn, reused, method, head, body, chunked)
         except _StaleConnection as exc:
             if method not in _IDEMPOTENT or body is not None:
                 raise UpstreamError(
@@ -142,9 +143,9 @@ class Upstream:
         return self._answer(self._connect(), False, method, head, body, chunked)
 
     def _answer(
-        self, sock: socket.socket, reused: bool, method: str, head: bytes, body: Any, chunked: bool
+        self, conn: _Pooled, reused: bool, method: str, head: bytes, body: Any, chunked: bool
     ) -> StreamedBody:
-        answer = _Answer(method)
+        answer, sock = _Answer(method), conn.sock
         try:
             sock.sendall(head)
             if body is not None:
@@ -155,7 +156,7 @@ class Upstream:
             if not reused:
                 raise UpstreamError(Reason.UPSTREAM_UNAVAILABLE, "the portal closed the connection") from None
             raise
-        except TimeoutError:
+        except (TimeoutError, BlockingIOError):  # a Python-level or a kernel (SO_RCVTIMEO) timeout
             sock.close()
             raise UpstreamError(Reason.UPSTREAM_TIMEOUT, "the portal did not answer in time") from None
         except (OSError, httptools.HttpParserError, httptools.HttpParserUpgrade) as exc:
@@ -166,20 +167,20 @@ class Upstream:
         except BaseException:  # the client's body failed (ClientBodyError): where the request ends is lost
             sock.close()
             raise
-        return StreamedBody(answer, sock, self._give_back, self._release)
+        return StreamedBody(answer, conn, self._give_back, self._release)
 
-    def _connection(self) -> tuple[socket.socket, bool]:
-        """A pooled connection the portal has not closed meanwhile, or a new one: (socket, reused)."""
+    def _connection(self) -> tuple[_Pooled, bool]:
+        """A pooled connection the portal has not closed meanwhile, or a new one: (connection, reused)."""
         while True:
             with self._idle_lock:
-                sock = self._idle.pop() if self._idle else None
-            if sock is None:
+                conn = self._idle.pop() if self._idle else None
+            if conn is None:
                 return self._connect(), False
-            if not _readable_now(sock):  # an idle connection with something to read was closed by the portal
-                return sock, True
-            sock.close()
+            if not conn.closed_by_portal():
+                return conn, True
+            conn.sock.close()
 
-    def _connect(self) -> socket.socket:
+    def _connect(self) -> _Pooled:
         try:
             sock = socket.create_connection(self._address, timeout=self.connect_timeout)
         except OSError as exc:
@@ -191,15 +192,22 @@ class Upstream:
             except (OSError, ssl.SSLError) as exc:
                 sock.close()
                 raise UpstreamError(Reason.UPSTREAM_UNAVAILABLE, f"TLS to the portal failed: {exc}") from None
-        sock.settimeout(self.read_timeout)
-        return sock
+            sock.settimeout(self.read_timeout)
+            return _Pooled(sock)
+        # Plain TCP: the kernel enforces read_timeout on each read and write (EAGAIN), where a Python-level
+        # timeout would add a poll() before every recv() and send().
+        sock.settimeout(None)
+        timeval = struct.pack("ll", int(self.read_timeout), int(self.read_timeout % 1 * 1_000_000))
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
+        return _Pooled(sock)
 
-    def _give_back(self, sock: socket.socket) -> None:
+    def _give_back(self, conn: _Pooled) -> None:
         with self._idle_lock:
             if len(self._idle) < self.pool_size:
-                self._idle.append(sock)
+                self._idle.append(conn)
                 return
-        sock.close()
+        conn.sock.close()
 
     def _release(self) -> None:
         metrics.upstream_finished()
@@ -209,8 +217,8 @@ class Upstream:
     def close(self) -> None:
         with self._idle_lock:
             idle, self._idle = self._idle, []
-        for sock in idle:
-            sock.close()
+        for conn in idle:
+            conn.sock.close()
 
 
 def _request_head(method: str, target: str, headers: Sequence[tuple[str, str]], chunked: bool) -> bytes:
@@ -237,10 +245,19 @@ def _send_body(sock: socket.socket, body: Any, chunked: bool) -> None:
             sock.sendall(data)
 
 
-def _readable_now(sock: socket.socket) -> bool:
-    poller = select.poll()
-    poller.register(sock, select.POLLIN)
-    return bool(poller.poll(0))
+class _Pooled:
+    """A connection to the portal, with the poll object that tells whether it was closed while idle."""
+
+    __slots__ = ("_readable", "sock")
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self._readable = select.poll()
+        self._readable.register(sock, select.POLLIN)
+
+    def closed_by_portal(self) -> bool:
+        """An idle connection with something to read: the portal closed it (or sent stray bytes)."""
+        return bool(self._readable.poll(0))
 
 
 class _Answer:
@@ -352,40 +369,40 @@ class StreamedBody:
     def __init__(
         self,
         answer: _Answer,
-        sock: socket.socket,
-        give_back: Callable[[socket.socket], None],
+        conn: _Pooled,
+        give_back: Callable[[_Pooled], None],
         release: Callable[[], None],
     ) -> None:
         self._answer = answer
-        self._sock: socket.socket | None = sock
+        self._conn: _Pooled | None = conn
         self._give_back = give_back
         self._release: Callable[[], None] | None = release
         self.status = answer.status
-        self.headers = list(answer.headers)
+        self.headers = answer.headers
 
     def __iter__(self) -> Iterator[bytes]:
         # A failure here propagates: the headers are already sent, cutting the connection is the only honest
         # signal left.
-        answer, sock = self._answer, self._sock
-        assert sock is not None
+        answer, conn = self._answer, self._conn
+        assert conn is not None
         while True:
             if answer.body:
                 chunks, answer.body = answer.body, []
                 yield from chunks
             if answer.complete:
                 return
-            answer.feed(sock)
+            answer.feed(conn.sock)
 
     def close(self) -> None:
         if self._release is None:
             return
-        sock, self._sock = self._sock, None
+        conn, self._conn = self._conn, None
         try:
-            if sock is not None:
+            if conn is not None:
                 if self._answer.reusable:
-                    self._give_back(sock)
+                    self._give_back(conn)
                 else:
-                    sock.close()  # never hand a half-read connection back to the pool
+                    conn.sock.close()  # never hand a half-read connection back to the pool
         finally:
             release, self._release = self._release, None
             release()
