@@ -46,7 +46,7 @@ rules:
     login: { professions: [10] }
 """
 WORKERS, THREADS = 2, 16
-GATEWAY_WORKER = "gateway.server.GatewayWorker"
+GATEWAY_WORKER = "gateway.worker.GatewayWorker"
 DIRECT, NGINX, APACHE = "static nginx (direct)", "nginx reverse proxy", "Apache + mod_auth_openidc, auth."
 PUBLIC, AUTHENTICATED = "gateway, public route", "gateway, authenticated route"
 
@@ -69,11 +69,15 @@ def main() -> int:
         targets = start_everything(stack, Path(tmp))
         throughput: dict[str, list[Load]] = {name: [] for name in targets}
         latency: dict[str, list[Load]] = {name: [] for name in targets}
-        for run in range(args.runs):
-            for name, target in targets.items():
-                throughput[name].append(load(target, args.seconds, args.connections))
-                latency[name].append(load(target, args.seconds, 1))
-            print(f"run {run + 1}/{args.runs} done", file=sys.stderr)
+        try:
+            for run in range(args.runs):
+                for name, target in targets.items():
+                    throughput[name].append(load(target, args.seconds, args.connections))
+                    latency[name].append(load(target, args.seconds, 1))
+                print(f"run {run + 1}/{args.runs} done", file=sys.stderr)
+        except RuntimeError:
+            print((Path(tmp) / "gateway.log").read_text()[-5000:], file=sys.stderr)
+            raise
     report(throughput, latency, args.connections)
     return 0
 

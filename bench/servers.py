@@ -31,7 +31,7 @@ def granian_argv(port: int, threads: int = 16) -> list[str]:
 
 def lingering_argv(port: int) -> list[str]:
     """gunicorn with the gateway's worker class (gthread whose threads linger on kept-alive connections)."""
-    return gunicorn_argv(port, worker_class="gateway.server.GatewayWorker")
+    return gunicorn_argv(port, worker_class="gateway.worker.GatewayWorker")
 
 
 def raw_target_seen(port: int) -> str:
