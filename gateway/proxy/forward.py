@@ -62,8 +62,8 @@ def forward(
     portal_origin: PortalOrigin,
 ) -> ForwardedAnswer:
     """Send the request on; UpstreamError propagates for the caller to render (502/504)."""
-    # The body stream stops at Content-Length (or at the end of a chunked body the server decoded).
-    body, chunked, length = request_body(environ, get_input_stream(environ))
+    # The body stream stops at Content-Length; a chunked body comes spooled whole, with its length.
+    body, _, length = request_body(environ, get_input_stream(environ))
     outgoing = list(headers)
     outgoing.append(("Host", host_header))
     if length is not None:
@@ -79,7 +79,7 @@ def forward(
         )
     )
     outgoing.extend(extra_headers)
-    answer = upstream.send(environ["REQUEST_METHOD"], target, outgoing, body, chunked=chunked)
+    answer = upstream.send(environ["REQUEST_METHOD"], target, outgoing, body)
     try:
         response_headers = filter_response_headers(
             answer.headers, protected_cookies=protected_cookies, portal_origin=portal_origin

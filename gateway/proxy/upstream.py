@@ -3,7 +3,7 @@
 The one module that imports httptools: the portal's answers are parsed by llhttp (Node.js's HTTP parser,
 in C, strict by default) through it. The request side is small enough to write here: a request line and
 header lines (refused if a value could split them), then the body as it arrives (Content-Length, or
-re-chunked). Why not urllib3 (used before): on this 2-vCPU VM its pure-Python client path cost about ten
+spooled by request_body when it came chunked). Why not urllib3 (used before): on this 2-vCPU VM its pure-Python client path cost about ten
 times the CPU of this one per proxied request (docs/performance.md), the largest single cost of the
 gateway's proxy mode.
 
@@ -21,10 +21,11 @@ import select
 import socket
 import ssl
 import struct
+import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import Any
+from collections.abc import Callable, Iterator, Sequence
+from typing import IO, Any
 from urllib.parse import urlsplit
 
 import httptools
@@ -107,11 +108,9 @@ class Upstream:
         target: str,
         headers: Sequence[tuple[str, str]],
         body: Any = None,
-        *,
-        chunked: bool = False,
     ) -> StreamedBody:
         """Send a request whose body streams from ``body`` (file-like with a Content-Length header, or an
-        iterable of chunks when ``chunked``); the answer's body is not read yet.
+        bytes); the answer's body is not read yet.
 
         The caller owns one concurrency slot until it closes the returned :class:`StreamedBody`.
         """
@@ -126,30 +125,28 @@ class Upstream:
         self._last_change = time.monotonic()
         metrics.upstream_started()
         try:
-            return self._exchange(method, _request_head(method, target, headers, chunked), body, chunked)
+            return self._exchange(method, _request_head(method, target, headers), body)
         except BaseException:
             self._release()
             raise
 
-    def _exchange(self, method: str, head: bytes, body: Any, chunked: bool) -> StreamedBody:
+    def _exchange(self, method: str, head: bytes, body: Any) -> StreamedBody:
         conn, reused = self._connection()
         try:
-            return self._answer(conn, reused, method, head, body, chunked)
+            return self._answer(conn, reused, method, head, body)
         except _StaleConnection as exc:
             if method not in _IDEMPOTENT or body is not None:
                 raise UpstreamError(
                     Reason.UPSTREAM_UNAVAILABLE, f"the portal closed the connection: {exc}"
                 ) from None
-        return self._answer(self._connect(), False, method, head, body, chunked)
+        return self._answer(self._connect(), False, method, head, body)
 
-    def _answer(
-        self, conn: _Pooled, reused: bool, method: str, head: bytes, body: Any, chunked: bool
-    ) -> StreamedBody:
+    def _answer(self, conn: _Pooled, reused: bool, method: str, head: bytes, body: Any) -> StreamedBody:
         answer, sock = _Answer(method), conn.sock
         try:
             sock.sendall(head)
             if body is not None:
-                _send_body(sock, body, chunked)
+                _send_body(sock, body)
             answer.read_head(sock)
         except _StaleConnection:
             sock.close()
@@ -221,28 +218,21 @@ class Upstream:
             conn.sock.close()
 
 
-def _request_head(method: str, target: str, headers: Sequence[tuple[str, str]], chunked: bool) -> bytes:
+def _request_head(method: str, target: str, headers: Sequence[tuple[str, str]]) -> bytes:
     lines = [f"{method} {target} HTTP/1.1"]
     lines.extend(f"{name}: {value}" for name, value in headers)
-    if chunked:
-        lines.append("Transfer-Encoding: chunked")
-    text = "\r\n".join(lines)
-    if _LINE_BREAKERS.search(text.replace("\r\n", "")) or " " in target:
+    # Every piece is checked before the line breaks are added: none may add one of its own.
+    if " " in target or _LINE_BREAKERS.search("".join(lines)):
         raise UpstreamError(Reason.BAD_REQUEST_PATH, "a request line or header value would break the request")
-    return (text + "\r\n\r\n").encode("latin-1")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
 
 
-def _send_body(sock: socket.socket, body: Any, chunked: bool) -> None:
-    if chunked:
-        for chunk in body:
-            if chunk:
-                sock.sendall(b"%x\r\n%b\r\n" % (len(chunk), chunk))
-        sock.sendall(b"0\r\n\r\n")
-    elif isinstance(body, bytes):
+def _send_body(sock: socket.socket, body: Any) -> None:
+    if isinstance(body, bytes):
         sock.sendall(body)
-    else:
-        while data := body.read(CHUNK_SIZE):
-            sock.sendall(data)
+        return
+    while data := body.read(CHUNK_SIZE):
+        sock.sendall(data)
 
 
 class _Pooled:
@@ -431,7 +421,7 @@ SPOOL_IN_MEMORY = 1024 * 1024
 
 
 def _spool(body: _ClientBody) -> tuple[IO[bytes], int]:
-    spooled = tempfile.SpooledTemporaryFile(max_size=SPOOL_IN_MEMORY)  # noqa: SIM115 - closed with the request
+    spooled = tempfile.SpooledTemporaryFile(max_size=SPOOL_IN_MEMORY)  # noqa: SIM115 - closed by the caller
     try:
         size = 0
         while chunk := body.read(CHUNK_SIZE):

@@ -13,6 +13,7 @@ import pytest
 import requests
 from flask.testing import FlaskClient
 
+from gateway.proxy.upstream import Upstream, UpstreamError
 from tests.support.apps import gateway_app
 from tests.support.audit import audit_records
 from tests.support.config import write_config
@@ -141,3 +142,16 @@ def test_a_reused_connection_closed_before_answering_is_retried_for_idempotent_r
     assert text(client, "close-next")[0] == 200
     with client.post("/echo/public/ok", data=b"x" * 10, headers={"Accept": "text/html"}) as answer:
         assert answer.status_code == 502  # not sent twice: the portal may have acted on it
+
+
+def test_a_header_value_that_would_end_its_line_is_never_sent(raw_portal: str) -> None:
+    upstream = Upstream(raw_portal, connect_timeout=1, read_timeout=2, pool_size=1, max_concurrent=1)
+    try:
+        for value in ("a\r\nX-Injected: 1", "a\nX-Injected: 1", "a\rb", "a\0b"):
+            with pytest.raises(UpstreamError):
+                upstream.send("GET", "/echo/public/ok", [("Host", "portal"), ("X-Test", value)])
+        answer = upstream.send("GET", "/echo/public/ok", [("Host", "portal")])  # the slot was given back
+        assert b"".join(answer).startswith(b"connection")
+        answer.close()
+    finally:
+        upstream.close()

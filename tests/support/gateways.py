@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import http.client
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from tests.support.config import TEST_POLICIES, write_config
 from tests.support.processes import PYTHON, free_port, running
+from tests.support.redis import redis_server
 
 
 def serve_argv(config: Path) -> list[str]:
@@ -61,3 +63,34 @@ def sharing_store(
     return running_gateways(
         directory, 2, upstream_url=upstream_url, assertion_key=assertion_key, extra=extra, policies=policies
     )
+
+
+@contextlib.contextmanager
+def serving(
+    directory: Path, upstream_url: str, assertion_key: Path, **server: Any
+) -> Iterator[tuple[int, int]]:
+    """A `gateway serve` process with these ``server`` settings (and Redis sessions when several workers):
+    (port, master pid)."""
+    port = free_port()
+    extra: dict[str, Any] = {"server": server}
+    with contextlib.ExitStack() as stack:
+        if server.get("workers", 1) > 1:
+            extra["sessions"] = {"store": stack.enter_context(redis_server()).url}
+        config = write_config(
+            directory, upstream_url=upstream_url, assertion_key=assertion_key,
+            listen=f"127.0.0.1:{port}", extra=extra,
+        )  # fmt: skip
+        process = stack.enter_context(running(serve_argv(config), port, log=directory / "gateway.log"))
+        yield port, process.pid
+
+
+def status_of_get(port: int, path: str = "/hello", timeout: float = 5) -> int:
+    """GET on a new connection to the gateway on ``port``: the status."""
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        connection.request("GET", path)
+        answer = connection.getresponse()
+        answer.read()
+        return answer.status
+    finally:
+        connection.close()

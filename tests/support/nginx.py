@@ -69,7 +69,11 @@ def running_nginx(
 ) -> Iterator[Nginx]:
     prefix.mkdir(parents=True, exist_ok=True)
     port = free_port()
-    defaults = {"LISTEN": f"127.0.0.1:{port}", "CACHE_DIR": str(prefix), "ACCESS_LOG": str(prefix / "access.log")}
+    defaults = {
+        "LISTEN": f"127.0.0.1:{port}",
+        "CACHE_DIR": str(prefix),
+        "ACCESS_LOG": str(prefix / "access.log"),
+    }
     server = render(template, {**defaults, **values})
     conf = prefix / "nginx.conf"
     conf.write_text(main_config(prefix, server, workers))
