@@ -12,6 +12,8 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # (`make image`, tests/test_image.py: a private dockerd and a base image made from Debian's packages).
 DEBIAN_PACKAGES := softhsm2 opensc libengine-pkcs11-openssl redis-server redis-sentinel nginx chromium libnss3-tools wrk curl \
 	docker.io mmdebstrap
+# apache2/libapache2-mod-auth-openidc: the baseline the benchmarks compare with (bench/baselines.py); `make bench` only.
+BENCH_PACKAGES := apache2 libapache2-mod-auth-openidc
 
 .PHONY: demo test lint bench image image-stop deps debian-packages clean translations
 
@@ -37,6 +39,7 @@ image-stop:
 	$(PYTHON) deploy/image.py stop
 
 bench: deps
+	@$(MAKE) -s debian-packages DEBIAN_PACKAGES="$(BENCH_PACKAGES)"
 	$(PY) -m pip install -q -e ".[test,bench]"
 	$(PY) bench/servers.py
 	$(PY) bench/proxy.py
