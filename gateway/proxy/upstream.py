@@ -16,6 +16,8 @@ once more on a new connection, only when its method is idempotent and it has no 
 
 from __future__ import annotations
 
+import functools
+import itertools
 import re
 import select
 import socket
@@ -35,8 +37,9 @@ from gateway.policy.decision import Reason
 from gateway.wsgi import RequestBodyTimeout
 
 CHUNK_SIZE = 64 * 1024
-#: Longest wait for a concurrency slot while the portal keeps freeing them (see :class:`Upstream`).
-SLOT_WAIT = 0.25
+#: A request finding every concurrency slot taken waits for one until the oldest request in flight has
+#: waited this long for the portal (see :class:`Upstream`).
+SLOT_WAIT = 1.0
 #: Methods sent a second time when a reused connection turns out closed before any answer (RFC 9110 9.2.2).
 _IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE"})
 #: What may not appear in a request line or header: it would end the line and smuggle another.
@@ -70,10 +73,10 @@ class Upstream:
     At most ``max_concurrent`` requests are forwarded at once: beyond, :meth:`send` fails fast with
     ``upstream_busy`` instead of taking one more thread into a wait on a slow portal, so that the threads left
     keep serving the gateway's own pages (health, login). A slot is held from :meth:`send` until the body of
-    the answer is closed (:class:`StreamedBody`). A healthy portal under load frees slots every few
-    milliseconds: a request finding none waits for one up to ``SLOT_WAIT``, but only while some slot was
-    taken or freed within that time; when the portal is slow (every request in flight is older than that and
-    none finished since) it is refused at once.
+    the answer is closed (:class:`StreamedBody`). A request finding every slot taken waits for one while the
+    oldest request in flight is younger than ``SLOT_WAIT``: a healthy portal under load (or a gateway short
+    of CPU) frees slots within milliseconds; a slow portal holds them longer, and then requests beyond the
+    bound are refused at once.
     """
 
     def __init__(
@@ -98,8 +101,10 @@ class Upstream:
         self._idle_lock = threading.Lock()
         self.max_concurrent = max_concurrent
         self._slots = threading.BoundedSemaphore(max_concurrent)
-        #: When a slot was last taken or freed: long ago means every request in flight is old.
-        self._last_change = 0.0
+        #: When each request in flight took its slot (by a number of its own).
+        self._in_flight: dict[int, float] = {}
+        self._in_flight_lock = threading.Lock()
+        self._numbers = itertools.count()
         metrics.upstream_concurrency_limit(max_concurrent)
 
     def send(
@@ -114,34 +119,47 @@ class Upstream:
 
         The caller owns one concurrency slot until it closes the returned :class:`StreamedBody`.
         """
-        if not self._slots.acquire(blocking=False) and (
-            time.monotonic() - self._last_change > SLOT_WAIT or not self._slots.acquire(timeout=SLOT_WAIT)
-        ):
-            metrics.upstream_busy()
-            raise UpstreamError(
-                Reason.UPSTREAM_BUSY,
-                f"{self.max_concurrent} portal requests already in flight in this worker",
-            )
-        self._last_change = time.monotonic()
-        metrics.upstream_started()
+        number = self._take_slot()
+        release = functools.partial(self._release, number)
         try:
-            return self._exchange(method, _request_head(method, target, headers), body)
+            return self._exchange(method, _request_head(method, target, headers), body, release)
         except BaseException:
-            self._release()
+            release()
             raise
 
-    def _exchange(self, method: str, head: bytes, body: Any) -> StreamedBody:
+    def _take_slot(self) -> int:
+        while not self._slots.acquire(blocking=False):
+            with self._in_flight_lock:
+                oldest = min(self._in_flight.values(), default=time.monotonic())
+            wait = oldest + SLOT_WAIT - time.monotonic()
+            if wait <= 0:
+                metrics.upstream_busy()
+                raise UpstreamError(
+                    Reason.UPSTREAM_BUSY,
+                    f"{self.max_concurrent} portal requests in flight in this worker, one for {SLOT_WAIT:g} s",
+                )
+            if self._slots.acquire(timeout=wait):
+                break
+        number = next(self._numbers)
+        with self._in_flight_lock:
+            self._in_flight[number] = time.monotonic()
+        metrics.upstream_started()
+        return number
+
+    def _exchange(self, method: str, head: bytes, body: Any, release: Callable[[], None]) -> StreamedBody:
         conn, reused = self._connection()
         try:
-            return self._answer(conn, reused, method, head, body)
+            return self._answer(conn, reused, method, head, body, release)
         except _StaleConnection as exc:
             if method not in _IDEMPOTENT or body is not None:
                 raise UpstreamError(
                     Reason.UPSTREAM_UNAVAILABLE, f"the portal closed the connection: {exc}"
                 ) from None
-        return self._answer(self._connect(), False, method, head, body)
+        return self._answer(self._connect(), False, method, head, body, release)
 
-    def _answer(self, conn: _Pooled, reused: bool, method: str, head: bytes, body: Any) -> StreamedBody:
+    def _answer(
+        self, conn: _Pooled, reused: bool, method: str, head: bytes, body: Any, release: Callable[[], None]
+    ) -> StreamedBody:
         answer, sock = _Answer(method), conn.sock
         try:
             sock.sendall(head)
@@ -164,7 +182,7 @@ class Upstream:
         except BaseException:  # the client's body failed (ClientBodyError): where the request ends is lost
             sock.close()
             raise
-        return StreamedBody(answer, conn, self._give_back, self._release)
+        return StreamedBody(answer, conn, self._give_back, release)
 
     def _connection(self) -> tuple[_Pooled, bool]:
         """A pooled connection the portal has not closed meanwhile, or a new one: (connection, reused)."""
@@ -206,9 +224,10 @@ class Upstream:
                 return
         conn.sock.close()
 
-    def _release(self) -> None:
+    def _release(self, number: int) -> None:
         metrics.upstream_finished()
-        self._last_change = time.monotonic()
+        with self._in_flight_lock:
+            del self._in_flight[number]
         self._slots.release()
 
     def close(self) -> None:
