@@ -21,8 +21,22 @@ Two more classes are refused because some hop behind the gateway may read them d
     yen and won signs...); default-ignorable marks (variation selectors...) are refused too;
   * no non-ASCII character may decompose (NFKD) into an ASCII one: best-fit conversion and accent
     stripping turn U+00ED ``í`` into ``i``, so ``/account/r%C3%ADb`` would reach a folding portal as
-    ``/account/rib`` after being judged by another rule. Accented Latin letters are thus refused in paths;
-    letters of other scripts (Greek, Cyrillic, CJK...) pass.
+    ``/account/rib`` after being judged by another rule;
+  * no Latin-script letter outside ASCII at all, decomposable or not: Windows best-fit tables (and
+    transliterating libraries) fold letters WITHOUT a decomposition too, by their look: U+0131 DOTLESS I,
+    U+0142 L WITH STROKE, U+0180 B WITH STROKE, O WITH STROKE, D and H and T WITH STROKE, SHARP S, AE...
+    (``/account/r%C4%B1b`` is served as ``/account/rib`` by an IIS portal). The rule is the script, not a
+    list: every character whose Unicode name says LATIN (IPA and phonetic letters included), and the
+    spacing modifier letters (U+02B0-U+02FF: MODIFIER LETTER APOSTROPHE folds to ``'``, MODIFIER LETTER
+    CIRCUMFLEX ACCENT to ``^``...);
+  * no non-ASCII digit: best-fit (code page 1256) and the number parsers of most languages (Python's
+    ``int``, .NET's ``char.IsDigit``) read U+0665 ARABIC-INDIC DIGIT FIVE as ``5``, so a resource id could
+    name one record to the gateway's quota and another to the portal;
+  * none of the few letters of other scripts that a best-fit table maps to ASCII (code page 1252 maps
+    GREEK SMALL LETTER ALPHA to ``a``, CAPITAL SIGMA to ``S``...; :data:`_BEST_FIT_TO_ASCII`, from
+    Microsoft's published WindowsBestFit tables; tests/policy/test_paths.py lists every character of those
+    tables mapped to ASCII that no decomposition gives away, and checks each is refused).
+  Other letters of other scripts (most of Greek, Cyrillic, CJK...) pass.
 
 Dot segments resolve as in RFC 3986 (section 5.2.4), where an empty segment (``//``) is a segment: ``..``
 removes the segment before it. Servers that merge slashes first would remove a different one, so a ``..``
@@ -67,6 +81,14 @@ _IGNORABLE_LETTERS_AND_MARKS = frozenset(
     )
     for cp in range(first, last + 1)
 )
+
+#: Letters of non-Latin scripts that Microsoft's best-fit tables (WindowsBestFit, code pages 1250 to 1258
+#: and 874 to 950) map to an ASCII letter; the Latin letters and the digits they map are refused by rule.
+_BEST_FIT_TO_ASCII = frozenset(
+    "\u0393\u0398\u03a3\u03a6\u03a9\u03b1\u03b4\u03b5\u03c0\u03c3\u03c4\u03c6\u04bb"
+)
+#: Spacing Modifier Letters: apostrophes, primes, accents and tone letters that best-fit folds to ASCII.
+_SPACING_MODIFIERS = range(0x02B0, 0x0300)
 
 
 class BadPath(ValueError):
@@ -197,9 +219,11 @@ def _refuse_foldable(decoded: str) -> None:
             continue
         if char in _IGNORABLE_LETTERS_AND_MARKS:
             raise BadPath(f"an invisible character in the path ({unicodedata.name(char, hex(ord(char)))})")
-        if any(part.isascii() for part in unicodedata.normalize("NFKD", char)):
+        if _folds_to_ascii(char):
             name = unicodedata.name(char, hex(ord(char)))
-            raise BadPath(f"a letter that folds to ASCII (best-fit, accent stripping) in the path ({name})")
+            raise BadPath(
+                f"a character that folds to ASCII (best-fit, accent stripping) in the path ({name})"
+            )
         kind = unicodedata.category(char)[0]
         if kind in "LN":
             on_base = True
@@ -211,6 +235,15 @@ def _refuse_foldable(decoded: str) -> None:
                 else "a non-ASCII punctuation, symbol or invisible character"
             )
             raise BadPath(f"{what} in the path ({name})")
+
+
+def _folds_to_ascii(char: str) -> bool:
+    """True for a non-ASCII character some folding reads as ASCII (module doc: the rule and why)."""
+    if any(part.isascii() for part in unicodedata.normalize("NFKD", char)):
+        return True
+    if "LATIN" in unicodedata.name(char, "") or ord(char) in _SPACING_MODIFIERS:
+        return True
+    return unicodedata.digit(char, None) is not None or char in _BEST_FIT_TO_ASCII
 
 
 def _refuse_trailing_dot(segment: str) -> None:

@@ -205,6 +205,22 @@ def test_the_card_only_step_up_cannot_be_skipped_with_an_ecps_session(plane: Pla
     assert [r["raw_uri"] for r in records] in ([], [judged(target)])
 
 
+@pytest.mark.parametrize("target", ["/account/r%C4%B1b", "/account/r%C5%82b", "/account/ri%C6%80"])
+def test_a_latin_letter_a_best_fit_portal_folds_into_the_card_only_path_is_refused(
+    plane: Plane, target: str
+) -> None:
+    """Dotless i, l and b with stroke have no decomposition, yet an IIS (best-fit) portal serves /account/rib for them: the
+    ``account`` rule would judge what the card-only ``bank-details`` rule guards."""
+    session = plane.login(LoginMethod.ECPS)
+    response, records = plane.send(target, [("Cookie", f"{COOKIE}={session}"), ("Accept", "text/html")])
+    assert (response.status, records) == (400, [])
+    assert response.header("X-Gateway-Reason") == "bad_request_path"
+    if plane.mode == "proxy":  # nginx answers the forward-auth plane's 400s with its own page
+        assert "Adresse invalide" in response.body.decode()
+    refused = [e for e in plane.audit() if e["event"] == "bad_request" and "ASCII" in e.get("detail", "")]
+    assert refused and refused[-1]["reasons"] == ["bad_request_path"]
+
+
 def test_a_target_in_normal_form_reaches_the_portal_exactly(plane: Plane) -> None:
     target = "/static/a%20b/~c/app.js?x=%2F..&y=/../"
     response, records = plane.send(target)
