@@ -34,7 +34,12 @@ from gateway.runtime import (
 )
 from gateway.sessions import SessionStore
 from gateway.settings import Settings
-from gateway.wsgi import BAD_TARGET_KEY, NormalisedTargetMiddleware, StrictTransportSecurity
+from gateway.wsgi import (
+    BAD_TARGET_KEY,
+    RAW_ROUTES_ATTRIBUTE,
+    NormalisedTargetMiddleware,
+    StrictTransportSecurity,
+)
 
 log = logging.getLogger("gateway")
 
@@ -100,6 +105,8 @@ def create_app(
     # normalised target.
     hot_paths = ProxyApp(app, app.wsgi_app, hot_routes={forward_auth.AUTH_PATH: forward_auth.decide})
     app.wsgi_app = NormalisedTargetMiddleware(hot_paths)  # type: ignore[method-assign]
+    # Under the gateway's worker, decisions asked in nginx's plain shape skip WSGI too (gateway/worker.py).
+    setattr(app, RAW_ROUTES_ATTRIBUTE, {forward_auth.AUTH_PATH: forward_auth.raw_route(gateway)})
     https_hosts = settings.https_hosts
     if https_hosts:
         app.wsgi_app = StrictTransportSecurity(app.wsgi_app, https_hosts)  # type: ignore[method-assign]

@@ -15,6 +15,10 @@ few threads as possible.
   three threads per request (poller, pool thread through a Future, back through a pipe) and toggles the
   socket's blocking mode twice; here sockets stay blocking (the poller reads with MSG_DONTWAIT).
 - Closing connections are half-closed and drained by the poller (RFC 9112 9.6), not by a blocking linger.
+- A request to one of the app's raw routes (``RAW_ROUTES_ATTRIBUTE``: forward-auth's decision endpoint) is
+  answered from its head alone, without gunicorn's parser, a WSGI environ or the app: only when the head has
+  the plain shape nginx sends (exact request line, each field once, no body, nothing gunicorn would refuse or
+  rewrite); any other head takes the usual way, so odd requests are judged exactly as before.
 
 gunicorn's ``handle_request`` (gthread) serves each request; HTTP/2 and TLS are not offered (the gateway
 sits behind a TLS terminator).
@@ -29,12 +33,14 @@ import heapq
 import itertools
 import os
 import queue
+import re
 import select
 import socket
 import struct
 import threading
 import time
 from dataclasses import dataclass
+from http import HTTPStatus
 from typing import Any
 
 from gunicorn import http
@@ -43,7 +49,7 @@ from gunicorn.workers.base import Worker
 from gunicorn.workers.gthread import STOP_KEEPALIVE_LINGER, ThreadWorker
 
 from gateway.settings import ServerSettings
-from gateway.wsgi import RequestBodyTimeout
+from gateway.wsgi import RAW_ROUTES_ATTRIBUTE, RawRoute, RequestBodyTimeout
 
 #: How long a thread that has just answered on a kept-alive connection waits for the next request on it.
 KEEPALIVE_LINGER = 0.05
@@ -59,6 +65,18 @@ _CLOSE_LINGER = 2.0
 _ACCEPT_BATCH = 64
 #: A connection watched by the poller: one event, then it is disarmed until re-armed.
 _ARMED = select.EPOLLIN | select.EPOLLONESHOT
+#: An RFC 9110 field name, without "_" (gunicorn drops such fields: X-Original_URI must not pass for one).
+_FIELD_NAME = re.compile(rb"[!#$%&'*+\-.^`|~0-9A-Za-z]+")
+#: Bytes gunicorn would refuse, or a peer could read otherwise, in a field value (HTAB is fine).
+_ODD_VALUE_BYTE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+#: gunicorn's limits on a request head (limit_request_fields, limit_request_field_size).
+_MAX_FIELDS = 100
+_MAX_FIELD_BYTES = 8190
+#: Fields that announce a body or change the connection: a head with one of them takes the usual way.
+_NOT_RAW_FIELDS = frozenset(
+    "HTTP_" + name
+    for name in ("CONTENT_LENGTH", "TRANSFER_ENCODING", "CONNECTION", "EXPECT", "UPGRADE", "TE", "TRAILER")
+)
 
 
 @dataclass(frozen=True)
@@ -154,7 +172,17 @@ class _Connection:
     def take_read_ahead(self, now: float) -> bool:
         """Move bytes read past the last request (pipelining) into the head; True if that head is complete."""
         ahead = self.unreader.take_buffered()
-        return bool(ahead) and self.gather(ahead, now)
+        if ahead:
+            return self.gather(ahead, now)
+        return self.head.find(_HEAD_END) >= 0  # left behind a head answered from a raw route
+
+    def take_head(self, end: int, now: float) -> bytes:
+        """The first ``end`` bytes of the gathered head (one whole head); what follows it stays."""
+        head = bytes(self.head[:end])
+        del self.head[:end]
+        if self.head:
+            self.head_deadline = now + self.header_timeout
+        return head
 
     def hand_over_head(self) -> None:
         """The gathered head goes to the parser, which reads it before touching the socket."""
@@ -194,6 +222,8 @@ class GatewayWorker(ThreadWorker):
         self._sequence = itertools.count()
         #: Connections waiting for a request, longest-idle first: evicted when max_connections are open.
         self._idle: dict[_Connection, None] = {}
+        #: Request line -> raw route (see the module documentation); read from the app in ``run``.
+        self._raw_routes: dict[bytes, RawRoute] = {}
 
     def init_process(self) -> None:
         self._epoll = select.epoll()
@@ -208,6 +238,10 @@ class GatewayWorker(ThreadWorker):
     # --- The poller (main thread) ---------------------------------------------------------------------
 
     def run(self) -> None:
+        routes: dict[str, RawRoute] = getattr(self.wsgi, RAW_ROUTES_ATTRIBUTE, None) or {}
+        self._raw_routes = {
+            f"GET {path} HTTP/1.1\r\n".encode("ascii"): route for path, route in routes.items()
+        }
         for number in range(self.cfg.threads):
             threading.Thread(target=self._serve, name=f"gateway-{number}", daemon=True).start()
         self._epoll.register(self.PIPE[0], select.EPOLLIN)
@@ -316,7 +350,6 @@ class GatewayWorker(ThreadWorker):
             with self._lock:
                 conn.state, conn.epoch = _State.BUSY, conn.epoch + 1
                 self._idle.pop(conn, None)
-            conn.hand_over_head()
             self._ready.put(conn)
         elif len(conn.head) > MAX_HEAD_BYTES:
             _count("head_too_large")
@@ -419,14 +452,17 @@ class GatewayWorker(ThreadWorker):
             self._watch(conn, _State.REQUEST if following is _Next.IDLE else _State.HEAD, expires)
 
     def handle(self, conn: Any) -> _Next:
+        """Serve the connection's complete head, and the following ones while they come at once."""
         req = None
         try:
             while True:
-                req = next(conn.parser)
-                conn.unreader.start_request(time.monotonic())
-                keepalive = self.handle_request(req, conn)
-                if conn.unreader.timed_out or not self._keepalive_after(conn, keepalive):
-                    return _Next.CLOSE
+                if not self._answered_raw(conn):
+                    conn.hand_over_head()
+                    req = next(conn.parser)
+                    conn.unreader.start_request(time.monotonic())
+                    keepalive = self.handle_request(req, conn)
+                    if conn.unreader.timed_out or not self._keepalive_after(conn, keepalive):
+                        return _Next.CLOSE
                 if not self.alive:
                     return _Next.IDLE  # closed after STOP_KEEPALIVE_LINGER
                 following = self._next_request(conn)
@@ -445,10 +481,27 @@ class GatewayWorker(ThreadWorker):
             self.handle_error(req, conn.sock, conn.client, exc)
         return _Next.CLOSE
 
+    def _answered_raw(self, conn: _Connection) -> bool:
+        """Answer the gathered head from a raw route if it is one, in the plain shape; False: not answered."""
+        head = conn.head
+        route = self._raw_routes.get(bytes(head[: head.find(b"\r\n") + 2])) if self._raw_routes else None
+        if route is None or not self.alive or not isinstance(conn.client, tuple):
+            return False
+        end = head.find(_HEAD_END) + len(_HEAD_END)
+        environ = _plain_fields(bytes(head[:end]))
+        if environ is None:
+            return False
+        conn.take_head(end, time.monotonic())
+        environ["REMOTE_ADDR"] = str(conn.client[0])
+        self.nr += 1
+        if self.nr >= self.max_requests:
+            self.alive = False  # gunicorn's max_requests: this worker ends after the connection's answer
+        conn.sock.sendall(_raw_answer(*route(environ)))
+        return True
+
     def _next_request(self, conn: _Connection) -> _Next | None:
         """None when this thread can serve the connection's next request at once; else what it waits for."""
         if conn.take_read_ahead(time.monotonic()):
-            conn.hand_over_head()
             return None
         if self._next_bytes_arrive(conn):
             try:
@@ -460,7 +513,6 @@ class GatewayWorker(ThreadWorker):
             if data == b"":
                 return _Next.CLOSE
             if data and conn.gather(data, time.monotonic()):
-                conn.hand_over_head()
                 return None
         if not conn.head:
             return _Next.IDLE
@@ -474,6 +526,41 @@ class GatewayWorker(ThreadWorker):
             if conn.readable.poll(_LINGER_SLICE_MS):
                 return True
         return False
+
+
+def _plain_fields(head: bytes) -> dict[str, str] | None:
+    """A raw route's request head (request line checked by the caller) as WSGI names (HTTP_*) of its fields,
+    or None when it is not of the plain shape (module documentation): gunicorn then parses it as ever."""
+    lines = head[: -len(_HEAD_END)].split(b"\r\n")[1:]
+    if len(lines) > _MAX_FIELDS:
+        return None
+    fields: dict[str, str] = {}
+    for line in lines:
+        name, colon, value = line.partition(b":")
+        value = value.strip(b" \t")
+        if not colon or len(line) > _MAX_FIELD_BYTES or not _FIELD_NAME.fullmatch(name):
+            return None
+        if _ODD_VALUE_BYTE.search(value):
+            return None
+        key = "HTTP_" + name.decode("ascii").upper().replace("-", "_")
+        if key in fields or key in _NOT_RAW_FIELDS:
+            return None  # repeated: gunicorn would join the values; the usual way judges that
+        fields[key] = value.decode("latin-1")
+    return fields if "HTTP_HOST" in fields else None
+
+
+def _raw_answer(status: int, headers: list[tuple[str, str]]) -> bytes:
+    """A body-less HTTP/1.1 answer; ValueError (the connection closes) for a value that could split it."""
+    lines = [f"HTTP/1.1 {status} {_REASON_PHRASES.get(status, '')}"]
+    for name, value in headers:
+        if "\r" in value or "\n" in value or "\0" in value:
+            raise ValueError(f"header {name} holds a line break")
+        lines.append(f"{name}: {value}")
+    lines.append("Content-Length: 0\r\n\r\n")
+    return "\r\n".join(lines).encode("latin-1")
+
+
+_REASON_PHRASES = {status.value: status.phrase for status in HTTPStatus}
 
 
 def _count(event: str) -> None:

@@ -21,6 +21,12 @@ _HOST = re.compile(
 
 WsgiApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
 
+#: A route the gateway's worker answers from the request head alone, without WSGI (gateway/worker.py): called
+#: with REMOTE_ADDR and the head's fields under their WSGI names (HTTP_*), it returns the status and headers
+#: of an answer without body. The app lists its raw routes by path in its attribute RAW_ROUTES_ATTRIBUTE.
+RawRoute = Callable[[dict[str, str]], tuple[int, list[tuple[str, str]]]]
+RAW_ROUTES_ATTRIBUTE = "raw_routes"
+
 
 class NormalisedTargetMiddleware:
     """Normalise the raw request target once; mark refused targets for the app to answer 400."""

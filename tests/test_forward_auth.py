@@ -15,9 +15,11 @@ from gateway.access_stream import DecisionToken, Position, position_file
 from gateway.identity import Identity, LoginMethod
 from gateway.runtime import gateway_of
 from gateway.sessions import RedisSessionStore
+from gateway.wsgi import RAW_ROUTES_ATTRIBUTE
 from tests.support.apps import gateway_app
 from tests.support.audit import audit_records
 from tests.support.config import TEST_POLICIES, write_config
+from tests.support.faults import immutable
 from tests.support.gateways import serve_argv
 from tests.support.nginx import FORWARD_AUTH_TEMPLATE, running_nginx
 from tests.support.processes import free_port, running, wait_until
@@ -397,3 +399,22 @@ def test_nginx_refuses_a_cross_site_post_and_never_caches_a_state_changing_answe
         ("POST", 200, ["authenticated"]),
         ("POST", 403, ["cross_site_request"]),
     ]
+
+
+def test_the_raw_route_answers_a_failure_as_the_usual_way_does(
+    app_without_stream: Flask, tmp_path: Path
+) -> None:
+    """The worker's raw route (gateway/worker.py) for a refusal that cannot be audited: 503, as through WSGI."""
+    route = getattr(app_without_stream, RAW_ROUTES_ATTRIBUTE)["/.gateway/auth"]
+    environ = {
+        "REMOTE_ADDR": NGINX,
+        "HTTP_HOST": "cps_gateway",
+        "HTTP_X_ORIGINAL_URI": "/echo/./protected/x",  # refused as malformed, which is audited
+        "HTTP_X_FORWARDED_HOST": "portal.test",
+    }
+    assert route(dict(environ))[0] == 400
+    with immutable(tmp_path / "audit.log"):
+        status, headers = route(dict(environ))
+        usual = ask(app_without_stream.test_client(), environ["HTTP_X_ORIGINAL_URI"])
+    assert (status, dict(headers)["X-Gateway-Reason"]) == (503, "audit_unavailable")
+    assert (usual.status_code, usual.headers["X-Gateway-Reason"]) == (503, "audit_unavailable")

@@ -8,11 +8,13 @@ import contextlib
 import http.client
 import socket
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import requests
 
+from gateway.worker import _plain_fields, _raw_answer
 from tests.support.audit import audit_records
 from tests.support.clients import UNFINISHED_HEAD, read_answer, stalled_connections
 from tests.support.config import write_config
@@ -111,3 +113,130 @@ def test_behind_nginx_unfinished_heads_and_idle_connections_leave_the_gateway_se
         for _ in range(10):
             assert requests.get(nginx.base_url + "/hello", timeout=5).status_code == 200
             assert requests.get(nginx.base_url + "/.gateway/healthz", timeout=5).status_code == 200
+
+
+# --- Decisions answered from the request head, without WSGI (raw routes, issue 14 goal 3) ---------------
+
+#: What nginx's auth_request sub-request looks like (deploy/nginx/forward-auth.conf), up to the original URI.
+DECISION_HEAD = (
+    "GET /.gateway/auth HTTP/1.1\r\nHost: cps_gateway\r\nX-Original-Method: GET\r\n"
+    "X-Original-URI: {uri}\r\nX-Forwarded-Host: portal.test\r\nX-Forwarded-For: 192.0.2.7\r\n"
+    "X-Gateway-Session: \r\nX-Request-Id: 0123456789abcdef0123456789abcdef\r\n{more}\r\n"
+)
+
+
+def decision_head(uri: str, more: str = "") -> bytes:
+    return DECISION_HEAD.format(uri=uri, more=more).encode("latin-1")
+
+
+def answers(connection: socket.socket, count: int) -> list[dict[str, str]]:
+    """``count`` body-less answers from a kept-alive connection: the status line as ":status", then the
+    header fields (lower-case names)."""
+    received = b""
+    while received.count(b"\r\n\r\n") < count:
+        chunk = connection.recv(65536)
+        assert chunk, f"closed after {received!r}"
+        received += chunk
+    parsed = []
+    for head in received.split(b"\r\n\r\n")[:count]:
+        status, *lines = head.decode("latin-1").split("\r\n")
+        fields = dict(line.split(": ", 1) for line in lines)
+        parsed.append({":status": status, **{name.lower(): value for name, value in fields.items()}})
+    return parsed
+
+
+@pytest.fixture
+def decision_port(tmp_path: Path, upstream_url: str, assertion_key: Path) -> Iterator[int]:
+    """A `gateway serve` process that trusts this test as its nginx."""
+    port = free_port()
+    config = write_config(
+        tmp_path, upstream_url=upstream_url, assertion_key=assertion_key, listen=f"127.0.0.1:{port}",
+        extra={"server": {"threads": 2}, "forward_auth": {"trusted_nginx": ["127.0.0.1/32"]}},
+    )  # fmt: skip
+    with running(serve_argv(config), port, log=tmp_path / "gateway.log"):
+        yield port
+
+
+def test_decisions_in_nginx_shape_are_answered_from_the_head_and_like_the_usual_way(
+    decision_port: int,
+) -> None:
+    cases = ["/hello", "/echo/protected/1", "/echo/forbidden/1", "/echo/./protected/1", "/nowhere"]
+    with socket.create_connection(("127.0.0.1", decision_port), timeout=5) as connection:
+        for uri in cases:
+            # One connection, each decision asked in nginx's shape, then with a field that sends it through
+            # gunicorn and the app (Connection): both ways give the same decision.
+            connection.sendall(decision_head(uri) + decision_head(uri, "Connection: keep-alive\r\n"))
+            raw, usual = answers(connection, 2)
+            assert "server" not in raw and usual["server"] == "gunicorn"  # the head alone, vs WSGI
+            assert raw[":status"].split()[1] == usual[":status"].split()[1], uri
+            for name in ("x-gateway-reason", "x-gateway-rule", "x-gateway-cacheable", "x-accel-expires"):
+                assert raw.get(name) == usual.get(name), (uri, name)
+            assert raw["x-gateway-decision"].split(" id=")[0] == usual["x-gateway-decision"].split(" id=")[0]
+    statuses = [raw[":status"] for raw in map(lambda uri: _one(decision_port, decision_head(uri)), cases)]
+    assert statuses == [
+        "HTTP/1.1 200 OK",
+        "HTTP/1.1 401 Unauthorized",
+        "HTTP/1.1 403 Forbidden",
+        "HTTP/1.1 400 Bad Request",  # not in normal form: nginx would forward it as received
+        "HTTP/1.1 403 Forbidden",  # no rule
+    ]
+
+
+def _one(port: int, head: bytes) -> dict[str, str]:
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as connection:
+        connection.sendall(head)
+        return answers(connection, 1)[0]
+
+
+def test_pipelined_decisions_are_answered_in_order(decision_port: int) -> None:
+    heads = [decision_head(uri) for uri in ("/echo/protected/1", "/hello", "/echo/forbidden/2")] * 3
+    with socket.create_connection(("127.0.0.1", decision_port), timeout=5) as connection:
+        connection.sendall(b"".join(heads[:4]) + heads[4][:30])  # and the start of the fifth
+        time.sleep(0.1)
+        connection.sendall(heads[4][30:] + b"".join(heads[5:]))
+        statuses = [answer[":status"].split()[1] for answer in answers(connection, len(heads))]
+    assert statuses == ["401", "200", "403"] * 3
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        # Repeated: gunicorn joins the values ("/hello, /echo/forbidden/1"), which is not a path in normal form.
+        decision_head("/hello", "X-Original-URI: /echo/forbidden/1\r\n"),
+        # gunicorn drops a field whose name holds "_" (it could pass for X-Original-URI): nothing to judge.
+        decision_head("/hello").replace(b"X-Original-URI", b"X-Original_URI"),
+        # A body announced: the usual way reads (and here refuses) it.
+        decision_head("/hello", "Content-Length: 5\r\n") + b"hello",
+        decision_head("/hello", "Transfer-Encoding: chunked\r\n") + b"0\r\n\r\n",
+    ],
+    ids=["repeated field", "underscore", "content-length", "chunked"],
+)
+def test_decisions_in_any_other_shape_are_judged_the_usual_way(decision_port: int, head: bytes) -> None:
+    answer = _one(decision_port, head)
+    assert answer.get("server") == "gunicorn", answer
+
+
+def test_a_head_only_gunicorn_refuses_is_refused(decision_port: int) -> None:
+    for odd in (b"X-Original-URI: /hello\n", b"X-Odd: a\x00b\r\n", b"X-Original-URI : /hello\r\n"):
+        head = decision_head("/hello").replace(b"X-Original-URI: /hello\r\n", odd)
+        with socket.create_connection(("127.0.0.1", decision_port), timeout=5) as connection:
+            connection.sendall(head)
+            answer = read_answer(connection)
+        assert answer.startswith(b"HTTP/1.1 400 "), (odd, answer[:200])
+
+
+def test_plain_fields_of_a_head() -> None:
+    head = decision_head("/a", "X-Empty:\r\nX-Tab:\tb \r\n")
+    fields = _plain_fields(head)
+    assert fields is not None
+    assert fields["HTTP_X_ORIGINAL_URI"] == "/a"
+    assert fields["HTTP_X_EMPTY"] == "" and fields["HTTP_X_TAB"] == "b"
+    assert _plain_fields(head.replace(b"Host: cps_gateway\r\n", b"")) is None  # gunicorn's to judge
+    assert _plain_fields(decision_head("/a", "X-Many: 1\r\n" * 2)) is None
+
+
+def test_a_raw_answer_cannot_be_split() -> None:
+    assert _raw_answer(200, [("X-A", "b")]) == b"HTTP/1.1 200 OK\r\nX-A: b\r\nContent-Length: 0\r\n\r\n"
+    for value in ("a\r\nSet-Cookie: x=1", "a\nb", "a\rb", "a\0b"):
+        with pytest.raises(ValueError):
+            _raw_answer(200, [("X-A", value)])

@@ -37,6 +37,8 @@ from werkzeug.wrappers import Response
 
 from gateway.access import Access, check_access
 from gateway.access_stream import DECISION_HEADER, PUBLIC, DecisionToken
+from gateway.audit import AuditError
+from gateway.limits import STORAGE_ERRORS
 from gateway.policy.decision import Outcome, Reason
 from gateway.policy.model import Action
 from gateway.policy.origin import SAFE_METHODS
@@ -54,7 +56,7 @@ from gateway.runtime import (
     refused_host,
     request_id_of,
 )
-from gateway.wsgi import normalise_host
+from gateway.wsgi import RawRoute, normalise_host
 
 log = logging.getLogger("gateway.forward_auth")
 
@@ -82,6 +84,29 @@ class Answer:
 def decide(gateway: Gateway, environ: dict[str, Any]) -> Response:
     """The WSGI route (endpoints/proxy.py dispatches here): see :func:`answer`."""
     return answer(gateway, environ).response()
+
+
+def raw_route(gateway: Gateway) -> RawRoute:
+    """The route the gateway's worker answers from nginx's request head, without WSGI (gateway/worker.py):
+    the decision costs no more than the decision itself. Failures are answered as proxy mode's error
+    handler answers them (runtime.unexpected_error), without a page: nginx shows its own."""
+
+    def serve(environ: dict[str, str]) -> tuple[int, list[tuple[str, str]]]:
+        try:
+            decided = answer(gateway, environ)
+        except AuditError:
+            decided = _refusal(environ, 503, Reason.AUDIT_UNAVAILABLE)
+        except STORAGE_ERRORS as exc:
+            log.warning(
+                "limits storage unavailable (request %s): %s", request_id_of(environ), type(exc).__name__
+            )
+            decided = _refusal(environ, 503, Reason.LIMITS_UNAVAILABLE)
+        except Exception:
+            log.exception("unexpected error (request %s)", request_id_of(environ))
+            decided = _refusal(environ, 500, Reason.INTERNAL_ERROR)
+        return decided.status, decided.headers
+
+    return serve
 
 
 def answer(gateway: Gateway, environ: dict[str, Any]) -> Answer:
