@@ -144,7 +144,9 @@ def test_a_full_disk_neither_stops_the_master_on_reload_nor_a_new_worker_and_ser
             wait_until(lambda: gateway.workers_replaced({victim}, 2), what="killed worker replaced")
             assert gateway.process.poll() is None
             assert gateway.get("/hello", session=False).status_code == 200
-            assert gateway.get().status_code == 503
+            # Enough refused requests that each worker alive now (the one that lost records before may have
+            # been the one killed) loses some: each says so when it resumes.
+            assert {gateway.get().status_code for _ in range(20)} == {503}
 
             filler.unlink()  # space again: no restart, no signal
             wait_until(gateway.ready, what="ready again")
