@@ -35,6 +35,7 @@ from gateway.runtime import (
 from gateway.sessions import SessionStore
 from gateway.settings import Settings
 from gateway.wsgi import (
+    BAD_HEADER_KEY,
     BAD_TARGET_KEY,
     RAW_ROUTES_ATTRIBUTE,
     NormalisedTargetMiddleware,
@@ -165,6 +166,10 @@ def _refuse_bad_target() -> Response | None:
     if problem is not None:
         audit_event(gateway, "bad_request", reasons=[Reason.BAD_REQUEST_PATH.value], detail=problem)
         return refuse(Reason.BAD_REQUEST_PATH, next_path="/")
+    problem = request.environ.get(BAD_HEADER_KEY)
+    if problem is not None:
+        audit_event(gateway, "bad_request", reasons=[Reason.BAD_REQUEST_HEADER.value], detail=problem)
+        return refuse(Reason.BAD_REQUEST_HEADER, next_path="/")
     if request.path in _ANY_HOST_PATHS:
         return None
     host = request_host(gateway)

@@ -46,6 +46,7 @@ PAGES: dict[Reason, Page] = {
     Reason.UPSTREAM_BUSY: Page(503),
     Reason.CLIENT_TIMEOUT: Page(408),
     Reason.BAD_REQUEST_BODY: Page(400),
+    Reason.BAD_REQUEST_HEADER: Page(400),
     Reason.REQUEST_TOO_LARGE: Page(413),
     Reason.SESSION_STORE_UNAVAILABLE: Page(503),
     Reason.LIMITS_UNAVAILABLE: Page(503),

@@ -14,6 +14,8 @@ from gateway.policy.paths import BadPath, NormalisedTarget, normalise_target
 
 TARGET_KEY = "gateway.target"
 BAD_TARGET_KEY = "gateway.bad_target"
+#: Why a header the gateway reads is refused (the request is then answered 400, like a bad target).
+BAD_HEADER_KEY = "gateway.bad_header"
 
 _HOST = re.compile(
     r"^(?:[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?(?:\.[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?)*|\[[0-9a-f:.]+\])$"
@@ -29,12 +31,20 @@ RAW_ROUTES_ATTRIBUTE = "raw_routes"
 
 
 class NormalisedTargetMiddleware:
-    """Normalise the raw request target once; mark refused targets for the app to answer 400."""
+    """Normalise the raw request target once; mark refused targets (and unreadable Cookie headers) for the
+    app to answer 400."""
 
     def __init__(self, app: WsgiApp) -> None:
         self.app = app
 
     def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        if not utf8_header(environ.get("HTTP_COOKIE", "")):
+            # werkzeug decodes cookies as UTF-8 and raises on anything else, wherever a cookie is read
+            # (the session, the login state, the refusal page itself): refuse, and keep the header from them.
+            environ[BAD_HEADER_KEY] = "a Cookie header that is not valid UTF-8"
+            del environ["HTTP_COOKIE"]
+            environ["PATH_INFO"] = "/"
+            return self.app(environ, start_response)
         raw = environ.get("RAW_URI") or environ.get("REQUEST_URI")
         if raw is None:
             # Without the raw target an encoded slash is indistinguishable from a real one: refuse.
@@ -52,6 +62,17 @@ class NormalisedTargetMiddleware:
         # WSGI carries the decoded path as latin-1 code points of its UTF-8 bytes.
         environ["PATH_INFO"] = target.decoded_path.encode("utf-8").decode("latin-1")
         return self.app(environ, start_response)
+
+
+def utf8_header(value: str) -> bool:
+    """True when a header value (WSGI: its bytes as latin-1 code points) is valid UTF-8."""
+    if value.isascii():
+        return True
+    try:
+        value.encode("latin-1").decode("utf-8")
+    except UnicodeError:
+        return False
+    return True
 
 
 def _query(environ: dict[str, Any]) -> str:

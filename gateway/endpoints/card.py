@@ -211,7 +211,18 @@ def verify() -> Response:
     gateway = gateway_of()
     assert gateway.challenge_issuer is not None and gateway.card_verifier is not None
     # Only application/json reaches here (login.refuse_cross_site_logins): no cross-site form can post it.
-    body = request.get_json(silent=True)
+    try:
+        body = request.get_json(silent=True)
+    except RecursionError:
+        # Nested deeper than the parser's recursion limit ("[" * 3000): malformed, refused before counting.
+        audit_event(
+            gateway,
+            "bad_request",
+            reasons=[Reason.BAD_REQUEST_BODY.value],
+            endpoint=request.endpoint,
+            detail="JSON nested too deeply",
+        )
+        return _json_refusal(Reason.BAD_REQUEST_BODY)
     try:
         admit_login_attempt(gateway)
     except LoginRefused as refused:

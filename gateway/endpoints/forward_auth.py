@@ -56,7 +56,7 @@ from gateway.runtime import (
     refused_host,
     request_id_of,
 )
-from gateway.wsgi import RawRoute, normalise_host
+from gateway.wsgi import RawRoute, normalise_host, utf8_header
 
 log = logging.getLogger("gateway.forward_auth")
 
@@ -116,7 +116,12 @@ def answer(gateway: Gateway, environ: dict[str, Any]) -> Answer:
     request_id = environ.get("HTTP_X_REQUEST_ID", "")
     if _REQUEST_ID.match(request_id):
         environ[REQUEST_ID_KEY] = request_id
-    environ[SESSION_ID_KEY] = environ.get("HTTP_X_GATEWAY_SESSION") or None
+    session_id = environ[SESSION_ID_KEY] = environ.get("HTTP_X_GATEWAY_SESSION") or None
+    if session_id is not None and not utf8_header(session_id):
+        # What proxy mode answers for such a Cookie header (gateway/wsgi.py): a browser never sends one.
+        detail = "a session cookie that is not valid UTF-8"
+        _audit_refusal(gateway, environ, "bad_request", Reason.BAD_REQUEST_HEADER, detail=detail)
+        return _refusal(environ, 400, Reason.BAD_REQUEST_HEADER)
     method = (environ.get("HTTP_X_ORIGINAL_METHOD") or "GET").upper()
     raw_uri = environ.get("HTTP_X_ORIGINAL_URI", "")
     try:

@@ -53,6 +53,8 @@ class Reason(enum.StrEnum):
     CLIENT_TIMEOUT = "client_timeout"
     #: The request body is malformed (bad chunked framing, cut short): refused, nothing forwarded.
     BAD_REQUEST_BODY = "bad_request_body"
+    #: A request header the gateway reads is malformed (a Cookie header that is not UTF-8): refused.
+    BAD_REQUEST_HEADER = "bad_request_header"
     #: The request body is larger than the gateway's own endpoints accept.
     REQUEST_TOO_LARGE = "request_too_large"
     # Card login

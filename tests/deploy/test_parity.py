@@ -12,13 +12,17 @@ normal form where the proxy forwards the normal form) is asserted by its effect 
 
 from __future__ import annotations
 
+import base64
+import contextlib
+import json
+import os
 import posixpath
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import unquote, urljoin
+from urllib.parse import unquote, urlencode, urljoin
 from uuid import uuid4
 
 import pytest
@@ -26,14 +30,18 @@ import requests
 from joserfc import jwt
 from joserfc.jwk import KeySet
 
+from gateway.devtools.pki import DevPki
 from gateway.identity import Identity, LoginMethod
 from gateway.policy.paths import BadPath, normalise_target
 from gateway.sessions import RedisSessionStore
 from tests.support.audit import audit_records
+from tests.support.card_stack import card_settings
 from tests.support.config import write_config
+from tests.support.ecps import ECPS_SECRETS, IDENTITIES, ecps_settings, gateway_registration
 from tests.support.gateways import serve_argv
 from tests.support.nginx import FORWARD_AUTH_TEMPLATE, running_nginx
 from tests.support.processes import REPO_ROOT, free_port, running, wait_until
+from tests.support.psc import running_psc
 from tests.support.raw_http import CLIENT_ADDRESS, RawResponse, raw_request
 from tests.support.recording_upstream import CASE_HEADER, received
 from tests.support.redis import redis_server
@@ -85,11 +93,18 @@ class Plane:
         return audit_records(self.audit_file)
 
 
-@pytest.fixture(scope="module")
-def planes(tmp_path_factory: pytest.TempPathFactory, assertion_key: Path) -> Iterator[dict[str, Plane]]:
-    directory = tmp_path_factory.mktemp("parity")
+@contextlib.contextmanager
+def running_planes(
+    directory: Path,
+    assertion_key: Path,
+    extra: dict[str, dict[str, Any]] | None = None,
+    env: dict[str, str] | None = None,
+    gateway_port: int | None = None,
+) -> Iterator[dict[str, Plane]]:
+    """The portal stand-in, Redis, one gateway on the example policies (settings ``extra`` merged section
+    by section) and nginx with the shipped template in front of it: both planes."""
     recording = directory / "portal-requests.jsonl"
-    portal_port, gateway_port = free_port(), free_port()
+    portal_port, gateway_port = free_port(), gateway_port or free_port()
     portal = f"127.0.0.1:{portal_port}"
     access_log = directory / "nginx" / "access.log"
     portal_env = {
@@ -102,22 +117,26 @@ def planes(tmp_path_factory: pytest.TempPathFactory, assertion_key: Path) -> Ite
         redis_server() as redis,
         running(portal_argv, portal_port, env=portal_env, log=directory / "portal.log"),
     ):
+        settings: dict[str, dict[str, Any]] = {
+            # The hosts of public_origin only (127.0.0.1): the default.
+            "server": {"allowed_hosts": []},
+            "sessions": {"store": redis.url, "local_cache_seconds": 0},
+            # As deployed: the gateway reads nginx's access stream (nginx may cache protected answers).
+            "forward_auth": {"trusted_nginx": ["127.0.0.1/32"], "access_log": str(access_log)},
+            "limits": {"login_requests_per_ip": "10000/minute"},
+        }
+        for section, values in (extra or {}).items():
+            settings[section] = {**settings.get(section, {}), **values}
         config = write_config(
             directory / "gateway",
             upstream_url=f"http://{portal}",
             assertion_key=assertion_key,
             policies=EXAMPLE_POLICIES,
             listen=f"127.0.0.1:{gateway_port}",
-            extra={
-                # The hosts of public_origin only (127.0.0.1): the default.
-                "server": {"allowed_hosts": []},
-                "sessions": {"store": redis.url, "local_cache_seconds": 0},
-                # As deployed: the gateway reads nginx's access stream (nginx may cache protected answers).
-                "forward_auth": {"trusted_nginx": ["127.0.0.1/32"], "access_log": str(access_log)},
-                "limits": {"login_requests_per_ip": "10000/minute"},
-            },
+            extra=settings,
         )
-        with running(serve_argv(config), gateway_port, log=directory / "gateway.log"):
+        gateway_env = {**os.environ, **env} if env else None
+        with running(serve_argv(config), gateway_port, env=gateway_env, log=directory / "gateway.log"):
             values = {"GATEWAY": f"127.0.0.1:{gateway_port}", "PORTAL": portal, "ACCESS_LOG": str(access_log)}
             with running_nginx(directory / "nginx", FORWARD_AUTH_TEMPLATE, values) as nginx:
                 common = {
@@ -131,6 +150,40 @@ def planes(tmp_path_factory: pytest.TempPathFactory, assertion_key: Path) -> Ite
                     "proxy": Plane("proxy", gateway_port, **common),
                     "forward_auth": Plane("forward_auth", nginx.port, **common),
                 }
+
+
+@pytest.fixture(scope="module")
+def planes(tmp_path_factory: pytest.TempPathFactory, assertion_key: Path) -> Iterator[dict[str, Plane]]:
+    with running_planes(tmp_path_factory.mktemp("parity"), assertion_key) as both:
+        yield both
+
+
+#: Login budgets small enough that a few counted requests show: 3 failures ban, 4 attempts a minute.
+LOGIN_LIMITS = {"login_requests_per_ip": "12/minute", "login_attempts_per_ip": "4/minute", "ban_after": 3}
+CARD_ORIGIN = "https://card.example:8443"
+
+
+@pytest.fixture(scope="module")
+def login_planes(
+    tmp_path_factory: pytest.TempPathFactory, assertion_key: Path, dev_pki: DevPki
+) -> Iterator[dict[str, Plane]]:
+    """Both planes of a gateway with card and e-CPS login (the PSC stand-in) and small login budgets."""
+    directory = tmp_path_factory.mktemp("parity-login")
+    gateway_port = free_port()
+    registration = gateway_registration(f"http://127.0.0.1:{gateway_port}")
+    with running_psc(directory, [registration], identities=IDENTITIES) as psc:
+        extra = {
+            "card": card_settings(dev_pki, CARD_ORIGIN),
+            "ecps": ecps_settings(psc, f"http://127.0.0.1:{gateway_port}"),
+            "limits": LOGIN_LIMITS,
+        }
+        with running_planes(directory, assertion_key, extra, ECPS_SECRETS, gateway_port) as both:
+            yield both
+
+
+@pytest.fixture(params=["proxy", "forward_auth"])
+def login_plane(request: pytest.FixtureRequest, login_planes: dict[str, Plane]) -> Plane:
+    return login_planes[request.param]
 
 
 @pytest.fixture(params=["proxy", "forward_auth"])
@@ -377,6 +430,91 @@ def test_a_decision_is_never_served_to_another_user(plane: Plane, separator: str
     plane.send(path, [("Cookie", f"{COOKIE}{separator}={session}")])
     response, records = plane.send(path)  # anonymous, same method, host and URI, within the cache lifetime
     assert response.status in (302, 401) and records == []
+
+
+#: A cookie value no browser sends as UTF-8 (the raw bytes 0xFF 0xFE): werkzeug cannot decode it.
+NOT_UTF8 = "\xff\xfe"
+
+
+@pytest.mark.parametrize("language", ["fr", "en"])
+def test_a_session_cookie_that_is_not_utf8_is_refused_with_a_page_and_audited(
+    plane: Plane, language: str
+) -> None:
+    headers = [("Cookie", f"{COOKIE}={NOT_UTF8}"), ("Accept", "text/html"), ("Accept-Language", language)]
+    response, records = plane.send("/account/profile", headers)
+    assert (response.status, records) == (400, [])
+    assert response.header("X-Gateway-Reason") == "bad_request_header"
+    if plane.mode == "proxy":  # nginx answers the forward-auth plane's 400s with its own page
+        title = {"fr": "Requête mal formée", "en": "Malformed request"}[language]
+        assert title in response.body.decode() and "Traceback" not in response.body.decode()
+    refused = [e for e in plane.audit() if e["event"] == "bad_request" and "UTF-8" in e.get("detail", "")]
+    assert refused and refused[-1]["reasons"] == ["bad_request_header"]
+
+
+@pytest.mark.parametrize("method", ["GET", "POST"])
+def test_a_cookie_header_that_is_not_utf8_gets_a_page_from_the_gateway_own_endpoints(
+    plane: Plane, method: str
+) -> None:
+    cookie = f"portal={NOT_UTF8}; {COOKIE}={plane.login()}"
+    headers = [("Cookie", cookie), ("Accept", "text/html"), ("Sec-Fetch-Site", "same-origin")]
+    body = b"csrf_token=x" if method == "POST" else b""
+    if body:
+        headers += [("Content-Type", "application/x-www-form-urlencoded"), ("Content-Length", str(len(body)))]
+    response, _ = plane.send("/.gateway/logout", headers, method=method, body=body)
+    assert response.status == 400
+    assert response.header("X-Gateway-Reason") == "bad_request_header"
+    assert "Requête mal formée" in response.body.decode()
+
+
+def test_a_portal_cookie_that_is_not_utf8_never_gets_a_server_error(plane: Plane) -> None:
+    """Proxy mode reads the whole Cookie header (and refuses it); forward-auth's nginx hands the gateway the
+    session id alone, and the portal the rest: its own cookies are its own business."""
+    headers = [("Cookie", f"portal={NOT_UTF8}; {COOKIE}={plane.login()}")]
+    response, records = plane.send("/account/profile", headers)
+    if plane.mode == "proxy":
+        assert (response.status, records) == (400, [])
+    else:
+        assert response.status == 200 and len(records) == 1
+
+
+@pytest.mark.parametrize(("language", "message"), [("fr", "mal formé"), ("en", "malformed")])
+def test_json_nested_too_deeply_for_the_parser_is_refused_and_audited(
+    login_plane: Plane, language: str, message: str
+) -> None:
+    body = b"[" * 3000 + b"]" * 3000
+    headers = [
+        ("Content-Type", "application/json"),
+        ("Content-Length", str(len(body))),
+        ("Accept-Language", language),
+    ]
+    response, _ = login_plane.send("/.gateway/card/verify", headers, method="POST", body=body)
+    assert response.status == 400 and response.header("Content-Type") == "application/json"
+    payload = json.loads(response.body)
+    assert payload["error"] == "bad_request_body" and message in payload["message"]
+    refused = [e for e in login_plane.audit() if e["event"] == "bad_request"]
+    assert (
+        refused[-1]["reasons"] == ["bad_request_body"] and refused[-1]["detail"] == "JSON nested too deeply"
+    )
+
+
+def _unsigned_token(header: bytes) -> str:
+    return ".".join(base64.urlsafe_b64encode(part).rstrip(b"=").decode() for part in (header, b"{}", b"x"))
+
+
+@pytest.mark.parametrize(
+    "header",
+    [b'{"alg":"ES256","crit":5}', b"[" * 700 + b"]" * 700, b'{"alg":"ES256","kid":' * 400],
+    ids=["crit-not-a-list", "nested", "nested-objects"],
+)
+def test_a_logout_token_with_a_malformed_header_is_refused_and_audited(
+    login_plane: Plane, header: bytes
+) -> None:
+    body = urlencode({"logout_token": _unsigned_token(header)}).encode()
+    headers = [("Content-Type", "application/x-www-form-urlencoded"), ("Content-Length", str(len(body)))]
+    response, _ = login_plane.send("/.gateway/ecps/backchannel-logout", headers, method="POST", body=body)
+    assert response.status == 400
+    event = [e for e in login_plane.audit() if e["event"] == "logout"][-1]
+    assert event["reasons"] == ["token_invalid"]
 
 
 def _stored_by_a_browser(set_cookie: str) -> str | None:

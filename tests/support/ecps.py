@@ -104,6 +104,24 @@ def gateway_registration(gateway_url: str, **overrides: Any) -> dict[str, Any]:
     }
 
 
+#: The environment the secrets of :func:`ecps_settings` come from.
+ECPS_SECRETS = {"TEST_PSC_CLIENT_SECRET": CLIENT_SECRET, "TEST_LOGIN_COOKIE_SECRET": LOGIN_COOKIE_SECRET}
+
+
+def ecps_settings(psc: PscServer, origin: str) -> dict[str, Any]:
+    """The gateway's ``ecps`` section for ``psc``, the gateway answering at ``origin`` (secret authentication;
+    the secrets from the environment: :data:`ECPS_SECRETS`)."""
+    return {
+        "metadata_url": psc.metadata_url,
+        "client_id": CLIENT_ID,
+        "client_secret": "${TEST_PSC_CLIENT_SECRET}",
+        "redirect_uri": origin + "/.gateway/ecps/callback",
+        "post_logout_redirect_uri": origin + "/",
+        "timeout": "3s",
+        "login_cookie_secret": "${TEST_LOGIN_COOKIE_SECRET}",
+    }
+
+
 @contextlib.contextmanager
 def running_ecps_gateway(
     directory: Path,
@@ -135,25 +153,11 @@ def running_ecps_gateway(
             "server": {"workers": 1, "threads": 8},
             "metrics": {"listen": f"127.0.0.1:{metrics_port}"},
             "limits": limits or GENEROUS_LIMITS,
-            "ecps": {
-                "metadata_url": psc.metadata_url,
-                "client_id": CLIENT_ID,
-                "client_secret": "${TEST_PSC_CLIENT_SECRET}",
-                "redirect_uri": origin + "/.gateway/ecps/callback",
-                "post_logout_redirect_uri": origin + "/",
-                "timeout": "3s",
-                "login_cookie_secret": "${TEST_LOGIN_COOKIE_SECRET}",
-                **(ecps or {}),
-            },
+            "ecps": {**ecps_settings(psc, origin), **(ecps or {})},
             **(extra or {}),
         },
     )
-    environment = {
-        **os.environ,
-        "TEST_PSC_CLIENT_SECRET": CLIENT_SECRET,
-        "TEST_LOGIN_COOKIE_SECRET": LOGIN_COOKIE_SECRET,
-        **(env or {}),
-    }
+    environment = {**os.environ, **ECPS_SECRETS, **(env or {})}
     with running(serve_argv(config), port, env=environment, log=directory / "gateway.log") as gateway:
         wait_for_port(metrics_port, gateway)  # the master opens it once its workers are up
         yield EcpsWorld(gateway_url, psc, config.parent, f"http://127.0.0.1:{metrics_port}")

@@ -690,7 +690,8 @@ class ProSanteConnect:
                 if not self._may_refetch_jwks(jwks_budget):
                     raise
                 return jwt.decode(token, self._jwks(force=True), algorithms=algorithms)
-        except (JoseError, ValueError) as error:
+        except (JoseError, ValueError, TypeError, RecursionError) as error:
+            # TypeError: joserfc reads some header members unchecked (a "crit" that is not a list of strings).
             code = getattr(error, "error", type(error).__name__)
             raise EcpsError(Reason.TOKEN_INVALID, f"{what} signature or format rejected: {code}") from None
 
