@@ -126,6 +126,7 @@ def _parser() -> argparse.ArgumentParser:
     portal.add_argument(
         "--gateway",
         default="http://127.0.0.1:8080",
+        type=_http_origin,
         help="the gateway's origin as the portal reaches it (its /.gateway/jwks.json verifies the assertions)",
     )
     portal.set_defaults(run=_dev_portal)
@@ -134,7 +135,7 @@ def _parser() -> argparse.ArgumentParser:
     card = _group(commands, "card", "CPS card tools")
     login = card.add_parser("login", help="log in with a card by PKCS#11 challenge; keep the session cookie")
     login.add_argument("--url", required=True, help="the gateway, e.g. https://portail.example")
-    login.add_argument("--token-label", required=True, help="PKCS#11 token label of the card")
+    login.add_argument("--token-label", required=True, type=_label, help="PKCS#11 token label of the card")
     login.add_argument(
         "--module", default=None, help="PKCS#11 module (default: SoftHSM; Cryptolib CPS for real cards)"
     )
@@ -216,6 +217,20 @@ def _listen_address(value: str) -> tuple[str, int]:
     if not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise argparse.ArgumentTypeError(f"{value!r} is not HOST:PORT")
     return host, int(port)
+
+
+def _http_origin(value: str) -> str:
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.netloc or parts.path.strip("/"):
+        raise argparse.ArgumentTypeError(f"{value!r} is not an origin such as http://127.0.0.1:8080")
+    return value.rstrip("/")
+
+
+def _label(value: str) -> str:
+    # An empty label names SoftHSM's free slot as well as any token made with one: never a card.
+    if not value.strip():
+        raise argparse.ArgumentTypeError("a token label cannot be empty")
+    return value
 
 
 def _uses_embedded_default(args: argparse.Namespace) -> bool:
@@ -513,7 +528,7 @@ def _add_dev_card_commands(dev: argparse._SubParsersAction[argparse.ArgumentPars
     pki.set_defaults(run=lambda args: _dev_init_pki(args.out))
 
     card = dev.add_parser("card", help="create a SoftHSM test card issued by the dev PKI")
-    card.add_argument("--label", required=True, help="token label")
+    card.add_argument("--label", required=True, type=_label, help="token label")
     card.add_argument("--idnat", required=True, help="idNat, e.g. 8 + RPPS (810002813839)")
     card.add_argument("--surname", required=True)
     card.add_argument("--given", required=True)
@@ -542,7 +557,7 @@ def _add_dev_card_commands(dev: argparse._SubParsersAction[argparse.ArgumentPars
     revoke = dev.add_parser(
         "revoke", help="list a test card in the dev CRL (its logins refused, sessions ended)"
     )
-    revoke.add_argument("--label", required=True, help="token label of the card")
+    revoke.add_argument("--label", required=True, type=_label, help="token label of the card")
     revoke.add_argument("--dir", type=Path, default=DEV_DIR, help="dev PKI directory (default certs/dev)")
     revoke.set_defaults(run=_dev_revoke)
 
@@ -659,15 +674,25 @@ def _card_login(args: argparse.Namespace) -> int:
         )
     except CardLoginError as error:
         print(f"card login failed: {error}", file=sys.stderr)
-        if module == tokens.SOFTHSM_MODULE and "SOFTHSM2_CONF" not in os.environ:
-            print(
-                "hint: SOFTHSM2_CONF is not set, so SoftHSM looks for tokens in its system configuration; the test"
-                f" cards of `gateway dev card` are in {DEV_DIR}/softhsm: SOFTHSM2_CONF={DEV_DIR}/softhsm/softhsm2.conf",
-                file=sys.stderr,
-            )
+        if module == tokens.SOFTHSM_MODULE:
+            _hint_at_softhsm2_conf(os.environ.get("SOFTHSM2_CONF"))
         return 1
     print(f"logged in as {subject}; session cookie in {args.cookie_jar}")
     return EXIT_OK
+
+
+def _hint_at_softhsm2_conf(conf: str | None) -> None:
+    if conf is None:
+        problem = "SOFTHSM2_CONF is not set, so SoftHSM looks for tokens in its system configuration"
+    elif not Path(conf).is_file():
+        problem = f"SOFTHSM2_CONF names {conf}, which is not a file"
+    else:
+        return
+    print(
+        f"hint: {problem}; the test cards of `gateway dev card` are in {DEV_DIR}/softhsm:"
+        f" SOFTHSM2_CONF={DEV_DIR}/softhsm/softhsm2.conf",
+        file=sys.stderr,
+    )
 
 
 PIN_ENV = "GATEWAY_CARD_PIN"

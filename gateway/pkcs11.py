@@ -58,7 +58,9 @@ def load_module(module_path: str = SOFTHSM_MODULE) -> Pkcs11Module:
             try:
                 _modules[module_path] = pkcs11.lib(module_path)
             except pkcs11.PKCS11Error as error:
-                raise TokenError(f"cannot load the PKCS#11 module {module_path}: {error}") from None
+                # SoftHSM's own initialisation failure (e.g. SOFTHSM2_CONF naming no file) has no message.
+                reason = str(error) or type(error).__name__
+                raise TokenError(f"cannot load the PKCS#11 module {module_path}: {reason}") from None
         return _modules[module_path]
 
 
@@ -79,6 +81,8 @@ def _find_token(label: str, module_path: str) -> pkcs11.Token:
             if attempt:
                 break
             lib.reinitialize()  # the token may have been created after the module was loaded
+        except pkcs11.MultipleTokensReturned:
+            raise TokenError(f"several tokens are labelled {label!r} in {module_path}") from None
     raise TokenError(f"no token labelled {label!r} in {module_path}")
 
 

@@ -857,9 +857,10 @@ def load_settings(
     file = str(path)
     try:
         text = path.read_text(encoding="utf-8")
-    except OSError as exc:
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
         raise ConfigErrors(
-            [ConfigError(file, None, "", f"cannot read the settings file: {exc.strerror}")]
+            [ConfigError(file, None, "", f"cannot read the settings file: {reason}")]
         ) from None
     document = parse_yaml(text, file)
     document = _substitute_environment(document, os.environ if environ is None else environ)

@@ -185,6 +185,13 @@ def no_traceback(result: subprocess.CompletedProcess[str]) -> str:
     return result.stderr
 
 
+def test_a_settings_file_that_is_not_utf8_text_is_named(tmp_path: Path) -> None:
+    (tmp_path / "gateway.yaml").write_bytes(b"server:\n  listen: \xff\xfe\n")
+    result = gateway("check", "--config", str(tmp_path / "gateway.yaml"))
+    assert result.returncode == 2
+    assert "gateway.yaml: (top level): cannot read the settings file: not UTF-8 text" in no_traceback(result)
+
+
 def test_audit_verify_of_a_missing_file_or_a_directory_says_so(tmp_path: Path) -> None:
     missing = gateway("audit", "verify", str(tmp_path / "nowhere.log"))
     assert missing.returncode == 64 and "no file" in no_traceback(missing)
@@ -248,6 +255,9 @@ def test_metrics_listen_has_no_default_because_nothing_listens_without_the_secti
     [
         ("policy", "explain", "GET", "/x", "--as", "card", "--auth-age", "soon"),
         ("dev", "portal", "--listen", "8081"),
+        ("dev", "portal", "--gateway", "gateway:8080"),
+        ("card", "login", "--url", "http://127.0.0.1:9", "--token-label", ""),
+        ("dev", "card", "--label", " ", "--idnat", "810002813899", "--surname", "N", "--given", "P"),
     ],
 )
 def test_a_malformed_option_is_a_usage_error(args: tuple[str, ...]) -> None:
@@ -351,6 +361,12 @@ def test_card_login_without_softhsm2_conf_hints_at_it(stack: CardStack, tmp_path
     assert login.returncode == 1
     told = no_traceback(login)
     assert "no token labelled 'test-doctor'" in told and "SOFTHSM2_CONF is not set" in told
+    misspelt = card_login(
+        stack, "test-doctor", tmp_path, env={**env, "SOFTHSM2_CONF": str(tmp_path / "nowhere")}
+    )
+    assert misspelt.returncode == 1
+    told = no_traceback(misspelt)
+    assert "cannot load the PKCS#11 module" in told and f"SOFTHSM2_CONF names {tmp_path / 'nowhere'}" in told
 
 
 def test_explain_of_a_malformed_url_says_so(config: Path) -> None:

@@ -72,3 +72,12 @@ def test_private_key_needs_the_pin(cards: CardSet) -> None:
     signature = tokens.sign(label, b"data", b"\x42", pin="4321")
     assert isinstance(public_key, ec.EllipticCurvePublicKey)
     public_key.verify(signature, b"data", ec.ECDSA(hashes.SHA256()))
+
+
+def test_two_tokens_with_one_label_are_named_never_a_traceback(cards: CardSet) -> None:
+    from gateway.devtools.cards import softhsm_env
+
+    for _ in range(2):  # two readers holding cards labelled alike: which one is meant cannot be guessed
+        tokens.init_softhsm_token("test-twin", "12345678", "4321", softhsm_env(cards.base_dir))
+    with pytest.raises(tokens.TokenError, match="several tokens are labelled 'test-twin'"):
+        tokens.token_certificates("test-twin")
