@@ -375,19 +375,22 @@ def two_key_token(
 ) -> tuple[ToolToken, dict[str, Path]]:
     """A CPS3-like token filled by pkcs11-tool: a signature key pair (CKA_ID 02, nonRepudiation) and an
     authentication one (CKA_ID 01), the signature certificate LISTED FIRST (the listing order follows the
-    token's object files, not the write order: the authentication certificate is rewritten until it comes
-    second, the case a first-listed pick gets wrong)."""
+    token's object files, not the write order: one certificate then the other is rewritten until the
+    authentication one comes second, the case a first-listed pick gets wrong; rewriting the same one can land
+    it in the same place every time)."""
     env = softhsm_config(tmp_path_factory.mktemp("two-key-softhsm"))
     token = tool_token(env, "tool-cps3")
     certificates = {
         "02": tool_pki.token_card(token, "cps", "0x0F02", key_id="02", profile="card_signature"),
         "01": tool_pki.token_card(token, "cps", "0x0F01", key_id="01"),
     }
-    for _ in range(20):
+    labels = {"01": "card_authentication certificate", "02": "card_signature certificate"}
+    for attempt in range(40):
         if token.certificate_ids() == ["02", "01"]:
             break
-        token.delete_certificate("01")
-        token.write_certificate(certificates["01"], "01", "card_authentication certificate")
+        key_id = ("01", "02")[attempt % 2]
+        token.delete_certificate(key_id)
+        token.write_certificate(certificates[key_id], key_id, labels[key_id])
     assert token.certificate_ids() == ["02", "01"]
     return token, certificates
 
