@@ -224,6 +224,8 @@ def test_the_gateway_rides_out_a_sentinel_failover_under_load(
             f"served again {recovered - killed:.2f} s after kill -9 of the master"
         )
         assert promoted == servers.replica.port
+        # Within seconds, by itself (docs/operations.md, "Measured limits": 2.3-2.7 s with these sentinels).
+        assert recovered - killed < 10
         assert load.errors == []
         # Nothing in between answered 500, and no session was lost (a lost one would answer 401): every
         # session was made, and had reached the replica, before the failover.

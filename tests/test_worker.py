@@ -28,17 +28,31 @@ from tests.support.processes import free_port, running
 def test_unfinished_heads_and_idle_connections_hold_no_thread(
     tmp_path: Path, upstream_url: str, assertion_key: Path
 ) -> None:
-    with (
-        serving(tmp_path, upstream_url, assertion_key, threads=4, header_timeout="60s") as (port, _),
-        stalled_connections(port, unfinished_heads=300, idle=300),
-    ):
-        # Four threads, 600 connections that asked for nothing yet: new clients are still served.
-        assert [status_of_get(port) for _ in range(20)] == [200] * 20
-        kept_alive = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
-        for _ in range(20):
-            kept_alive.request("GET", "/hello")
-            assert kept_alive.getresponse().read().startswith(b"<!doctype html>")
-        kept_alive.close()
+    with serving(tmp_path, upstream_url, assertion_key, threads=4, header_timeout="60s") as (port, _):
+        alone = _p99_of_gets(port)
+        with stalled_connections(port, unfinished_heads=300, idle=300):
+            # Four threads, 600 connections that asked for nothing yet: new clients are still served, as fast.
+            among_stalled = _p99_of_gets(port)
+            print(
+                f"\np99 of a new client's GET: {alone * 1000:.1f} ms alone, {among_stalled * 1000:.1f} ms among 600"
+            )
+            # 100 ms (issue 12's bound), unless the machine's load alone already makes the client that slow.
+            assert among_stalled < max(0.1, 3 * alone)
+            kept_alive = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+            for _ in range(20):
+                kept_alive.request("GET", "/hello")
+                assert kept_alive.getresponse().read().startswith(b"<!doctype html>")
+            kept_alive.close()
+
+
+def _p99_of_gets(port: int, count: int = 100) -> float:
+    """The 99th percentile of ``count`` GETs, each on a new connection (seconds); every one must answer 200."""
+    durations = []
+    for _ in range(count):
+        started = time.monotonic()
+        assert status_of_get(port) == 200
+        durations.append(time.monotonic() - started)
+    return sorted(durations)[int(count * 0.99) - 1]
 
 
 def test_a_request_head_must_be_complete_within_header_timeout(
