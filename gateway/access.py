@@ -187,12 +187,8 @@ def quota_spec(quota: Quota) -> QuotaSpec:
 def count_served(gateway: Gateway, served: list[ServedRequest]) -> None:
     """Count requests nginx served on quota rules (forward-auth's access stream), with the rules' current
     quotas; a rule that is gone or has no quota any more counts nothing."""
-    rules = {rule.name: rule for rule in gateway.policies.rules}
-    counted = []
-    for one in served:
-        rule = rules.get(one.rule_name)
-        if rule is not None and rule.quota is not None:
-            counted.append((one, quota_spec(rule.quota)))
+    specs = {rule.name: quota_spec(rule.quota) for rule in gateway.policies.rules if rule.quota is not None}
+    counted = [(one, specs[one.rule_name]) for one in served if one.rule_name in specs]
     if counted:
         gateway.quotas.count_served(counted)
 
