@@ -34,8 +34,15 @@ class Load:
 
 
 def wrk(
-    url: str, *, seconds: int, connections: int, threads: int = 1, headers: dict[str, str] | None = None
+    url: str,
+    *,
+    seconds: int,
+    connections: int,
+    threads: int = 1,
+    headers: dict[str, str] | None = None,
+    script: Path | None = None,
 ) -> Load:
+    """One wrk run; ``script``: a wrk Lua script (e.g. a new request target each time)."""
     argv = [
         "wrk",
         "--latency",
@@ -50,6 +57,8 @@ def wrk(
     ]
     for name, value in (headers or {}).items():
         argv += ["-H", f"{name}: {value}"]
+    if script is not None:
+        argv += ["-s", str(script)]
     output = subprocess.run(
         [*argv, url], capture_output=True, text=True, check=True, timeout=seconds + 30
     ).stdout
