@@ -65,6 +65,35 @@ def test_refuses_duplicate_label_and_unknown_profession(softhsm_cards: CardSet) 
         create_card(softhsm_cards.base_dir, "test-new", "810000000001", "X", "Y", "99")
 
 
+def test_a_signature_key_makes_a_two_key_token_like_a_cps3_card(softhsm_cards: CardSet) -> None:
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import padding
+
+    from gateway import pkcs11 as tokens
+    from gateway.authn.card.client import authentication_certificate
+
+    card = create_card(
+        softhsm_cards.base_dir, "test-cps3", "810002813870", "X", "Y", "10", signature_key=True
+    )
+    (listed,) = [info for info in list_cards(softhsm_cards.base_dir) if info.label == "test-cps3"]
+    by_id = {c.key_id: x509.load_der_x509_certificate(c.der) for c in listed.certificates}
+    assert card.signature_key_id is not None and set(by_id) == {card.key_id, card.signature_key_id}
+    usages = {key_id: certificate.extensions.get_extension_for_class(x509.KeyUsage).value
+              for key_id, certificate in by_id.items()}  # fmt: skip
+    assert usages[card.key_id].digital_signature and not usages[card.key_id].content_commitment
+    assert (
+        usages[card.signature_key_id].content_commitment
+        and not usages[card.signature_key_id].digital_signature
+    )
+    # Whatever the listing order, the authentication certificate is the one `gateway card login` signs with...
+    for order in (listed.certificates, listed.certificates[::-1]):
+        assert authentication_certificate(order, "test-cps3").key_id == card.key_id
+    # ... and each certificate is paired with its own key on the token (same CKA_ID).
+    for key_id, certificate in by_id.items():
+        signature = tokens.sign("test-cps3", b"data", key_id, pin="1234")
+        certificate.public_key().verify(signature, b"data", padding.PKCS1v15(), hashes.SHA256())  # type: ignore[call-arg,union-attr]
+
+
 def test_certificate_public_key_is_the_token_key(softhsm_cards: CardSet) -> None:
     from gateway.pkcs11 import read_public_key
 
