@@ -336,6 +336,7 @@ class QuotaGuard:
         else:
             self._redis = redis_client(storage_uri, timeout=socket_timeout)
             self._script = self._redis.register_script(_QUOTA_SCRIPT)
+            self._pool = self._redis.connection_pool
 
     def check_and_count(
         self,
@@ -362,18 +363,18 @@ class QuotaGuard:
         else:
             assert self._redis is not None
             try:
-                result = self._script(
-                    keys=[f"{base}:log", f"{base}:read", f"{base}:breach"],
-                    args=[
-                        repr(now),
-                        f"({now - window!r}",
-                        window * 1000,
-                        max_requests,
-                        max_distinct,
-                        resource_key or "",
-                        member,
-                        repr(now + window),
-                    ],
+                result = self._evalsha(
+                    f"{base}:log",
+                    f"{base}:read",
+                    f"{base}:breach",
+                    repr(now),
+                    f"({now - window!r}",
+                    window * 1000,
+                    max_requests,
+                    max_distinct,
+                    resource_key or "",
+                    member,
+                    repr(now + window),
                 )
             except redis.RedisError as exc:
                 raise _unavailable(exc) from None
@@ -384,6 +385,27 @@ class QuotaGuard:
         return QuotaVerdict(
             False, Reason.QUOTA_EXCEEDED, max(1, math.ceil(wait)), requests, distinct, started
         )
+
+    def _evalsha(self, *keys_and_args: Any) -> Any:
+        """The quota script on a pooled connection, its three keys first: what redis-py's Script call does
+        (a reconnection if the connection died, the script loaded again if Redis forgot it) without its
+        layers, a third of the decision's Redis cost. As the client's retry policy: one new attempt."""
+        for attempt in (1, 2):
+            connection = self._pool.get_connection()
+            try:
+                connection.send_command("EVALSHA", self._script.sha, 3, *keys_and_args)
+                return connection.read_response()
+            except redis.exceptions.NoScriptError:
+                if attempt == 2:
+                    raise
+                self._script.sha = self._script.registered_client.script_load(_QUOTA_SCRIPT)
+            except (redis.ConnectionError, redis.TimeoutError):
+                connection.disconnect()
+                if attempt == 2:
+                    raise
+            finally:
+                self._pool.release(connection)
+        raise AssertionError("unreachable")
 
     def count_served(self, served: Iterable[tuple[ServedRequest, QuotaSpec]]) -> None:
         """Count requests that were served (forward-auth's access stream: nginx may serve a granted resource
