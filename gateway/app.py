@@ -79,8 +79,10 @@ def create_app(
     app.extensions[_LIMITER] = limiter
     login_rate = limiter.limit(
         settings.limits.login_requests_per_ip,
-        # PSC's servers call the back-channel endpoint: it has a limit of its own, never the browsers'.
-        exempt_when=lambda: request.endpoint == ecps.BACKCHANNEL_LOGOUT_ENDPOINT,
+        # PSC's servers call the back-channel endpoint: it has a limit of its own, never the browsers'. PSC's
+        # redirect back answers a login start the limits counted; another site can send a browser there
+        # with any state, and such a callback is refused without counting (endpoints/ecps.py).
+        exempt_when=lambda: request.endpoint in _NOT_RATE_LIMITED,
     )
     if settings.ecps is not None and gateway.ecps is not None:
         _wire_ecps(app, settings.ecps.login_cookie_secret)
@@ -178,6 +180,7 @@ def _refuse_bad_target() -> Response | None:
 
 
 _LIMITER = "gateway_login_limiter"
+_NOT_RATE_LIMITED = frozenset({ecps.BACKCHANNEL_LOGOUT_ENDPOINT, ecps.CALLBACK_ENDPOINT})
 
 
 def _too_many_requests(error: Exception) -> Response:

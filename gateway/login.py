@@ -13,7 +13,7 @@ from gateway import metrics
 from gateway.identity import Identity
 from gateway.limits import LimitsUnavailable
 from gateway.policy.decision import Reason
-from gateway.policy.origin import is_cross_site, is_cross_site_subresource
+from gateway.policy.origin import is_cross_site, is_embedded_by_another_site
 from gateway.runtime import LOGIN_COOKIE_NAME, Gateway, audit_event, client_ip, gateway_of, refuse, see_other
 from gateway.sessions import Session
 
@@ -172,10 +172,15 @@ def refuse_cross_site_logins() -> Response | None:
             detail = "not application/json" if not cross_site else "sent by another site"
             return _refuse_uncounted(Reason.CROSS_SITE_REQUEST, detail, as_json=True)
     elif endpoint in _NAVIGATION_STEPS:
-        if is_cross_site_subresource(
-            request.headers.get("Sec-Fetch-Site"), request.headers.get("Sec-Fetch-Mode")
+        headers = request.headers
+        if is_embedded_by_another_site(
+            headers.get("Sec-Fetch-Site"),
+            headers.get("Sec-Fetch-Mode"),
+            headers.get("Sec-Fetch-Dest"),
+            headers.get("Sec-Purpose") or headers.get("Purpose"),
         ):
-            return _refuse_uncounted(Reason.CROSS_SITE_REQUEST, "another site's page fetched a login step")
+            detail = "a login step loaded by another site's page (not a top-level navigation) or prefetched"
+            return _refuse_uncounted(Reason.CROSS_SITE_REQUEST, detail)
         if endpoint == "gateway_ecps.callback" and LOGIN_COOKIE_NAME not in request.cookies:
             # PSC's answer for a login this browser never started (or whose cookie expired): nothing to check.
             return _refuse_uncounted(Reason.STATE_MISMATCH, "callback without the login cookie")

@@ -291,7 +291,7 @@ class LimitsSettings(_Section):
     )
     login_requests_per_ip: str = Field(
         "120/minute",
-        description="Requests of any kind to the login endpoints per client IP (flask-limiter; e.g. challenges).",
+        description="Requests to the login endpoints per client IP (flask-limiter; e.g. challenges), but PSC's callback.",
     )
     login_attempts_per_ip: str = Field("20/minute", description="Login attempts allowed per client IP.")
     backchannel_logout_requests_per_ip: str = Field(

@@ -32,6 +32,7 @@ from gateway.runtime import (
 from gateway.sessions import SessionStoreUnavailable, psc_sid_tag, psc_sub_tag
 
 CALLBACK_PATH = "/ecps/callback"
+CALLBACK_ENDPOINT = "gateway_ecps.callback"
 BACKCHANNEL_LOGOUT_PATH = "/ecps/backchannel-logout"
 BACKCHANNEL_LOGOUT_ENDPOINT = "gateway_ecps.backchannel_logout"
 
@@ -101,8 +102,11 @@ def complete_login() -> Response:
     return response
 
 
-#: Failures that count towards a ban: forged or replayed answers. A cancelled login or PSC being down does not.
-_SUSPICIOUS = frozenset({Reason.TOKEN_INVALID, Reason.STATE_MISMATCH, Reason.ACR_NOT_ACCEPTED})
+#: Failures that count towards a ban: answers to THIS browser's login (its state matched) that do not verify.
+#: A state mismatch does not: another site can send any browser here with a forged state, and counting it
+#: would let that site ban the address of a whole hospital NAT; the adapter ends the browser's pending
+#: logins instead, so no guess is ever answered. Nor does a cancelled login or PSC being down.
+_SUSPICIOUS = frozenset({Reason.TOKEN_INVALID, Reason.ACR_NOT_ACCEPTED})
 
 
 def backchannel_logout() -> Response:

@@ -34,10 +34,20 @@ def is_cross_site(method: str, origin: str | None, fetch_site: str | None, trust
 _OTHER_SITES = frozenset({"cross-site", "same-site"})
 
 
-def is_cross_site_subresource(fetch_site: str | None, fetch_mode: str | None) -> bool:
-    """True for a request another site's page made WITHOUT navigating to it (an ``<img>``, a script, a
-    fetch): never how a professional reaches a login step, always how a page would spend a hospital NAT's
-    login budget."""
+def is_embedded_by_another_site(
+    fetch_site: str | None, fetch_mode: str | None, fetch_dest: str | None, purpose: str | None = None
+) -> bool:
+    """True for a request another site's page made other than by navigating the whole tab or window to it:
+    an ``<img>``, a script, a fetch (Sec-Fetch-Mode not ``navigate``), an ``<iframe>``, ``<object>`` or
+    ``<embed>`` (Sec-Fetch-Dest not ``document``), or a prefetch (``Sec-Purpose``). Never how a professional
+    reaches a login step (a link, PSC's redirect back, a typed address), always how a page could spend a
+    hospital NAT's login budget unseen, a hundred frames at a time. A missing Sec-Fetch-Mode with a
+    Sec-Fetch-Site is no browser's (they shipped together): refused; a missing Sec-Fetch-Dest is Chrome
+    before 80 (it came later): judged by the mode."""
+    if purpose is not None and "prefetch" in purpose.lower():
+        return True  # a speculative load, maybe of another site's choosing: never a login
     if fetch_site is None or fetch_site.strip().lower() not in _OTHER_SITES:
         return False
-    return fetch_mode is not None and fetch_mode.strip().lower() != "navigate"
+    if fetch_mode is None or fetch_mode.strip().lower() != "navigate":
+        return True
+    return fetch_dest is not None and fetch_dest.strip().lower() != "document"

@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import unquote, urlencode, urljoin
+from urllib.parse import unquote, urlencode, urljoin, urlsplit
 from uuid import uuid4
 
 import pytest
@@ -37,11 +37,11 @@ from gateway.sessions import RedisSessionStore
 from tests.support.audit import audit_records
 from tests.support.card_stack import card_settings
 from tests.support.config import write_config
-from tests.support.ecps import ECPS_SECRETS, IDENTITIES, ecps_settings, gateway_registration
+from tests.support.ecps import DOCTOR, ECPS_SECRETS, IDENTITIES, ecps_settings, gateway_registration
 from tests.support.gateways import serve_argv
 from tests.support.nginx import FORWARD_AUTH_TEMPLATE, running_nginx
 from tests.support.processes import REPO_ROOT, free_port, running, wait_until
-from tests.support.psc import running_psc
+from tests.support.psc import PscServer, running_psc
 from tests.support.raw_http import CLIENT_ADDRESS, RawResponse, raw_request
 from tests.support.recording_upstream import CASE_HEADER, received
 from tests.support.redis import redis_server
@@ -158,15 +158,15 @@ def planes(tmp_path_factory: pytest.TempPathFactory, assertion_key: Path) -> Ite
         yield both
 
 
-#: Login budgets small enough that a few counted requests show: 3 failures ban, 4 attempts a minute.
-LOGIN_LIMITS = {"login_requests_per_ip": "12/minute", "login_attempts_per_ip": "4/minute", "ban_after": 3}
+#: Login budgets small enough that a few counted requests show: 3 failures ban, 6 attempts a minute.
+LOGIN_LIMITS = {"login_requests_per_ip": "12/minute", "login_attempts_per_ip": "6/minute", "ban_after": 3}
 CARD_ORIGIN = "https://card.example:8443"
 
 
 @pytest.fixture(scope="module")
 def login_planes(
     tmp_path_factory: pytest.TempPathFactory, assertion_key: Path, dev_pki: DevPki
-) -> Iterator[dict[str, Plane]]:
+) -> Iterator[tuple[dict[str, Plane], PscServer]]:
     """Both planes of a gateway with card and e-CPS login (the PSC stand-in) and small login budgets."""
     directory = tmp_path_factory.mktemp("parity-login")
     gateway_port = free_port()
@@ -178,12 +178,17 @@ def login_planes(
             "limits": LOGIN_LIMITS,
         }
         with running_planes(directory, assertion_key, extra, ECPS_SECRETS, gateway_port) as both:
-            yield both
+            yield both, psc
 
 
 @pytest.fixture(params=["proxy", "forward_auth"])
-def login_plane(request: pytest.FixtureRequest, login_planes: dict[str, Plane]) -> Plane:
-    return login_planes[request.param]
+def login_plane(request: pytest.FixtureRequest, login_planes: tuple[dict[str, Plane], PscServer]) -> Plane:
+    return login_planes[0][request.param]
+
+
+@pytest.fixture
+def psc(login_planes: tuple[dict[str, Plane], PscServer]) -> PscServer:
+    return login_planes[1]
 
 
 @pytest.fixture(params=["proxy", "forward_auth"])
@@ -578,3 +583,92 @@ def test_the_portal_and_the_audit_trail_share_the_request_id(plane: Plane) -> No
 
     wait_until(lambda: bool(recorded()), timeout=10, what="the access recorded")
     assert [(e["path"], e["decision"]) for e in recorded()] == [(f"/patients/{NIR}", "allow")]
+
+
+# --- Login budgets: what another site's page can make a browser send ----------------------------------------
+
+#: How a page of another site can load a URL without navigating the tab to it.
+EMBEDDED = {
+    "iframe": [
+        ("Sec-Fetch-Site", "cross-site"),
+        ("Sec-Fetch-Mode", "navigate"),
+        ("Sec-Fetch-Dest", "iframe"),
+    ],
+    "image": [("Sec-Fetch-Site", "cross-site"), ("Sec-Fetch-Mode", "no-cors"), ("Sec-Fetch-Dest", "image")],
+    "prefetch": [
+        ("Sec-Purpose", "prefetch"),
+        ("Sec-Fetch-Site", "cross-site"),
+        ("Sec-Fetch-Mode", "navigate"),
+        ("Sec-Fetch-Dest", "document"),
+    ],
+}
+#: A link on another site's page (or PSC's redirect back), followed in the tab itself.
+TOP_LEVEL = [
+    ("Sec-Fetch-Site", "cross-site"),
+    ("Sec-Fetch-Mode", "navigate"),
+    ("Sec-Fetch-Dest", "document"),
+    ("Accept", "text/html"),
+]
+LOGIN_STARTS = ("/.gateway/login/ecps?next=/account/profile", "/.gateway/card/start?next=/account/profile")
+
+
+def _set_cookies(response: RawResponse) -> dict[str, str]:
+    """The cookies a browser keeps from ``response`` (name -> value; "" for one it must delete)."""
+    kept = {}
+    for header in response.all("Set-Cookie"):
+        name, _, rest = header.partition("=")
+        value, _, attributes = rest.partition(";")
+        kept[name] = "" if "max-age=0" in attributes.lower().replace(" ", "") else value
+    return kept
+
+
+def _login_events(plane: Plane, reason: str) -> list[dict[str, Any]]:
+    return [e for e in plane.audit() if e["event"] == "login" and e.get("reasons") == [reason]]
+
+
+def test_another_site_framing_the_login_starts_spends_no_login_budget(
+    login_plane: Plane, psc: PscServer
+) -> None:
+    """48 login starts from a hospital NAT, every one loaded by another site's page (frames, images,
+    prefetches): each refused uncounted, four times over every budget; a real login starts after them."""
+    refused_before = len(_login_events(login_plane, "cross_site_request"))
+    for _ in range(8):
+        for kind, headers in EMBEDDED.items():
+            for start in LOGIN_STARTS:
+                response, _ = login_plane.send(start, [*headers, ("Accept", "text/html")])
+                assert (response.status, response.header("X-Gateway-Reason")) == (
+                    403,
+                    "cross_site_request",
+                ), kind
+    assert len(_login_events(login_plane, "cross_site_request")) - refused_before == 48
+    # The professional behind the same address follows a link to the login: PSC is asked, the card host too.
+    ecps, _ = login_plane.send(LOGIN_STARTS[0], TOP_LEVEL)
+    assert ecps.status == 302 and (ecps.header("Location") or "").startswith(psc.issuer)
+    card, _ = login_plane.send(LOGIN_STARTS[1], TOP_LEVEL)
+    assert card.status == 303 and (card.header("Location") or "").startswith(CARD_ORIGIN)
+
+
+def test_forged_state_callbacks_never_ban_and_end_the_login_they_aim_at(
+    login_plane: Plane, psc: PscServer
+) -> None:
+    started, _ = login_plane.send(LOGIN_STARTS[0], TOP_LEVEL)
+    assert started.status == 302
+    login_cookie = "; ".join(f"{k}={v}" for k, v in _set_cookies(started).items())
+    approved = urlsplit(psc.approve(started.header("Location") or "", DOCTOR))
+    # Another site sends the browser (its login cookie with it) back with states of its own, again and again.
+    forged = [*TOP_LEVEL, ("Cookie", login_cookie)]
+    for _ in range(5):
+        response, _ = login_plane.send("/.gateway/ecps/callback?code=stolen&state=guessed", forged)
+        assert (response.status, response.header("X-Gateway-Reason")) == (400, "state_mismatch")
+        assert _set_cookies(response).get("__Host-gateway-login") == ""  # the pending login ends
+    # PSC's real answer to that login is refused now, even with a copy of the old login cookie.
+    late, _ = login_plane.send(f"{approved.path}?{approved.query}", forged)
+    assert (late.status, late.header("X-Gateway-Reason")) == (400, "state_mismatch")
+    assert not [e for e in login_plane.audit() if e["event"] == "ban"]
+    # The address is neither banned nor out of budget: the professional logs in.
+    again, _ = login_plane.send(LOGIN_STARTS[0], TOP_LEVEL)
+    assert again.status == 302, again.header("X-Gateway-Reason")
+    callback = urlsplit(psc.approve(again.header("Location") or "", DOCTOR))
+    cookie = "; ".join(f"{k}={v}" for k, v in _set_cookies(again).items())
+    done, _ = login_plane.send(f"{callback.path}?{callback.query}", [*TOP_LEVEL, ("Cookie", cookie)])
+    assert done.status == 303 and _set_cookies(done).get(COOKIE)

@@ -253,17 +253,25 @@ def test_logout_needs_the_csrf_token(world: EcpsWorld) -> None:
     assert (audit["idnat"], audit["decision"], audit["reasons"]) == (DOCTOR, "allow", ["logout"])
 
 
-def test_repeated_forged_callbacks_ban_the_client(
+def test_answers_to_this_browsers_login_that_do_not_verify_ban_the_client_forged_states_never(
     tmp_path: Path, upstream_url: str, assertion_key: Path
 ) -> None:
     limits = {"ban_after": 3, "ban_window": "10m", "ban_duration": "15m"}
     with running_ecps_world(tmp_path, upstream_url, assertion_key, limits=limits) as strict:
         browser = Browser()
-        # A browser with a login in progress (its login cookie) answering with forged states: counted.
-        browser.get(strict.gateway_url + "/.gateway/login/ecps", params={"next": "/"})
+        # A browser with a login in progress sent back with forged states (another site can do that):
+        # refused, its pending login ended, nothing counted.
         forged = f"{strict.gateway_url}/.gateway/ecps/callback?code=stolen&state=guessed"
-        for _ in range(3):
+        for _ in range(4):
+            browser.get(strict.gateway_url + "/.gateway/login/ecps", params={"next": "/"})
             assert browser.get(forged).headers["X-Gateway-Reason"] == "state_mismatch"
+            assert LOGIN_COOKIE not in browser.cookies
+        assert not [e for e in strict.audit_events() if e["event"] == "ban"]
+        # Answers to ITS login (the state matched) whose tokens do not verify: counted, then banned.
+        strict.psc.set_faults(bad_signature=True)
+        for _ in range(3):
+            callback = callback_after_approval(strict, browser, "/", DOCTOR)
+            assert browser.get(callback).headers["X-Gateway-Reason"] == "token_invalid"
         banned = browser.get(strict.gateway_url + "/.gateway/login/ecps", params={"next": "/"})
         assert_refused(banned, 429, "banned", "Identification temporairement bloquée")
         assert 890 <= int(banned.headers["Retry-After"]) <= 901  # ceil of the ban end

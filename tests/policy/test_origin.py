@@ -11,7 +11,7 @@ from flask import Flask
 
 from gateway.config_source import ConfigErrors
 from gateway.policy.loader import load_policies
-from gateway.policy.origin import is_cross_site
+from gateway.policy.origin import is_cross_site, is_embedded_by_another_site
 from tests.support.apps import gateway_app, logged_in
 from tests.support.audit import audit_records
 from tests.support.config import TEST_POLICIES
@@ -45,6 +45,33 @@ TRUSTED = frozenset({PORTAL, "https://partenaire.example.fr"})
 )
 def test_is_cross_site(method: str, origin: str | None, site: str | None, refused: bool) -> None:
     assert is_cross_site(method, origin, site, TRUSTED) is refused
+
+
+@pytest.mark.parametrize(
+    ("site", "mode", "dest", "purpose", "embedded"),
+    [
+        ("cross-site", "navigate", "document", None, False),  # a link followed, PSC's redirect back
+        ("same-site", "navigate", "document", None, False),  # the card host sending the browser back
+        ("cross-site", "navigate", None, None, False),  # Chrome before 80: no Sec-Fetch-Dest yet
+        ("cross-site", "navigate", "iframe", None, True),
+        ("cross-site", "navigate", "frame", None, True),
+        ("same-site", "navigate", "iframe", None, True),  # a sibling sub-domain is another site
+        ("cross-site", "navigate", "object", None, True),
+        ("cross-site", "navigate", "embed", None, True),
+        ("cross-site", "no-cors", "image", None, True),
+        ("cross-site", "cors", "empty", None, True),
+        ("cross-site", None, None, None, True),  # browsers send the two together
+        ("cross-site", "navigate", "document", "prefetch", True),  # speculation rules
+        ("same-origin", "navigate", "document", "prefetch;prerender", True),
+        ("same-origin", "navigate", "iframe", None, False),  # the portal's own page
+        ("none", "navigate", "document", None, False),  # typed or bookmarked
+        (None, None, None, None, False),  # no browser
+    ],
+)
+def test_is_embedded_by_another_site(
+    site: str | None, mode: str | None, dest: str | None, purpose: str | None, embedded: bool
+) -> None:
+    assert is_embedded_by_another_site(site, mode, dest, purpose) is embedded
 
 
 POLICIES = TEST_POLICIES + (

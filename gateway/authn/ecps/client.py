@@ -422,12 +422,23 @@ class ProSanteConnect:
         if state:
             framework.clear_state_data(session, state)  # single-use, even when the rest fails
         if not data:
+            self._drop_pending_logins()
             raise EcpsError(Reason.STATE_MISMATCH, "missing or unknown state")
         if not self._first_use("state", state, self.login_timeout + self.leeway):
+            self._drop_pending_logins()
             raise EcpsError(Reason.STATE_MISMATCH, "state already used")
         if self._clock() - float(data.get("requested_at", 0)) > self.login_timeout:
             raise EcpsError(Reason.STATE_MISMATCH, "login request expired")
         return dict(data)
+
+    def _drop_pending_logins(self) -> None:
+        """An answer naming no login of this browser (another site may send it here with a forged state):
+        every login the browser has pending ends, its state spent in the single-use store too, so that no
+        copy of the login cookie can complete one after such a guess."""
+        prefix = f"_state_{self.name}_"
+        for key in [key for key in session if key.startswith(prefix)]:
+            self._first_use("state", key.removeprefix(prefix), self.login_timeout + self.leeway)
+            session.pop(key, None)
 
     def _refuse_error_callback(self) -> None:
         error = request.args.get("error")
