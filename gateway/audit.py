@@ -135,6 +135,11 @@ def canonical(record: Mapping[str, Any]) -> bytes:
     return json.dumps(record, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
 
 
+def _json_object(*members: bytes) -> bytes:
+    """A JSON object from its canonical members (``"key":value``), in the order given; empty ones skipped."""
+    return b"{" + b",".join(member for member in members if member) + b"}"
+
+
 def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
@@ -164,7 +169,10 @@ def read_audit_key(path: str | os.PathLike[str]) -> AuditKey:
 
 def _seal(unsealed: Mapping[str, Any], key: AuditKey | None) -> str:
     """The ``hash`` field of a record: SHA-256 of its canonical JSON, or HMAC-SHA256 under ``key``."""
-    data = canonical(unsealed)
+    return _seal_canonical(canonical(unsealed), key)
+
+
+def _seal_canonical(data: bytes, key: AuditKey | None) -> str:
     if key is None:
         return _sha256(data)
     return hmac.new(key.secret, data, hashlib.sha256).hexdigest()
@@ -380,8 +388,12 @@ class AuditLog:
         record = {**body, "seq": seq, "prev": prev}
         if self._key is not None:
             record["kid"] = self._key.kid
-        record["hash"] = _seal(record, self._key)
-        return record, canonical(record)
+        # canonical(record) is the members before "hash", "hash", the members after it (keys sorted): each
+        # half is encoded once for both the seal and the line, not the whole record twice.
+        before = canonical({name: value for name, value in record.items() if name < "hash"})[1:-1]
+        after = canonical({name: value for name, value in record.items() if name > "hash"})[1:-1]
+        record["hash"] = seal = _seal_canonical(_json_object(before, after), self._key)
+        return record, _json_object(before, b'"hash":"' + seal.encode("ascii") + b'"', after)
 
     def _append_to_stream(self, body: dict[str, Any]) -> dict[str, Any]:
         assert self._stream is not None

@@ -77,6 +77,29 @@ def test_records_have_the_documented_shape_and_the_chain_verifies(tmp_path: Path
     assert result.ok and result.lines == 6 and result.first_broken_line is None
 
 
+@pytest.mark.parametrize("keyed", [False, True], ids=["sha256", "hmac"])
+def test_each_line_is_the_canonical_json_of_its_record_and_its_seal(tmp_path: Path, keyed: bool) -> None:
+    """Lines are put together from the halves of the record around "hash": byte for byte canonical()."""
+    key_file = tmp_path / "audit.key"
+    key_file.write_text(secrets.token_hex(32))
+    log_path = tmp_path / "audit.jsonl"
+    fields = [
+        {},  # only the standard fields
+        {"aaa": 1, "hash_like": "x", "ha": "é", "zz": {"hash": "nested", "a": [1, {"z": 0, "b": None}]}},
+        {"h": '"hash":"forged"', "hasg": 1.5, "hasi": True},
+    ]
+    with AuditLog(log_path, key_file=key_file if keyed else None) as log:
+        for extra in fields:
+            log.record("decision", now=T0, **extra)
+    lines = log_path.read_bytes().splitlines()
+    for line in lines:
+        record = json.loads(line)
+        assert line == canonical(record)
+        unsealed = {name: value for name, value in record.items() if name != "hash"}
+        assert record["hash"] == _seal(unsealed, read_audit_key(key_file) if keyed else None)
+    assert verify_audit_file(log_path, keys=[read_audit_key(key_file)] if keyed else ()).ok
+
+
 def test_appending_from_a_new_log_object_continues_the_chain(tmp_path: Path) -> None:
     log_path = tmp_path / "audit.jsonl"
     write_log(log_path, 3)
