@@ -67,27 +67,38 @@ def run_demo() -> int:
     python = sys.executable
     subprocess.run([python, "-m", "gateway.cli", "dev", "init"], check=True)
     settings = load_settings(DEFAULT_SETTINGS_FILE)
+    addresses = _addresses(settings)
+    taken = [f"{name} ({address})" for name, address in addresses.items() if _accepts(address)]
+    if taken:
+        # Else the wait below would take another program's socket for the demo's and announce a demo that is
+        # not the one running.
+        print(
+            f"\n  The demo did not start: already in use: {', '.join(taken)}. Another demo still running?"
+            " Stop it (Ctrl-C in its terminal) or free these ports.",
+            file=sys.stderr,
+        )
+        return 1
     cards = _demo_card(settings)
     listeners: list[Listener] = []
     with contextlib.ExitStack() as children:
         portal = children.enter_context(
-            child([python, "-m", "gateway.cli", "dev", "portal", "--listen", _address(settings.upstream.url)])
+            child([python, "-m", "gateway.cli", "dev", "portal", "--listen", addresses["demo portal"]])
         )
-        listeners.append(Listener("demo portal", portal, _address(settings.upstream.url)))
-        if settings.ecps is not None:
+        listeners.append(Listener("demo portal", portal, addresses["demo portal"]))
+        if "Pro Santé Connect stand-in" in addresses:
             psc = children.enter_context(child(psc_stand_in_argv(python, settings)))
             listeners.append(
-                Listener("Pro Santé Connect stand-in", psc, _address(settings.ecps.metadata_url))
+                Listener("Pro Santé Connect stand-in", psc, addresses["Pro Santé Connect stand-in"])
             )
-        if settings.card is not None and shutil.which("nginx"):
+        if "nginx card host" in addresses:
             nginx = children.enter_context(child(card_host_argv(settings)))
-            listeners.append(Listener("nginx card host", nginx, _address(settings.card.login_origin)))
+            listeners.append(Listener("nginx card host", nginx, addresses["nginx card host"]))
         # In the terminal's process group: Ctrl-C reaches gunicorn's master directly, which stops its workers.
         gateway = subprocess.Popen([python, "-m", "gateway.cli", "serve"], stdin=subprocess.DEVNULL)
         try:
-            listeners.append(Listener("gateway", gateway, settings.server.listen))
-            if settings.metrics is not None:
-                listeners.append(Listener("gateway metrics", gateway, settings.metrics.listen))
+            listeners.append(Listener("gateway", gateway, addresses["gateway"]))
+            if "gateway metrics" in addresses:
+                listeners.append(Listener("gateway metrics", gateway, addresses["gateway metrics"]))
             failed = _wait_until_listening(listeners)
             if failed:
                 print(f"\n  The demo did not start: {failed} (see the messages above).", file=sys.stderr)
@@ -108,15 +119,36 @@ def _address(url: str) -> str:
     return f"{parts.hostname}:{parts.port or default}"
 
 
+def _addresses(settings: Settings) -> dict[str, str]:
+    """Every address the demo's processes will listen on, by the name its messages give them."""
+    addresses = {"demo portal": _address(settings.upstream.url)}
+    if settings.ecps is not None:
+        addresses["Pro Santé Connect stand-in"] = _address(settings.ecps.metadata_url)
+    if settings.card is not None and shutil.which("nginx"):
+        addresses["nginx card host"] = _address(settings.card.login_origin)
+    addresses["gateway"] = settings.server.listen
+    if settings.metrics is not None:
+        addresses["gateway metrics"] = settings.metrics.listen
+    return addresses
+
+
+def _accepts(address: str) -> bool:
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host, int(port)), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
 def _wait_until_listening(listeners: list[Listener], timeout: float = START_TIMEOUT) -> str | None:
     """None once every listener accepts connections, else what went wrong."""
     deadline = time.monotonic() + timeout
     for listener in listeners:
-        host, _, port = listener.address.rpartition(":")
         while True:
             if listener.process.poll() is not None:
                 return f"the {listener.name} exited with status {listener.process.returncode}"
-            with contextlib.suppress(OSError), socket.create_connection((host, int(port)), timeout=0.5):
+            if _accepts(listener.address):
                 break
             if time.monotonic() > deadline:
                 return f"the {listener.name} is not listening on {listener.address} after {timeout:.0f} s"

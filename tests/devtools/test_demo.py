@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 import subprocess
 from pathlib import Path
 
@@ -99,3 +100,19 @@ def test_demo_says_it_is_up_once_everything_listens_and_its_commands_run_as_prin
     assert "Traceback" not in output
     assert not re.search(r"eyJ[\w-]{10,}", output), "a token (JWT) was printed"
     assert not re.search(r"code=[\w-]{8,}", output), "an authorization code was printed"
+
+
+def test_demo_refuses_to_start_while_one_of_its_ports_is_taken(tmp_path: Path) -> None:
+    # Another program on the demo portal's port would answer in the demo portal's place: the demo must not
+    # announce itself up (its banner) over a process that is not its own.
+    here = tmp_path / "somewhere"
+    here.mkdir()
+    log = tmp_path / "demo.log"
+    with demo_ports(), socket.create_server(("127.0.0.1", DEMO_PORTS["demo portal"])):
+        with running_demo(here, log) as demo:
+            demo.wait(60)
+        output = log.read_text(errors="replace")
+        assert demo.returncode == 1, output
+        assert "already in use: demo portal (127.0.0.1:8081)" in output and UP not in output
+        assert "Traceback" not in output
+        assert not [name for name, port in DEMO_PORTS.items() if port != 8081 and listening(port)]
