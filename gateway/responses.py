@@ -235,5 +235,19 @@ def duration_in_words(_: Wording, seconds: float) -> str:
     )
 
 
+#: The longest destination a login carries back: the login link travels in a header nginx reads into one
+#: buffer with the rest of the answer's head (forward-auth; ``proxy_buffer_size``, 4 KiB by default), where
+#: percent-encoding may triple it, and the e-CPS login cookie must stay under a browser's 4 KB.
+MAX_NEXT_PATH = 1024
+
+
+def bounded_next_path(next_path: str) -> str:
+    """``next_path``, without its query when that makes it too long, or ``/`` when its path alone is."""
+    if len(next_path) <= MAX_NEXT_PATH:
+        return next_path
+    path = next_path.partition("?")[0]
+    return path if len(path) <= MAX_NEXT_PATH else "/"
+
+
 def login_link(base: str, next_path: str) -> str:
-    return f"{base}?next={quote(next_path, safe='/')}"
+    return f"{base}?next={quote(bounded_next_path(next_path), safe='/')}"

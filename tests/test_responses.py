@@ -17,7 +17,7 @@ from gateway.app import create_app
 from gateway.devtools.pki import DevPki
 from gateway.i18n import wording
 from gateway.identity import LoginMethod
-from gateway.responses import duration_in_words
+from gateway.responses import MAX_NEXT_PATH, bounded_next_path, duration_in_words
 from gateway.runtime import gateway_of
 from gateway.settings import load_settings
 from tests.support.card_stack import card_settings
@@ -299,3 +299,9 @@ def test_french_pages_keep_their_punctuation_on_the_line(client: FlaskClient) ->
     refused = page(client, "/patients/180017512345678", "fr")
     assert refused.reference.startswith("Référence\u00a0:")
     assert not re.search(r" [:;?!]", refused.text + refused.reference), refused.text
+
+
+def test_a_destination_too_long_for_a_login_link_loses_its_query_then_its_path() -> None:
+    assert bounded_next_path("/a?" + "q" * 100) == "/a?" + "q" * 100
+    assert bounded_next_path("/a?" + "q" * MAX_NEXT_PATH) == "/a"
+    assert bounded_next_path("/" + "p" * MAX_NEXT_PATH + "?q") == "/"

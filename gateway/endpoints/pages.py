@@ -8,6 +8,7 @@ from typing import Any
 from flask import Blueprint, Response, jsonify, request, send_from_directory
 
 from gateway.policy.decision import Reason
+from gateway.responses import bounded_next_path
 from gateway.runtime import GATEWAY_PREFIX, gateway_of, refuse
 
 _STATIC_DIR = Path(__file__).resolve().parent.parent / "static"
@@ -19,7 +20,7 @@ def safe_next_path(value: str | None) -> str:
         return "/"
     if any(ord(c) < 0x20 for c in value):
         return "/"
-    return value
+    return bounded_next_path(value)
 
 
 def blueprint() -> Blueprint:

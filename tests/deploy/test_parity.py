@@ -279,6 +279,19 @@ def test_a_latin_letter_a_best_fit_portal_folds_into_the_card_only_path_is_refus
     assert refused and refused[-1]["reasons"] == ["bad_request_path"]
 
 
+@pytest.mark.parametrize("query", ["a" * 3000, "%C3%A9" * 500])
+def test_a_long_query_on_a_protected_route_still_leads_to_the_login(plane: Plane, query: str) -> None:
+    """The login link names where to come back; past a length nginx cannot read in the gateway's answer
+    (forward-auth answered 502 for it), the destination loses its query."""
+    response, records = plane.send(f"/account/profile?q={query}", [("Accept", "text/html")])
+    assert records == []
+    if plane.mode == "proxy":  # the gateway's own page, with the login choices
+        assert response.status == 401 and response.header("X-Gateway-Reason") == "unauthenticated"
+    else:
+        assert response.status == 302
+        assert (response.header("Location") or "").endswith("/.gateway/login?next=/account/profile")
+
+
 def test_a_target_in_normal_form_reaches_the_portal_exactly(plane: Plane) -> None:
     target = "/static/a%20b/~c/app.js?x=%2F..&y=/../"
     response, records = plane.send(target)
