@@ -7,8 +7,10 @@ never forwarded. The gateway's cookies never reach the portal, the portal cannot
 to its own internal origin become paths on the public one.
 
 The shipped forward-auth nginx template (deploy/nginx/forward-auth.conf) clears the same headers: nginx
-cannot drop headers by prefix, so it names them (``CLIENT_CERT_HEADER_NAMES``, ``GATEWAY_HEADER_NAMES``);
-tests/deploy/test_templates.py keeps the two lists and the template in step.
+cannot drop headers by prefix, so it names them (``CLIENT_CERT_HEADER_NAMES``, ``GATEWAY_HEADER_NAMES``, and the
+sets below); tests/deploy/test_templates.py keeps the lists and the template in step. An X-SSL-Client-* name
+outside ``CLIENT_CERT_HEADER_NAMES`` would still reach the portal through nginx: the list holds every name the
+known TLS terminators set and portals read; a portal reading another one must have it added here.
 """
 
 from __future__ import annotations
@@ -69,7 +71,50 @@ CLIENT_CERT_HEADER_NAMES = (
     "X-SSL-Client-V-Start",
     "X-SSL-Client-V-End",
     "X-SSL-Client-V-Remain",
+    "X-SSL-Client-Used",
+    "X-SSL-Client-Not-Before",
+    "X-SSL-Client-Not-After",
+    "X-SSL-Client-NotBefore",
+    "X-SSL-Client-NotAfter",
+    "X-SSL-Client-Subject",
+    "X-SSL-Client-Issuer",
+    "X-SSL-Client-Email",
+    "X-SSL-Client-Chain",
+    "X-SSL-Client-Cert-Chain",
+    "X-SSL-Client-Certificate",
+    "X-SSL-Client-Verified",
+    "X-SSL-Client-Session-Id",
 )
+#: Client-certificate headers of other TLS terminators and standards (Traefik, Envoy/Istio, IIS ARR, AWS ALB,
+#: RFC 9440 and common hand-written configurations). The gateway reads none of them (the card-login host
+#: speaks X-SSL-Client-* only) and forwards none of them, from anyone: a portal reading one would otherwise
+#: take a client's word for a certificate.
+OTHER_CLIENT_CERT_HEADER_NAMES = (
+    "Client-Cert",
+    "Client-Cert-Chain",
+    "X-Forwarded-Client-Cert",
+    "X-Forwarded-Tls-Client-Cert",
+    "X-Forwarded-Tls-Client-Cert-Info",
+    "X-ARR-ClientCert",
+    "X-Client-Cert",
+    "X-Client-Certificate",
+    "X-Client-Cert-Chain",
+    "X-Client-Verify",
+    "X-Client-DN",
+    "X-SSL-Cert",
+    "X-SSL-Verify",
+    "X-SSL-Subject",
+    "X-SSL-Issuer",
+    "SSL-Client-Cert",
+    "SSL-Client-Verify",
+    "X-Amzn-Mtls-Clientcert",
+    "X-Amzn-Mtls-Clientcert-Leaf",
+    "X-Amzn-Mtls-Clientcert-Serial-Number",
+    "X-Amzn-Mtls-Clientcert-Issuer",
+    "X-Amzn-Mtls-Clientcert-Subject",
+    "X-Amzn-Mtls-Clientcert-Validity",
+)
+_OTHER_CLIENT_CERT_HEADERS = frozenset(name.lower() for name in OTHER_CLIENT_CERT_HEADER_NAMES)
 #: Headers some frameworks route on instead of the request line (each an oauth2-proxy/nginx bypass).
 ROUTING_OVERRIDE_HEADERS = frozenset(
     {
@@ -83,6 +128,9 @@ ROUTING_OVERRIDE_HEADERS = frozenset(
         "x-http-method",
         "x-method-override",
         "forwarded",
+        "x-host",
+        "x-original-host",
+        "x-forwarded-server",
     }
 )
 #: Rebuilt by forwarded_headers() from what the gateway saw; the client's are dropped (with the client-address
@@ -98,6 +146,18 @@ FORWARDED_HEADERS = frozenset(
         "x-real-ip",
         "x-client-ip",
         "true-client-ip",
+        "client-ip",
+        "x-cluster-client-ip",
+        "cf-connecting-ip",
+        "fastly-client-ip",
+        "x-forwarded",
+        "forwarded-for",
+        "x-original-forwarded-for",
+        "x-originating-ip",
+        "x-remote-ip",
+        "x-remote-addr",
+        "x-envoy-external-address",
+        "x-azure-clientip",
     }
 )
 #: The gateway's own id for the request (the one in the audit trail): the client's is never forwarded.
@@ -163,6 +223,8 @@ def filter_request_headers(
     for name, value in items:
         lower = name.lower()
         if lower in HOP_BY_HOP or lower in connection_listed or lower in ROUTING_OVERRIDE_HEADERS:
+            continue
+        if lower in _OTHER_CLIENT_CERT_HEADERS:
             continue
         if lower in _SET_BY_THE_GATEWAY:
             continue  # Host and Content-Length by the forwarding code, the others rebuilt from what it saw

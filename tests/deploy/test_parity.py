@@ -353,6 +353,23 @@ FORGED = [
     ("X-Forwarded-Host", "evil.example"),
     ("X-Forwarded-For", "10.9.9.9"),
     ("X-Forwarded-Proto", "https"),
+    # Client addresses, hosts and client certificates other frameworks and terminators read.
+    ("Client-IP", "10.9.9.9"),
+    ("X-Cluster-Client-IP", "10.9.9.9"),
+    ("CF-Connecting-IP", "10.9.9.9"),
+    ("X-Forwarded", "for=10.9.9.9"),
+    ("Forwarded-For", "10.9.9.9"),
+    ("X-Original-Forwarded-For", "10.9.9.9"),
+    ("X-Host", "evil.example"),
+    ("X-Forwarded-Server", "evil.example"),
+    ("X-Original-Host", "evil.example"),
+    ("X-Forwarded-Tls-Client-Cert", "MIIforged"),
+    ("X-Forwarded-Client-Cert", "Hash=forged;Subject=\"CN=810009999999\""),
+    ("X-ARR-ClientCert", "MIIforged"),
+    ("Client-Cert", ":MIIforged:"),
+    ("X-SSL-Client-Not-After", "Dec 31 23:59:59 2099 GMT"),
+    ("X-SSL-Client-Subject", "CN=810009999999"),
+    ("Proxy-Authorization", "Basic Zm9yZ2VkOmZvcmdlZA=="),
 ]
 #: Set by the gateway (or its nginx) from what it saw: present, but never the client's value.
 REBUILT = {"x-request-id", "x-forwarded-host", "x-forwarded-for", "x-forwarded-proto"}
