@@ -40,6 +40,8 @@ PAGES: dict[Reason, Page] = {
     Reason.BAD_REQUEST_PATH: Page(400),
     Reason.BAD_HOST: Page(400),
     Reason.HOST_NOT_ALLOWED: Page(400),
+    Reason.METHOD_NOT_ALLOWED: Page(405),
+    Reason.UNKNOWN_GATEWAY_PATH: Page(404),
     Reason.INTERNAL_ERROR: Page(500),
     Reason.UPSTREAM_UNAVAILABLE: Page(502),
     Reason.UPSTREAM_TIMEOUT: Page(504),

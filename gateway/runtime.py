@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import random
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
@@ -412,6 +412,16 @@ def way_forward(gateway: Gateway) -> WayForward:
         logout=f"{origin}{LOGOUT_PATH}" if logged_in else None,
         contact=gateway.settings.server.support_contact,
     )
+
+
+def refuse_method(allowed: Sequence[str]) -> Response:
+    """405 for a method the gateway never forwards, audited; ``allowed`` in the Allow header."""
+    audit_event(
+        gateway_of(), "bad_request", reasons=[Reason.METHOD_NOT_ALLOWED.value], http_method=request.method
+    )
+    response = refuse(Reason.METHOD_NOT_ALLOWED, next_path="/")
+    response.headers["Allow"] = ", ".join(allowed)
+    return response
 
 
 def refuse(

@@ -115,12 +115,24 @@ def test_deny_rule(client: FlaskClient) -> None:
     assert response.headers["X-Gateway-Reason"] == "denied_by_rule"
 
 
-def test_methods_outside_http_semantics_answer_405_and_never_reach_the_portal(client: FlaskClient) -> None:
+def test_methods_outside_http_semantics_answer_405_and_never_reach_the_portal(
+    client: FlaskClient, tmp_path: Path
+) -> None:
     for method in ("TRACE", "CONNECT", "PROPFIND"):
-        response = client.open("/echo/public/x", method=method)
+        response = client.open("/echo/public/x", method=method, headers={"Accept": "text/html"})
         assert response.status_code == 405, method
         assert "GET" in response.headers["Allow"]
         assert b"raw_uri" not in response.data
+        # The gateway's own page (French by default, a way home), and an audit record.
+        assert response.headers["X-Gateway-Reason"] == "method_not_allowed"
+        page = response.get_data(as_text=True)
+        assert "Requête non acceptée" in page and 'id="home"' in page
+        event = audit_events(tmp_path)[-1]
+        assert (event["event"], event["reasons"], event["http_method"]) == (
+            "bad_request",
+            ["method_not_allowed"],
+            method,
+        )
 
 
 @pytest.mark.parametrize(
@@ -208,10 +220,18 @@ def test_bad_host_header(client: FlaskClient, tmp_path: Path) -> None:
     assert (event["event"], event["reasons"], event["host"]) == ("bad_request", ["bad_host"], "bad host!")
 
 
-def test_unknown_gateway_paths_never_reach_the_portal(client: FlaskClient) -> None:
-    response = client.get("/.gateway/nothing/here")
-    assert response.status_code == 404
-    assert b"hello" not in response.data
+def test_unknown_gateway_paths_never_reach_the_portal(client: FlaskClient, tmp_path: Path) -> None:
+    for method in ("GET", "DELETE"):
+        response = client.open(
+            "/.gateway/nothing/here", method=method, headers={"Accept": "text/html", "Accept-Language": "en"}
+        )
+        assert response.status_code == 404
+        assert b"hello" not in response.data
+        assert response.headers["X-Gateway-Reason"] == "unknown_gateway_path"
+        page = response.get_data(as_text=True)
+        assert "Page not found" in page and 'id="home"' in page
+        event = audit_events(tmp_path)[-1]
+        assert (event["event"], event["reasons"]) == ("bad_request", ["unknown_gateway_path"])
 
 
 def test_an_unexpected_failure_is_a_page_never_a_stack_trace(app: Flask, client: FlaskClient) -> None:

@@ -197,7 +197,13 @@ def test_api_clients_are_offered_only_the_accepted_methods(client: FlaskClient) 
 
 @pytest.mark.parametrize(
     ("path", "status"),
-    [("/nothing/here", 403), ("/admin/users", 403), ("/account/rib", 401), ("/patients/%2F", 400)],
+    [
+        ("/nothing/here", 403),
+        ("/admin/users", 403),
+        ("/account/rib", 401),
+        ("/patients/%2F", 400),
+        ("/.gateway/nothing/here", 404),
+    ],
 )
 def test_every_refusal_page_leads_home_and_names_whom_to_contact(
     client: FlaskClient, path: str, status: int

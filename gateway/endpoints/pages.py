@@ -9,7 +9,7 @@ from flask import Blueprint, Response, jsonify, request, send_from_directory
 
 from gateway.policy.decision import Reason
 from gateway.responses import bounded_next_path
-from gateway.runtime import GATEWAY_PREFIX, gateway_of, refuse
+from gateway.runtime import GATEWAY_PREFIX, audit_event, gateway_of, refuse
 
 _STATIC_DIR = Path(__file__).resolve().parent.parent / "static"
 
@@ -45,7 +45,8 @@ def blueprint() -> Blueprint:
     @pages.route("/<path:unknown>", methods=["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"])
     def not_ours(unknown: str) -> Response:
         # /.gateway/ belongs to the gateway: an unknown path there never falls through to the portal.
-        return Response("not found", 404, content_type="text/plain; charset=utf-8")
+        audit_event(gateway_of(), "bad_request", reasons=[Reason.UNKNOWN_GATEWAY_PATH.value])
+        return refuse(Reason.UNKNOWN_GATEWAY_PATH, next_path="/")
 
     @pages.get("/static/<path:name>")
     def static(name: str) -> Response:

@@ -15,7 +15,6 @@ from functools import partial
 from typing import Any
 
 from flask import Flask
-from werkzeug.exceptions import MethodNotAllowed
 from werkzeug.wrappers import Response
 
 from gateway import metrics
@@ -33,6 +32,7 @@ from gateway.runtime import (
     gateway_of,
     peer_of,
     refuse,
+    refuse_method,
     refused_host,
     request_host_of,
     request_id_of,
@@ -76,7 +76,7 @@ class ProxyApp:
         else:
             answer = partial(self._proxy, environ, target)
         if environ["REQUEST_METHOD"] not in ALL_METHODS:
-            return MethodNotAllowed(valid_methods=ALL_METHODS)(environ, start_response)
+            return self._in_flask(environ, partial(refuse_method, ALL_METHODS))(environ, start_response)
         try:
             response = answer()
         except Exception as exc:  # what Flask's error handler does for the gateway's own routes

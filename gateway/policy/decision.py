@@ -40,6 +40,10 @@ class Reason(enum.StrEnum):
     BAD_HOST = "bad_host"
     HOST_NOT_ALLOWED = "host_not_allowed"
     SPOOFED_HEADER = "spoofed_header"
+    #: A method the gateway never forwards (TRACE, CONNECT, WebDAV's...).
+    METHOD_NOT_ALLOWED = "method_not_allowed"
+    #: A path under /.gateway/ that is none of the gateway's own pages (never passed on to the portal).
+    UNKNOWN_GATEWAY_PATH = "unknown_gateway_path"
     # The gateway itself
     INTERNAL_ERROR = "internal_error"
     #: The audit trail cannot be written: nothing that must be audited is done.
