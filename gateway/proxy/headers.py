@@ -4,7 +4,7 @@ Spoof-resistant by default: identity headers the gateway sets are always removed
 headers only survive when the card-login host vouches for them, X-Forwarded-* and X-Request-Id are the
 gateway's own, and headers that let an upstream route on another path than the one the policy judged are
 never forwarded. The gateway's cookies never reach the portal, the portal cannot set them, and its redirects
-to its own internal origin become paths on the public one.
+(and Content-Location) to its own internal origin become paths on the public one.
 
 The shipped forward-auth nginx template (deploy/nginx/forward-auth.conf) clears the same headers: nginx
 cannot drop headers by prefix, so it names them (``CLIENT_CERT_HEADER_NAMES``, ``GATEWAY_HEADER_NAMES``, and the
@@ -306,6 +306,8 @@ class PortalOrigin:
 
 
 _DEFAULT_PORTS = {"http": 80, "https": 443}
+#: Response headers holding a URL the portal may write on its internal origin.
+_NAMING_THE_PORTAL = frozenset({"location", "content-location"})
 
 
 def filter_response_headers(
@@ -324,7 +326,7 @@ def filter_response_headers(
             continue
         if lower == "set-cookie" and _sets_protected_cookie(value, protected_cookies):
             continue  # the portal may not overwrite (fixate) the gateway's session
-        if lower == "location" and portal_origin is not None:
+        if lower in _NAMING_THE_PORTAL and portal_origin is not None:
             value = portal_origin.public_location(value)
         kept.append((name, value))
     return kept

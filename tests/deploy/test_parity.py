@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import unquote, urlencode, urljoin, urlsplit
+from urllib.parse import quote, unquote, urlencode, urljoin, urlsplit
 from uuid import uuid4
 
 import pytest
@@ -364,7 +364,7 @@ FORGED = [
     ("X-Forwarded-Server", "evil.example"),
     ("X-Original-Host", "evil.example"),
     ("X-Forwarded-Tls-Client-Cert", "MIIforged"),
-    ("X-Forwarded-Client-Cert", "Hash=forged;Subject=\"CN=810009999999\""),
+    ("X-Forwarded-Client-Cert", 'Hash=forged;Subject="CN=810009999999"'),
     ("X-ARR-ClientCert", "MIIforged"),
     ("Client-Cert", ":MIIforged:"),
     ("X-SSL-Client-Not-After", "Dec 31 23:59:59 2099 GMT"),
@@ -426,6 +426,9 @@ def test_an_identity_header_alone_opens_nothing(plane: Plane) -> None:
         ["{sid}", "portal=kept; __Host-gateway-login=login-state"],
         ["{sid}; portal=kept; __host-gateway-session=other"],
         ["__Host-gateway-login =a; portal=kept; \t__HOST-gateway-session\t=b"],
+        # A browser holding all three of the gateway's cookies (session, e-CPS login, card hand-off).
+        ["{sid}; __Host-gateway-login=login-state; portal=kept; __Host-gateway-card=binding"],
+        ["__Host-gateway-card=binding; __Host-gateway-login=login-state; {sid}; portal=kept"],
     ],
 )
 def test_the_gateway_cookies_never_reach_the_portal(plane: Plane, cookies: list[str]) -> None:
@@ -447,6 +450,16 @@ def test_a_cookie_header_naming_the_gateway_cookies_again_and_again_never_reache
     for record in records:  # stripped (proxy) or refused (forward-auth: browsers never send this)
         assert "gateway" not in record["headers"].get("cookie", "").lower()
     assert response.status in (200, 400) and len(records) == (response.status == 200)
+
+
+def test_a_browser_holding_all_three_gateway_cookies_reaches_protected_pages(plane: Plane) -> None:
+    session = plane.login()
+    cookies = f"__Host-gateway-card=b; {COOKIE}={session}; portal=kept; __Host-gateway-login=l"
+    response, records = plane.send("/account/profile", [("Cookie", cookies)])
+    assert response.status == 200
+    (record,) = records
+    assert record["headers"]["x-gateway-subject"] == "810001234567"
+    assert record["headers"]["cookie"].strip("; ") == "portal=kept"
 
 
 def test_the_session_cookie_still_opens_the_session(plane: Plane) -> None:
@@ -593,11 +606,35 @@ def test_a_malformed_host_is_refused(plane: Plane) -> None:
 # --- What the portal says back, and the request id -----------------------------------------------------------
 
 
-def test_the_portal_redirects_to_its_internal_address_are_rewritten(plane: Plane) -> None:
-    response, records = plane.send("/static/redirect-internal")
+#: How a portal may name its internal address (``{portal}``: its host:port) in Location / Content-Location.
+INTERNAL_URLS = [
+    "",  # the default: http://{portal}/landing?from=portal
+    "HTTP://{portal}/landing?from=portal",
+    "//{portal}/landing?from=portal",
+    "Http://{portal}/landing?from=portal",
+]
+
+
+@pytest.mark.parametrize("named", INTERNAL_URLS)
+def test_the_portal_redirects_to_its_internal_address_are_rewritten(plane: Plane, named: str) -> None:
+    query = f"?to={quote(named)}" if named else ""
+    response, records = plane.send(f"/static/redirect-internal{query}")
     assert response.status == 302 and len(records) == 1
     location = response.header("Location") or ""
-    assert plane.portal_address not in location and location.endswith("/landing?from=portal")
+    assert plane.portal_address not in location and location == "/landing?from=portal"
+
+
+@pytest.mark.parametrize("named", INTERNAL_URLS)
+def test_a_content_location_on_the_internal_address_is_rewritten(plane: Plane, named: str) -> None:
+    query = f"?to={quote(named)}" if named else ""
+    response, records = plane.send(f"/static/content-location{query}")
+    assert response.status == 200 and len(records) == 1
+    assert response.header("Content-Location") == "/landing?from=portal"
+
+
+def test_a_redirect_elsewhere_is_left_alone(plane: Plane) -> None:
+    response, _ = plane.send(f"/static/redirect-internal?to={quote('https://other.example/x')}")
+    assert response.header("Location") == "https://other.example/x"
 
 
 def test_the_portal_and_the_audit_trail_share_the_request_id(plane: Plane) -> None:
@@ -702,3 +739,16 @@ def test_forged_state_callbacks_never_ban_and_end_the_login_they_aim_at(
     cookie = "; ".join(f"{k}={v}" for k, v in _set_cookies(again).items())
     done, _ = login_plane.send(f"{callback.path}?{callback.query}", [*TOP_LEVEL, ("Cookie", cookie)])
     assert done.status == 303 and _set_cookies(done).get(COOKIE)
+
+
+# --- HSTS ----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "target", ["/static/app.js", "/static/redirect-internal", f"/patients/{NIR}", "/admin/"]
+)
+def test_every_forward_auth_answer_carries_hsts_once(planes: dict[str, Plane], target: str) -> None:
+    # Proxy mode adds it for its https origins (tests/test_wsgi.py); this plane's nginx on every answer, as it
+    # terminates TLS in production.
+    response, _ = planes["forward_auth"].send(target)
+    assert response.all("Strict-Transport-Security") == ["max-age=31536000"], response.status

@@ -146,4 +146,8 @@ def test_portal_redirects_to_its_internal_origin_become_paths(location: str, see
     origin = PortalOrigin.of("http://portal.internal:8081")
     kept = filter_response_headers([("Location", location)], protected_cookies=COOKIES, portal_origin=origin)
     assert kept == [("Location", seen)]
+    named = filter_response_headers(
+        [("Content-Location", location)], protected_cookies=COOKIES, portal_origin=origin
+    )
+    assert named == [("Content-Location", seen)]
     assert PortalOrigin.of("http://portal.internal").public_location("http://portal.internal:80/b") == "/b"

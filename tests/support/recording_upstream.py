@@ -2,8 +2,9 @@
 what never did). Plain WSGI, run under gunicorn like tests/support/upstream.py.
 
 Each request appends one JSON line to ``$RECORDING_FILE``: method, raw request target, headers (lower-case
-names), body. Answers: ``.../redirect-internal`` redirects to the portal's own address (``$PORTAL_ORIGIN``),
-``.../set-cookie`` tries to set the gateway's cookies, anything else echoes the record as JSON.
+names), body. Answers: ``.../redirect-internal`` redirects to the portal's own address (``$PORTAL_ORIGIN``, or the
+``to`` query parameter, ``{portal}`` standing for its host:port), ``.../content-location`` names that URL in
+Content-Location, ``.../set-cookie`` tries to set the gateway's cookies, anything else echoes the record as JSON.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import threading
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs
 
 CASE_HEADER = "X-Parity-Case"
 _LOCK = threading.Lock()
@@ -37,10 +39,16 @@ def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable
     with _LOCK, open(os.environ["RECORDING_FILE"], "a", encoding="utf-8") as file:
         file.write(line)
     path = environ.get("PATH_INFO", "")
+    origin = os.environ["PORTAL_ORIGIN"]
+    # ?to=...: the URL to name instead, "{portal}" standing for the portal's host:port.
+    named = parse_qs(environ.get("QUERY_STRING", "")).get("to", [origin + "/landing?from=portal"])[0]
+    named = named.replace("{portal}", origin.partition("://")[2])
     if path.endswith("/redirect-internal"):
-        start_response("302 Found", [("Location", os.environ["PORTAL_ORIGIN"] + "/landing?from=portal")])
+        start_response("302 Found", [("Location", named)])
         return [b""]
     headers = [("Content-Type", "application/json")]
+    if path.endswith("/content-location"):
+        headers.append(("Content-Location", named))
     if path.endswith("/set-cookie"):
         headers += [("Set-Cookie", value) for value in GATEWAY_SET_COOKIES]
         headers.append(("Set-Cookie", "portal=ok; Path=/; Secure"))
