@@ -43,6 +43,8 @@ bench: deps
 	$(PY) -m pip install -q -e ".[test,bench]"
 	$(PY) bench/servers.py
 	$(PY) bench/proxy.py
+	$(PY) bench/forward_auth.py
+	$(PY) bench/decision.py
 
 # The e-CPS tests' second OpenID Connect provider (panva/oidc-provider on the machine's node 20 and npm),
 # pinned by its package-lock.json; npm ci writes node_modules/.package-lock.json last.
