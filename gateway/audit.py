@@ -132,7 +132,11 @@ def redact(value: Any) -> Any:
 
 
 def canonical(record: Mapping[str, Any]) -> bytes:
-    return json.dumps(record, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
+    return _CANONICAL.encode(record).encode()
+
+
+#: One encoder for every record (json.dumps with these options builds a new one each call).
+_CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=True)
 
 
 def _json_object(*members: bytes) -> bytes:

@@ -19,10 +19,13 @@ import requests
 
 from gateway.access_stream import (
     ACCESS_EVENT,
+    LINE_FIELDS,
+    UNREADABLE_EVENT,
     AccessStream,
     DecisionToken,
     Position,
     StreamHealth,
+    access_event,
     position_file,
 )
 from gateway.audit import AuditLog, verify_audit_file
@@ -459,3 +462,18 @@ def test_nothing_is_lost_or_recorded_twice_across_a_gateway_restart(
         assert len(records) == sent and len({r["request_id"] for r in records}) == sent
         assert [r["status"] for r in records if r["decision"] == ""] == [502]
         assert verify_audit_file(built.audit_file).ok
+
+
+def test_only_a_line_with_every_field_a_string_is_an_access() -> None:
+    line = {field: "" for field in LINE_FIELDS} | {"time": "1700000000.5", "status": "200"}
+    (event, _, fields), _ = access_event(json.dumps(line).encode(), "1:1")
+    assert event == ACCESS_EVENT and fields["status"] == 200
+    for odd in (
+        {**line, "status": 200},
+        {**line, "uri": None},
+        {k: v for k, v in line.items() if k != "cache"},
+    ):
+        (event, _, fields), served = access_event(json.dumps(odd).encode(), "1:1")
+        assert (event, served) == (UNREADABLE_EVENT, None)
+    for odd_json in (b"[1]", b'"x"', b"{"):
+        assert access_event(odd_json, "1:1")[0][0] == UNREADABLE_EVENT
