@@ -39,6 +39,8 @@ class Access:
     retry_after: int | None = None
     #: The resource a quota rule counted for this request (its resource key), when it has one.
     resource: str | None = None
+    #: This very decision ended the session (a quota breach with revoke_session): pages offer no logout.
+    session_ended: bool = False
 
 
 def check_access(
@@ -174,10 +176,12 @@ def _within_quota(
         return Access(Decision(Outcome.DENY, (Reason.LIMITS_UNAVAILABLE,), rule), rule, session, access.now)
     if verdict.allowed:
         return replace(access, resource=resource)
+    ended = False
     if verdict.breach_started:
         _on_breach(gateway, environ, rule, quota, session, verdict.requests, verdict.distinct, access.now)
+        ended = quota.on_exceed is QuotaBreachAction.REVOKE_SESSION
     decision = Decision(Outcome.DENY, (Reason.QUOTA_EXCEEDED,), rule)
-    return Access(decision, rule, session, access.now, retry_after=verdict.retry_after)
+    return Access(decision, rule, session, access.now, retry_after=verdict.retry_after, session_ended=ended)
 
 
 def quota_spec(quota: Quota) -> QuotaSpec:

@@ -72,6 +72,7 @@ def create_app(
     app.register_blueprint(pages.blueprint())
     app.register_blueprint(operations.blueprint())
     app.register_blueprint(logout.blueprint())
+    app.register_blueprint(forward_auth.blueprint())
     # Registered before the limiter's own hook: a cross-site request is refused before anything counts it.
     app.before_request(refuse_cross_site_logins)
     app.before_request(_read_chunked_body_within_limit)

@@ -403,10 +403,11 @@ def _portal_host(gateway: Gateway) -> str:
     return host
 
 
-def way_forward(gateway: Gateway) -> WayForward:
-    """Home, and logout when this browser holds a session; absolute, as the card-login host shows pages too."""
+def way_forward(gateway: Gateway, *, session_ended: bool = False) -> WayForward:
+    """Home, and logout when this browser holds a session (not when this request just ended it: a logout
+    link would lead nowhere); absolute, as the card-login host shows pages too."""
     origin = gateway.settings.server.public_origin
-    logged_in = gateway.settings.sessions.cookie_name in request.cookies
+    logged_in = not session_ended and gateway.settings.sessions.cookie_name in request.cookies
     return WayForward(
         home=f"{origin}/",
         logout=f"{origin}{LOGOUT_PATH}" if logged_in else None,
@@ -431,16 +432,17 @@ def refuse(
     next_path: str | None = None,
     rule: Rule | None = None,
     as_json: bool = False,
+    session_ended: bool = False,
 ) -> Response:
     """The refusal of this request; ``rule`` guards where the professional was going (default: the rule
-    matching ``next_path``)."""
+    matching ``next_path``); ``session_ended``: the refused request ended its session (no logout link)."""
     gateway = gateway_of()
     destination = next_path or current_next_path()
     return refusal(
         reason,
         request,
         default_language=gateway.settings.server.language,
-        way_forward=way_forward(gateway),
+        way_forward=way_forward(gateway, session_ended=session_ended),
         login=gateway.login_links(destination),
         rule=rule or destination_rule(gateway, destination),
         request_id=request_id(),

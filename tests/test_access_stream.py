@@ -377,7 +377,7 @@ def test_n_requests_through_forward_auth_are_n_audit_records(shared: tuple[Stack
     statuses += [send(nginx, f"/echo/protected/{idnat}").status_code for _ in range(5)]  # no session: login
     statuses += [send(nginx, f"/echo/forbidden/{idnat}", cookie).status_code for _ in range(5)]  # denied
     statuses += [send(nginx, f"/echo/public/{idnat}").status_code for _ in range(5)]  # public: not audited
-    assert statuses.count(200) == 45 and statuses.count(302) == 5 and statuses.count(403) == 5
+    assert statuses.count(200) == 45 and statuses.count(401) == 5 and statuses.count(403) == 5
     wait_until(lambda: len(built.recorded(idnat)) >= 50, timeout=10, what="50 access records")
     time.sleep(0.5)  # what came more would be a duplicate
     records = built.recorded(idnat)
@@ -386,7 +386,7 @@ def test_n_requests_through_forward_auth_are_n_audit_records(shared: tuple[Stack
     allowed = [r for r in records if r["decision"] == "allow"]
     assert len(allowed) == 40 and {r["idnat"] for r in allowed} == {idnat}  # ...all of them audited
     logins = [r for r in records if r["decision"] == "login"]
-    assert len(logins) == 5 and {r["status"] for r in logins} == {302}
+    assert len(logins) == 5 and {r["status"] for r in logins} == {401}
     assert [r["reasons"] for r in records if r["decision"] == "deny"] == [["denied_by_rule"]] * 5
     assert not any(r["path"].startswith("/echo/public/") for r in records)
     assert verify_audit_file(built.audit_file).ok
@@ -402,7 +402,7 @@ def test_a_logout_ends_cached_access_within_the_stated_bound(shared: tuple[Stack
     logged_out = time.monotonic()
     # forward_auth.cache_seconds is 1 here (no per-process session cache): refused within that.
     for path in ("/echo/protected/page", "/echo/counted/7"):
-        wait_until(lambda p=path: send(nginx, p, cookie).status_code == 302, timeout=5, what="logout")
+        wait_until(lambda p=path: send(nginx, p, cookie).status_code == 401, timeout=5, what="logout")
     assert time.monotonic() - logged_out < 1 + 1.5
 
 
@@ -428,7 +428,8 @@ def test_max_requests_counts_the_reads_nginx_served_from_its_cache(shared: tuple
     wait_until(lambda: len(built.recorded(idnat)) >= 10, timeout=10, what="the reads recorded")
     # Every read counted, cached or not: the quota (5 requests) is spent, a new resource is refused.
     refused = send(nginx, "/echo/few/2", cookie)
-    assert (refused.status_code, refused.headers["X-Gateway-Reason"]) == (403, "quota_exceeded")
+    assert (refused.status_code, refused.headers["X-Gateway-Reason"]) == (429, "quota_exceeded")
+    assert int(refused.headers["Retry-After"]) > 0
     breaches = [r for r in audit_records(built.audit_file, "quota_breach") if r["idnat"] == idnat]
     assert len(breaches) == 1 and breaches[0]["requests"] >= 6
 

@@ -21,8 +21,10 @@ data plane, so it must be exactly as strong as proxy mode; what makes it so:
   never past the login's ``max_age`` nor the session's end.
 - Every answer carries the decision token (``X-Gateway-Decision``) that nginx writes in its access log.
 
-nginx's auth_request understands 2xx (allow), 401 and 403 only; the template maps the gateway's 400 back onto
-a 400 for the client, other refusals onto 401/403, the precise reason travelling in X-Gateway-Reason.
+nginx's auth_request understands 2xx (allow), 401 and 403 only (any other status becomes its 500). So a
+refusal here only names its reason (X-Gateway-Reason, with X-Gateway-Retry-After and X-Gateway-Session-Ended
+when they apply), and the template's error_page asks ``GET /.gateway/refused`` (:func:`refused_page`) for the
+page: the very page proxy mode answers (status, French or English wording, login choices, Retry-After).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from flask import Blueprint, request
 from werkzeug.wrappers import Response
 
 from gateway.access import Access, check_access
@@ -45,14 +48,15 @@ from gateway.policy.origin import SAFE_METHODS
 from gateway.policy.paths import BadPath, normalise_target
 from gateway.proxy.forward import identity_headers
 from gateway.proxy.headers import in_networks
-from gateway.responses import login_link
 from gateway.runtime import (
     GATEWAY_PREFIX,
     REQUEST_ID_KEY,
     SESSION_ID_KEY,
     Gateway,
     audit_request_event,
+    gateway_of,
     peer_of,
+    refuse,
     refused_host,
     request_id_of,
 )
@@ -61,6 +65,10 @@ from gateway.wsgi import RawRoute, normalise_host, utf8_header
 log = logging.getLogger("gateway.forward_auth")
 
 AUTH_PATH = GATEWAY_PREFIX + "/auth"
+#: The refusal page of a request the decision endpoint refused (asked by nginx's error_page).
+REFUSED_PATH = GATEWAY_PREFIX + "/refused"
+RETRY_AFTER = "X-Gateway-Retry-After"
+SESSION_ENDED = "X-Gateway-Session-Ended"
 ORIGINAL_METHOD = "X-Original-Method"
 ORIGINAL_URI = "X-Original-URI"
 #: "1" when nginx may cache this answer (for X-Accel-Expires seconds; see the module docstring).
@@ -146,10 +154,12 @@ def answer(gateway: Gateway, environ: dict[str, Any]) -> Answer:
     if access.decision.allowed:
         return _allowed(gateway, environ, access, method, target.path)
     headers = [(DECISION_HEADER, _token(environ, access).encode())]
-    if access.decision.outcome is Outcome.LOGIN:
-        login = login_link(f"{GATEWAY_PREFIX}/login", target.path_and_query)
-        return _refusal(environ, 401, access.decision.reason, [*headers, ("X-Gateway-Login", login)])
-    return _refusal(environ, 403, access.decision.reason, headers)
+    if access.retry_after is not None:
+        headers.append((RETRY_AFTER, str(access.retry_after)))
+    if access.session_ended:
+        headers.append((SESSION_ENDED, "1"))
+    status = 401 if access.decision.outcome is Outcome.LOGIN else 403
+    return _refusal(environ, status, access.decision.reason, headers)
 
 
 def _allowed(gateway: Gateway, environ: dict[str, Any], access: Access, method: str, path: str) -> Answer:
@@ -240,3 +250,45 @@ def _audit_refusal(
 
 def _environ_key(header: str) -> str:
     return "HTTP_" + header.upper().replace("-", "_")
+
+
+def blueprint() -> Blueprint:
+    pages = Blueprint("gateway_forward_auth", __name__)
+    pages.add_url_rule(REFUSED_PATH, "refused", refused_page, methods=["GET"])
+    return pages
+
+
+def refused_page() -> Response:
+    """The page for a request the decision endpoint refused, as proxy mode answers it.
+
+    Asked by nginx (``forward_auth.trusted_nginx`` only; anyone else finds nothing here) with the refused
+    request's method, URI and host, the reason the decision named, and the client's Accept, Accept-Language
+    and Cookie (language, page or JSON, the logout link). It decides nothing: the refusal was decided, and
+    audited, by the decision endpoint."""
+    gateway = gateway_of()
+    environ = request.environ
+    if not in_networks(peer_of(environ), gateway.settings.forward_auth.trusted_nginx):
+        return Response("not found", 404, content_type="text/plain; charset=utf-8")
+    request_id = environ.get("HTTP_X_REQUEST_ID", "")
+    if _REQUEST_ID.match(request_id):
+        environ[REQUEST_ID_KEY] = request_id
+    try:
+        reason = Reason(request.headers.get("X-Gateway-Reason", ""))
+    except ValueError:
+        reason = Reason.INTERNAL_ERROR  # a refusal without a reason: nothing to say but that it failed
+    retry_after = request.headers.get(RETRY_AFTER, "")
+    try:
+        target = normalise_target(request.headers.get(ORIGINAL_URI, ""))
+    except BadPath:
+        next_path, rule = "/", None
+    else:
+        method = request.headers.get(ORIGINAL_METHOD, "GET").upper()
+        host = normalise_host(request.headers.get("X-Forwarded-Host", "")) or ""
+        next_path, rule = target.path_and_query, gateway.policies.match(method, host, target.path)
+    return refuse(
+        reason,
+        retry_after=int(retry_after) if retry_after.isdigit() else None,
+        next_path=next_path,
+        rule=rule,
+        session_ended=request.headers.get(SESSION_ENDED) == "1",
+    )

@@ -99,6 +99,7 @@ class ProxyApp:
                 retry_after=access.retry_after,
                 next_path=next_path,
                 rule=access.rule,
+                session_ended=access.session_ended,
             )
             return self._in_flask(environ, refusal)
         try:

@@ -17,6 +17,7 @@ import contextlib
 import json
 import os
 import posixpath
+import re
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -44,7 +45,7 @@ from tests.support.processes import REPO_ROOT, free_port, running, wait_until
 from tests.support.psc import PscServer, running_psc
 from tests.support.raw_http import CLIENT_ADDRESS, RawResponse, raw_request
 from tests.support.recording_upstream import CASE_HEADER, received
-from tests.support.redis import redis_server
+from tests.support.redis import RedisServer, redis_server
 from tests.support.upstream import gunicorn_argv
 
 COOKIE = "__Host-gateway-session"
@@ -63,6 +64,7 @@ class Plane:
     store: RedisSessionStore
     gateway_url: str
     portal_address: str
+    redis: RedisServer
 
     def send(
         self,
@@ -79,9 +81,9 @@ class Plane:
         response = raw_request(self.port, target, sent, method=method, host=host, body=body)
         return response, received(self.recording, case)
 
-    def login(self, method: LoginMethod = LoginMethod.CARD) -> str:
+    def login(self, method: LoginMethod = LoginMethod.CARD, idnat: str = "810001234567") -> str:
         identity = Identity(
-            idnat="810001234567",
+            idnat=idnat,
             method=method,
             auth_time=time.time(),
             professions=("10",),
@@ -145,6 +147,7 @@ def running_planes(
                     "store": RedisSessionStore(redis.url),
                     "gateway_url": f"http://127.0.0.1:{gateway_port}",
                     "portal_address": portal,
+                    "redis": redis,
                 }
                 yield {
                     "proxy": Plane("proxy", gateway_port, **common),
@@ -273,23 +276,19 @@ def test_a_latin_letter_a_best_fit_portal_folds_into_the_card_only_path_is_refus
     response, records = plane.send(target, [("Cookie", f"{COOKIE}={session}"), ("Accept", "text/html")])
     assert (response.status, records) == (400, [])
     assert response.header("X-Gateway-Reason") == "bad_request_path"
-    if plane.mode == "proxy":  # nginx answers the forward-auth plane's 400s with its own page
-        assert "Adresse invalide" in response.body.decode()
+    assert "Adresse invalide" in response.body.decode()  # the gateway's page, in both planes
     refused = [e for e in plane.audit() if e["event"] == "bad_request" and "ASCII" in e.get("detail", "")]
     assert refused and refused[-1]["reasons"] == ["bad_request_path"]
 
 
 @pytest.mark.parametrize("query", ["a" * 3000, "%C3%A9" * 500])
 def test_a_long_query_on_a_protected_route_still_leads_to_the_login(plane: Plane, query: str) -> None:
-    """The login link names where to come back; past a length nginx cannot read in the gateway's answer
-    (forward-auth answered 502 for it), the destination loses its query."""
+    """The login links name where to come back; past a length a login link may hold (forward-auth answered
+    502 for it), the destination loses its query."""
     response, records = plane.send(f"/account/profile?q={query}", [("Accept", "text/html")])
     assert records == []
-    if plane.mode == "proxy":  # the gateway's own page, with the login choices
-        assert response.status == 401 and response.header("X-Gateway-Reason") == "unauthenticated"
-    else:
-        assert response.status == 302
-        assert (response.header("Location") or "").endswith("/.gateway/login?next=/account/profile")
+    # The gateway's own page, with the login choices, in both planes.
+    assert response.status == 401 and response.header("X-Gateway-Reason") == "unauthenticated"
 
 
 def test_a_target_in_normal_form_reaches_the_portal_exactly(plane: Plane) -> None:
@@ -752,3 +751,97 @@ def test_every_forward_auth_answer_carries_hsts_once(planes: dict[str, Plane], t
     # terminates TLS in production.
     response, _ = planes["forward_auth"].send(target)
     assert response.all("Strict-Transport-Security") == ["max-age=31536000"], response.status
+
+
+# --- Refusals: the same status, page and Retry-After in both planes ------------------------------------------
+
+_REQUEST_ID_IN_PAGE = re.compile(r"<code>[0-9A-Za-z-]{8,64}</code>|\"request_id\": ?\"[^\"]*\"")
+
+
+def _refusal(response: RawResponse) -> tuple[int, str | None, str]:
+    """Status, reason and page of a refusal, the request id (different for every request) left out."""
+    body = _REQUEST_ID_IN_PAGE.sub("<id>", response.body.decode())
+    return response.status, response.header("X-Gateway-Reason"), body
+
+
+def _both(planes: dict[str, Plane], *args: Any, **kwargs: Any) -> dict[str, RawResponse]:
+    return {mode: plane.send(*args, **kwargs)[0] for mode, plane in planes.items()}
+
+
+@pytest.mark.parametrize(
+    ("target", "method", "session", "status", "reason"),
+    [
+        ("/admin/", "GET", LoginMethod.CARD, 403, "denied_by_rule"),
+        ("/static/app.js", "DELETE", None, 403, "no_matching_rule"),
+        ("/static/a%2fb", "GET", None, 400, "bad_request_path"),
+        (f"/patients/{NIR}", "GET", None, 401, "unauthenticated"),
+        # The card-only step-up: the page says why an e-CPS login is not enough.
+        ("/account/rib", "GET", LoginMethod.ECPS, 401, "login_method_not_accepted"),
+    ],
+)
+@pytest.mark.parametrize(
+    "accept",
+    [
+        [("Accept", "text/html")],
+        [("Accept", "text/html"), ("Accept-Language", "en")],
+        [("Accept", "application/json")],
+    ],
+)
+def test_a_refusal_is_the_same_page_in_both_planes(
+    planes: dict[str, Plane],
+    target: str,
+    method: str,
+    session: LoginMethod | None,
+    status: int,
+    reason: str,
+    accept: list[tuple[str, str]],
+) -> None:
+    cookie = [("Cookie", f"{COOKIE}={planes['proxy'].login(session)}")] if session else []
+    responses = _both(planes, target, [*accept, *cookie], method=method)
+    pages = {mode: _refusal(response) for mode, response in responses.items()}
+    assert pages["proxy"][:2] == (status, reason)
+    assert pages["forward_auth"] == pages["proxy"]
+    english = ("Accept-Language", "en") in accept
+    html = responses["forward_auth"].header("Content-Type") or ""
+    assert html.startswith("application/json" if ("Accept", "application/json") in accept else "text/html")
+    assert ('lang="en"' in pages["forward_auth"][2]) is (english and html.startswith("text/html"))
+
+
+def test_a_spent_quota_is_429_with_retry_after_and_no_logout_link_in_both_planes(
+    planes: dict[str, Plane],
+) -> None:
+    pages = {}
+    for mode, plane in planes.items():
+        idnat = "8" + str(uuid4().int)[:11]
+        cookie = [("Cookie", f"{COOKIE}={plane.login(idnat=idnat)}"), ("Accept", "text/html")]
+        for n in range(30):  # the example policy's max_distinct: 30 patients an hour
+            assert plane.send(f"/patients/1800175123{n:05d}", cookie)[0].status == 200
+        response, records = plane.send("/patients/180017512399999", cookie)
+        assert records == []
+        assert int(response.header("Retry-After") or 0) > 3000, mode  # the hour's window, give or take
+        pages[mode] = _refusal(response)
+        # The breach revoked the session (on_exceed: revoke_session): a logout link would lead nowhere.
+        assert 'id="logout-link"' not in pages[mode][2] and 'id="home"' in pages[mode][2]
+        assert plane.send(f"/patients/{NIR}", cookie)[0].status == 401
+    assert pages["proxy"][:2] == (429, "quota_exceeded")
+    assert pages["forward_auth"] == pages["proxy"]
+
+
+def test_a_session_store_outage_is_503_in_both_planes(planes: dict[str, Plane]) -> None:
+    plane = planes["proxy"]
+    cookie = [("Cookie", f"{COOKIE}={plane.login()}"), ("Accept", "text/html")]
+    plane.redis.stop()
+    try:
+        responses = _both(planes, "/account/profile", cookie)
+    finally:
+        plane.redis.start()
+    pages = {mode: _refusal(response) for mode, response in responses.items()}
+    assert pages["proxy"][:2] == (503, "session_store_unavailable")
+    assert pages["forward_auth"] == pages["proxy"]
+
+
+def test_clients_never_ask_for_a_refusal_page_themselves(planes: dict[str, Plane]) -> None:
+    response, _ = planes["forward_auth"].send(
+        "/.gateway/refused", [("X-Gateway-Reason", "quota_exceeded"), ("X-Gateway-Retry-After", "9")]
+    )
+    assert response.status == 404
