@@ -660,7 +660,7 @@ def _dev_cards(args: argparse.Namespace) -> int:
 
 def _card_login(args: argparse.Namespace) -> int:
     from gateway import pkcs11 as tokens
-    from gateway.authn.card.client import CardLoginError, card_login
+    from gateway.authn.card.client import CardLoginError, CardTokenError, card_login
 
     try:
         pin = _card_pin(args)
@@ -674,7 +674,7 @@ def _card_login(args: argparse.Namespace) -> int:
         )
     except CardLoginError as error:
         print(f"card login failed: {error}", file=sys.stderr)
-        if module == tokens.SOFTHSM_MODULE:
+        if module == tokens.SOFTHSM_MODULE and isinstance(error, CardTokenError):
             _hint_at_softhsm2_conf(os.environ.get("SOFTHSM2_CONF"))
         return 1
     print(f"logged in as {subject}; session cookie in {args.cookie_jar}")

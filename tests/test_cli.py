@@ -369,6 +369,28 @@ def test_card_login_without_softhsm2_conf_hints_at_it(stack: CardStack, tmp_path
     assert "cannot load the PKCS#11 module" in told and f"SOFTHSM2_CONF names {tmp_path / 'nowhere'}" in told
 
 
+def test_card_login_names_a_cacert_it_cannot_use(tmp_path: Path) -> None:
+    (tmp_path / "not-a-certificate.pem").write_text("garbage")
+    for cacert, words in (
+        ("missing.pem", "No such file or directory"),
+        ("not-a-certificate.pem", "no PEM CA"),
+    ):
+        login = gateway(
+            "card",
+            "login",
+            "--url",
+            "https://127.0.0.1:9",
+            "--token-label",
+            "x",
+            "--cacert",
+            cacert,
+            cwd=tmp_path,
+        )
+        told = no_traceback(login)
+        assert login.returncode == 1 and f"cannot use --cacert {cacert}: {words}" in told
+        assert "SOFTHSM2_CONF" not in told  # the card was never reached: no hint about where cards are
+
+
 def test_explain_of_a_malformed_url_says_so(config: Path) -> None:
     result = explain(config, "GET", "http://[::1/patients/1")
     assert result.returncode == 64 and "is not a URL or a path" in no_traceback(result)

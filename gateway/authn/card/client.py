@@ -33,6 +33,10 @@ class CardLoginError(Exception):
     """The login failed; the message says at which step (and the gateway's reason when it gave one)."""
 
 
+class CardTokenError(CardLoginError):
+    """The card (PKCS#11 module, token, certificate or key) could not be used."""
+
+
 def origin_of(url: str) -> str:
     parts = urlsplit(url)
     if parts.scheme not in ("https", "http") or not parts.hostname:
@@ -90,7 +94,14 @@ def _listing(certificates: Sequence[tokens.TokenCertificate]) -> str:
 
 
 def _opener(jar: http.cookiejar.CookieJar, cacert: str | None) -> urllib.request.OpenerDirector:
-    context = ssl.create_default_context(cafile=cacert)
+    try:
+        context = ssl.create_default_context(cafile=cacert)
+    except (
+        OSError,
+        ssl.SSLError,
+    ) as exc:  # ssl names neither the file nor, for a bad one, the problem clearly
+        reason = "no PEM CA certificate in it" if isinstance(exc, ssl.SSLError) else exc.strerror
+        raise CardLoginError(f"cannot use --cacert {cacert}: {reason}") from None
     return urllib.request.build_opener(
         urllib.request.HTTPSHandler(context=context), urllib.request.HTTPCookieProcessor(jar)
     )
@@ -161,7 +172,7 @@ def card_login(
             token_label, challenge_message(audience, nonce), card_certificate.key_id, pin, module_path
         )
     except tokens.TokenError as error:
-        raise CardLoginError(str(error)) from None
+        raise CardTokenError(str(error)) from None
     pem = x509.load_der_x509_certificate(card_certificate.der).public_bytes(serialization.Encoding.PEM)
 
     result = _post_json(
