@@ -25,6 +25,7 @@ from gateway.authn.card.setup import build_card_login, crls_ready, nonce_store
 from gateway.authn.card.verify import CardVerifier, CrlStore
 from gateway.authn.ecps import ProSanteConnect, ProviderState
 from gateway.config_source import ConfigError, ConfigErrors
+from gateway.ended_sessions import EndedSessionMarks
 from gateway.identity import Identity
 from gateway.limits import STORAGE_ERRORS, LoginThrottle, QuotaGuard
 from gateway.policy.decision import Reason
@@ -117,6 +118,17 @@ def build_session_store(settings: Settings) -> SessionStore:
     )
 
 
+def marking_ended_sessions(settings: Settings, store: SessionStore) -> SessionStore:
+    """``store``, marking the ids it ends for nginx when ``forward_auth.ended_sessions`` is set: a mark lives as
+    long as an allow nginx cached before it could (its cache lifetime, plus the sessions a process may have
+    read before the end), and a minute more."""
+    directory = settings.forward_auth.ended_sessions
+    if directory is None:
+        return store
+    keep = settings.forward_auth.cache_seconds + settings.sessions.local_cache_seconds + 60
+    return EndedSessionMarks(store, directory, keep_seconds=keep)
+
+
 def build_audit_log(settings: Settings) -> AuditLog:
     """Never raises: an audit file that cannot be opened or written makes an instance not ready (and its
     audited requests 503), it never stops a worker from booting."""
@@ -184,7 +196,7 @@ def build_gateway(
             audience=settings.assertion.audience,
             lifetime=settings.assertion.lifetime,
         ),
-        sessions=sessions or build_session_store(settings),
+        sessions=marking_ended_sessions(settings, sessions or build_session_store(settings)),
         audit=audit or build_audit_log(settings),
         quotas=QuotaGuard(settings.limits_storage),
         login_throttle=LoginThrottle(

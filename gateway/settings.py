@@ -390,8 +390,18 @@ class ForwardAuthSettings(_Section):
         le=60,
         description=(
             "How long nginx may serve an allow from its decision cache (X-Accel-Expires; never past the "
-            "login's max_age or the session's end). A logout or revocation reaches cached requests at most "
-            "this much (plus sessions.local_cache_seconds) later. 0: no caching."
+            "login's max_age or the session's end). A back-channel logout, a card revocation or a policy "
+            "reload reaches cached requests at most this much (plus sessions.local_cache_seconds) later; a "
+            "logout or quota revocation at once with ended_sessions. 0: no caching."
+        ),
+    )
+    ended_sessions: Path | None = Field(
+        None,
+        description=(
+            "Directory where the gateway marks each session id it ends (logout, quota revocation, login "
+            "rotation), for nginx to stop serving its cached allows at once: the template's "
+            "__CACHE_DIR__/ended-sessions, on a disk this instance writes and nginx reads. Without it a "
+            "logout reaches cached requests within cache_seconds."
         ),
     )
     max_lag: Duration = Field(
@@ -403,7 +413,7 @@ class ForwardAuthSettings(_Section):
         ),
     )
 
-    _resolve_paths = _paths_relative_to_settings("access_log")
+    _resolve_paths = _paths_relative_to_settings("access_log", "ended_sessions")
 
 
 class EcpsSettings(_Section):

@@ -124,7 +124,12 @@ def running_planes(
             "server": {"allowed_hosts": []},
             "sessions": {"store": redis.url, "local_cache_seconds": 0},
             # As deployed: the gateway reads nginx's access stream (nginx may cache protected answers).
-            "forward_auth": {"trusted_nginx": ["127.0.0.1/32"], "access_log": str(access_log)},
+            "forward_auth": {
+                "trusted_nginx": ["127.0.0.1/32"],
+                "access_log": str(access_log),
+                # The template's __CACHE_DIR__/ended-sessions (running_nginx's cache directory: its prefix).
+                "ended_sessions": str(directory / "nginx" / "ended-sessions"),
+            },
             "limits": {"login_requests_per_ip": "10000/minute"},
         }
         for section, values in (extra or {}).items():
@@ -562,6 +567,34 @@ def test_a_logout_token_with_a_malformed_header_is_refused_and_audited(
     assert response.status == 400
     event = [e for e in login_plane.audit() if e["event"] == "logout"][-1]
     assert event["reasons"] == ["token_invalid"]
+
+
+@pytest.mark.parametrize("ended_by", ["logout", "quota"])
+def test_a_cached_decision_is_never_served_after_the_session_ended(plane: Plane, ended_by: str) -> None:
+    idnat = "8" + str(uuid4().int)[:11]
+    session = plane.login(idnat=idnat)
+    cookie = [("Cookie", f"{COOKIE}={session}"), ("Accept", "text/html")]
+    path = f"/patients/{NIR}"
+    for _ in range(2):  # the second one from nginx's decision cache (forward-auth)
+        assert plane.send(path, cookie)[0].status == 200
+    if ended_by == "logout":
+        live = plane.store.get(session, time.time())
+        assert live is not None
+        form = f"csrf_token={live.csrf_token}".encode()
+        headers = [
+            *cookie,
+            ("Content-Type", "application/x-www-form-urlencoded"),
+            ("Sec-Fetch-Site", "same-origin"),
+        ]
+        headers.append(("Content-Length", str(len(form))))
+        ended, _ = plane.send("/.gateway/logout", headers, method="POST", body=form)
+        assert ended.status == 303
+    else:  # 30 other patients: the breach revokes the session (on_exceed: revoke_session)
+        for n in range(31):
+            plane.send(f"/patients/1800175123{n:05d}", cookie)
+    assert plane.store.get(session, time.time()) is None
+    response, records = plane.send(path, cookie)  # within the cache lifetime: the same session id, replayed
+    assert (response.status, records) == (401, [])
 
 
 def _stored_by_a_browser(set_cookie: str) -> str | None:
