@@ -8,6 +8,7 @@ import time
 from collections.abc import Callable
 
 from flask import Flask, Response, current_app, request
+from werkzeug.exceptions import MethodNotAllowed
 
 from gateway.audit import AuditLog
 from gateway.authn.ecps import ProSanteConnect, ProviderState
@@ -28,6 +29,7 @@ from gateway.runtime import (
     gateway_of,
     read_policies,
     refuse,
+    refuse_method,
     refused_host,
     request_host,
     unexpected_error,
@@ -102,6 +104,7 @@ def create_app(
         app.register_blueprint(card_routes)
     app.register_error_handler(429, _too_many_requests)
     app.register_error_handler(413, _too_large)
+    app.register_error_handler(405, _method_not_allowed)
     app.before_request(_refuse_bad_target)
     app.after_request(_redirects_never_cached)
     app.register_error_handler(Exception, unexpected_error)
@@ -182,6 +185,10 @@ def _refuse_bad_target() -> Response | None:
 
 _LIMITER = "gateway_login_limiter"
 _NOT_RATE_LIMITED = frozenset({ecps.BACKCHANNEL_LOGOUT_ENDPOINT, ecps.CALLBACK_ENDPOINT})
+
+
+def _method_not_allowed(error: MethodNotAllowed) -> Response:
+    return refuse_method(error.valid_methods or ())
 
 
 def _too_many_requests(error: Exception) -> Response:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import random
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
@@ -427,11 +427,14 @@ def way_forward(gateway: Gateway, *, session_ended: bool = False) -> WayForward:
     )
 
 
-def refuse_method(allowed: Sequence[str]) -> Response:
+def refuse_method(allowed: Iterable[str]) -> Response:
     """405 for a method the gateway never forwards, audited; ``allowed`` in the Allow header."""
-    audit_event(
-        gateway_of(), "bad_request", reasons=[Reason.METHOD_NOT_ALLOWED.value], http_method=request.method
-    )
+    try:
+        audit_event(
+            gateway_of(), "bad_request", reasons=[Reason.METHOD_NOT_ALLOWED.value], http_method=request.method
+        )
+    except AuditError:  # also an error handler, where an exception would become Flask's bare 500
+        return refuse(Reason.AUDIT_UNAVAILABLE, next_path="/")
     response = refuse(Reason.METHOD_NOT_ALLOWED, next_path="/")
     response.headers["Allow"] = ", ".join(allowed)
     return response

@@ -12,6 +12,7 @@ from joserfc import jwt
 from joserfc.jwk import KeySet
 
 from gateway.app import create_app
+from gateway.audit import AuditError
 from gateway.identity import LoginMethod
 from gateway.runtime import gateway_of
 from gateway.settings import load_settings
@@ -118,8 +119,9 @@ def test_deny_rule(client: FlaskClient) -> None:
 def test_methods_outside_http_semantics_answer_405_and_never_reach_the_portal(
     client: FlaskClient, tmp_path: Path
 ) -> None:
-    for method in ("TRACE", "CONNECT", "PROPFIND"):
-        response = client.open("/echo/public/x", method=method, headers={"Accept": "text/html"})
+    for method, path in (("TRACE", "/echo/public/x"), ("CONNECT", "/echo/public/x"), ("PROPFIND", "/x"),
+                         ("TRACE", "/.gateway/login")):  # fmt: skip
+        response = client.open(path, method=method, headers={"Accept": "text/html"})
         assert response.status_code == 405, method
         assert "GET" in response.headers["Allow"]
         assert b"raw_uri" not in response.data
@@ -133,6 +135,16 @@ def test_methods_outside_http_semantics_answer_405_and_never_reach_the_portal(
             ["method_not_allowed"],
             method,
         )
+
+
+def test_a_refused_method_that_cannot_be_audited_is_a_503_page(app: Flask, client: FlaskClient) -> None:
+    def unwritable(*args: object, **kwargs: object) -> None:
+        raise AuditError("disk full")
+
+    gateway_of(app).audit.record = unwritable  # type: ignore[method-assign]
+    for path in ("/echo/public/x", "/.gateway/login"):
+        response = client.open(path, method="TRACE", headers={"Accept": "text/html"})
+        assert response.status_code == 503 and response.headers["X-Gateway-Reason"] == "audit_unavailable"
 
 
 @pytest.mark.parametrize(

@@ -76,7 +76,7 @@ class ProxyApp:
         else:
             answer = partial(self._proxy, environ, target)
         if environ["REQUEST_METHOD"] not in ALL_METHODS:
-            return self._in_flask(environ, partial(refuse_method, ALL_METHODS))(environ, start_response)
+            answer = partial(self._in_flask, environ, partial(refuse_method, ALL_METHODS))
         try:
             response = answer()
         except Exception as exc:  # what Flask's error handler does for the gateway's own routes
