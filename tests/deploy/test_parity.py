@@ -374,6 +374,9 @@ FORGED = [
     ("X-SSL-Client-Not-After", "Dec 31 23:59:59 2099 GMT"),
     ("X-SSL-Client-Subject", "CN=810009999999"),
     ("Proxy-Authorization", "Basic Zm9yZ2VkOmZvcmdlZA=="),
+    # Underscores: WSGI servers file X_Gateway_Subject under the same key as X-Gateway-Subject.
+    ("X_Gateway_Subject", "810009999999"),
+    ("X_SSL_Client_Cert", "-----BEGIN%20CERTIFICATE-----forged"),
 ]
 #: Set by the gateway (or its nginx) from what it saw: present, but never the client's value.
 REBUILT = {"x-request-id", "x-forwarded-host", "x-forwarded-for", "x-forwarded-proto"}
@@ -878,3 +881,30 @@ def test_clients_never_ask_for_a_refusal_page_themselves(planes: dict[str, Plane
         "/.gateway/refused", [("X-Gateway-Reason", "quota_exceeded"), ("X-Gateway-Retry-After", "9")]
     )
     assert response.status == 404
+
+
+@pytest.mark.parametrize(
+    ("target", "session", "reason", "card", "ecps"),
+    [
+        (f"/patients/{NIR}", None, "unauthenticated", True, True),
+        # The card-only step-up: why an e-CPS login is not enough, and only the card offered.
+        ("/account/rib", LoginMethod.ECPS, "login_method_not_accepted", True, False),
+    ],
+)
+def test_a_login_page_says_why_and_offers_the_accepted_methods_in_both_planes(
+    login_planes: tuple[dict[str, Plane], PscServer],
+    target: str,
+    session: LoginMethod | None,
+    reason: str,
+    card: bool,
+    ecps: bool,
+) -> None:
+    planes = login_planes[0]
+    cookie = [("Cookie", f"{COOKIE}={planes['proxy'].login(session)}")] if session else []
+    responses = _both(planes, target, [("Accept", "text/html"), *cookie])
+    pages = {mode: _refusal(response) for mode, response in responses.items()}
+    assert pages["proxy"][:2] == (401, reason)
+    assert pages["forward_auth"] == pages["proxy"]
+    page = pages["forward_auth"][2]
+    assert ('id="login-card"' in page) is card
+    assert ('id="login-ecps"' in page) is ecps
