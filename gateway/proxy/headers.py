@@ -52,6 +52,8 @@ GATEWAY_HEADER_NAMES = (
     "X-Gateway-Cacheable",
     "X-Gateway-Session",
     "X-Gateway-Decision",
+    "X-Gateway-Retry-After",
+    "X-Gateway-Session-Ended",
 )
 #: Client-certificate headers in use by TLS terminators (nginx, Apache, HAProxy, Traefik): the gateway drops
 #: every X-SSL-Client-*; nginx clears these by name.

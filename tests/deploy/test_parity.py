@@ -332,6 +332,8 @@ FORGED = [
     ("X-Gateway-Assertion", "forged.jwt.value"),
     ("X-Gateway-Rule", "admin"),
     ("X-Gateway-Session", "forged"),
+    ("X-Gateway-Retry-After", "1"),
+    ("X-Gateway-Session-Ended", "1"),
     ("X-SSL-Client-Cert", "-----BEGIN%20CERTIFICATE-----forged"),
     ("X-SSL-Client-Verify", "SUCCESS"),
     ("X-SSL-Client-S-DN", "CN=810009999999"),
