@@ -17,7 +17,7 @@ audit file, nginx's access stream read into the audit trail) on a route with a q
 Printed: medians of the runs, ratios to nginx and to mod_auth_openidc of the same run, the CPU per request
 of each target's own processes from /proc (forward-auth: nginx, the gateway and its Redis), the gateway's
 CPU per decision (the gateway and Redis only, new resources) and the round-to-round spread. ``--compare``
-adds the new-resource target for a gateway run from another source tree (e.g. main, for an A/B in one run).
+adds both forward-auth targets for a gateway run from another source tree (e.g. main, for an A/B in one run).
 """
 
 from __future__ import annotations
@@ -206,8 +206,7 @@ def start_everything(
         groups = (nginx_pid, gateway_pid, *redis_groups)
         decision_groups = (gateway_pid, *redis_groups)
         url = f"http://127.0.0.1:{nginx_port}"
-        if not suffix:
-            targets[REPEATED] = Target(url + ROUTE, groups, cookie, decision_groups=decision_groups)
+        targets[REPEATED + suffix] = Target(url + ROUTE, groups, cookie, decision_groups=decision_groups)
         targets[NEW + suffix] = Target(url + "/", groups, cookie, script, decision_groups)
     return targets
 
