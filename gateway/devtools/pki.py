@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -373,6 +374,12 @@ def refresh_crls(pki: DevPki, now: datetime) -> None:
 def check_card_holder(idnat: str, kind: CardKind, structure_name: str) -> None:
     """ValueError when ``idnat`` and ``structure_name`` do not fit a card of ``kind``."""
     if kind is CardKind.CPS:
+        # The gateway reads a structure's idNat as a staff or organisation card, whatever the title says.
+        if not re.fullmatch(r"[0-9][0-9A-Za-z]{1,63}", idnat) or idnat[:1] in STAFF_OR_ORGANISATION_ID_TYPES:
+            raise ValueError(
+                f"a cps card's idNat is a person's, e.g. 8 + RPPS (810002813839) or 0 + ADELI, not {idnat!r}"
+                " (3, 4 and 5 name a structure: --kind cpe or cpa)"
+            )
         return
     if idnat[:1] not in STAFF_OR_ORGANISATION_ID_TYPES or "/" not in idnat:
         raise ValueError(

@@ -58,11 +58,16 @@ def test_staff_card_subject(softhsm_cards: CardSet) -> None:
     assert title.value == "Carte de service santé ou social"
 
 
-def test_refuses_duplicate_label_and_unknown_profession(softhsm_cards: CardSet) -> None:
+def test_refuses_duplicate_label_unknown_profession_and_a_structure_idnat(softhsm_cards: CardSet) -> None:
     with pytest.raises(ValueError):
         create_card(softhsm_cards.base_dir, "test-doctor", "810000000001", "X", "Y", "10")
     with pytest.raises(ValueError):
         create_card(softhsm_cards.base_dir, "test-new", "810000000001", "X", "Y", "99")
+    # Not a person's idNat: a structure's would be read as a staff or organisation card at login.
+    for idnat in ("bad", "3750000001", "8100/1"):
+        with pytest.raises(ValueError, match="a cps card's idNat is a person's"):
+            create_card(softhsm_cards.base_dir, "test-new", idnat, "X", "Y", "10")
+    assert "test-new" not in {info.label for info in list_cards(softhsm_cards.base_dir)}  # no half-made card
 
 
 def test_a_signature_key_makes_a_two_key_token_like_a_cps3_card(softhsm_cards: CardSet) -> None:
