@@ -910,3 +910,24 @@ def test_a_login_page_says_why_and_offers_the_accepted_methods_in_both_planes(
     page = pages["forward_auth"][2]
     assert ('id="login-card"' in page) is card
     assert ('id="login-ecps"' in page) is ecps
+
+
+def test_a_refused_request_with_a_body_gets_the_same_page_in_both_planes(planes: dict[str, Plane]) -> None:
+    body = b"iban=FR7630001007941234567890185"
+    cookie = ("Cookie", f"{COOKIE}={planes['proxy'].login()}")
+    headers = [
+        cookie,
+        ("Accept", "text/html"),
+        ("Origin", "https://evil.example"),
+        ("Sec-Fetch-Site", "cross-site"),
+        ("Content-Type", "application/x-www-form-urlencoded"),
+        ("Content-Length", str(len(body))),
+    ]
+    responses = {
+        mode: plane.send("/account/profile", headers, method="POST", body=body)
+        for mode, plane in planes.items()
+    }
+    pages = {mode: _refusal(response) for mode, (response, _) in responses.items()}
+    assert [records for _, records in responses.values()] == [[], []]
+    assert pages["proxy"][:2] == (403, "cross_site_request")
+    assert pages["forward_auth"] == pages["proxy"]
