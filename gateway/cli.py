@@ -413,7 +413,7 @@ def _settings_keys(args: argparse.Namespace) -> int:
 
 def _session_revoke(args: argparse.Namespace) -> int:
     from gateway.audit import AuditError
-    from gateway.runtime import build_audit_log, build_session_store
+    from gateway.runtime import build_audit_log, build_session_store, marking_ended_sessions
     from gateway.sessions import SessionStoreUnavailable, idnat_tag
 
     settings = _load(args)
@@ -424,7 +424,9 @@ def _session_revoke(args: argparse.Namespace) -> int:
         )
         return EXIT_USAGE
     try:
-        count = build_session_store(settings).delete_tagged(idnat_tag(args.idnat))
+        # Marked for nginx too (forward_auth.ended_sessions): its cached allows end at once.
+        store = marking_ended_sessions(settings, build_session_store(settings))
+        count = store.delete_tagged(idnat_tag(args.idnat))
     except SessionStoreUnavailable:
         print("the session store is unavailable: nothing was revoked", file=sys.stderr)
         return 1

@@ -25,7 +25,7 @@ from gateway.authn.card.setup import build_card_login, crls_ready, nonce_store
 from gateway.authn.card.verify import CardVerifier, CrlStore
 from gateway.authn.ecps import ProSanteConnect, ProviderState
 from gateway.config_source import ConfigError, ConfigErrors
-from gateway.ended_sessions import EndedSessionMarks
+from gateway.ended_sessions import EndedSessionMarks, MemoryTagIndex, RedisTagIndex
 from gateway.identity import Identity
 from gateway.limits import STORAGE_ERRORS, LoginThrottle, QuotaGuard
 from gateway.policy.decision import Reason
@@ -126,7 +126,9 @@ def marking_ended_sessions(settings: Settings, store: SessionStore) -> SessionSt
     if directory is None:
         return store
     keep = settings.forward_auth.cache_seconds + settings.sessions.local_cache_seconds + 60
-    return EndedSessionMarks(store, directory, keep_seconds=keep)
+    url = settings.sessions.store
+    tags = MemoryTagIndex() if url.startswith("memory://") else RedisTagIndex(url)
+    return EndedSessionMarks(store, directory, keep_seconds=keep, tags=tags)
 
 
 def build_audit_log(settings: Settings) -> AuditLog:

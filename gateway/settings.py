@@ -390,18 +390,18 @@ class ForwardAuthSettings(_Section):
         le=60,
         description=(
             "How long nginx may serve an allow from its decision cache (X-Accel-Expires; never past the "
-            "login's max_age or the session's end). A back-channel logout, a card revocation or a policy "
-            "reload reaches cached requests at most this much (plus sessions.local_cache_seconds) later; a "
-            "logout or quota revocation at once with ended_sessions. 0: no caching."
+            "login's max_age or the session's end). A policy reload reaches cached requests at most this "
+            "much (plus sessions.local_cache_seconds) later; the end of a session too, unless "
+            "ended_sessions is set (then at once). 0: no caching."
         ),
     )
     ended_sessions: Path | None = Field(
         None,
         description=(
-            "Directory where the gateway marks each session id it ends (logout, quota revocation, login "
-            "rotation), for nginx to stop serving its cached allows at once: the template's "
-            "__CACHE_DIR__/ended-sessions, on a disk this instance writes and nginx reads. Without it a "
-            "logout reaches cached requests within cache_seconds."
+            "Directory where the gateway marks each session it ends (logout, back-channel logout, quota or "
+            "card revocation, login rotation), for nginx to stop serving its cached allows at once: the "
+            "template's __CACHE_DIR__/ended-sessions, on a disk this instance writes and nginx reads. Without "
+            "it the end of a session reaches cached requests within cache_seconds."
         ),
     )
     max_lag: Duration = Field(

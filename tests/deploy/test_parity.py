@@ -38,7 +38,14 @@ from gateway.sessions import RedisSessionStore
 from tests.support.audit import audit_records
 from tests.support.card_stack import card_settings
 from tests.support.config import write_config
-from tests.support.ecps import DOCTOR, ECPS_SECRETS, IDENTITIES, ecps_settings, gateway_registration
+from tests.support.ecps import (
+    DOCTOR,
+    ECPS_SECRETS,
+    IDENTITIES,
+    Browser,
+    ecps_settings,
+    gateway_registration,
+)
 from tests.support.gateways import serve_argv
 from tests.support.nginx import FORWARD_AUTH_TEMPLATE, running_nginx
 from tests.support.processes import REPO_ROOT, free_port, running, wait_until
@@ -931,3 +938,36 @@ def test_a_refused_request_with_a_body_gets_the_same_page_in_both_planes(planes:
     assert [records for _, records in responses.values()] == [[], []]
     assert pages["proxy"][:2] == (403, "cross_site_request")
     assert pages["forward_auth"] == pages["proxy"]
+
+
+@pytest.fixture(scope="module")
+def ecps_planes(
+    tmp_path_factory: pytest.TempPathFactory, assertion_key: Path
+) -> Iterator[tuple[dict[str, Plane], PscServer]]:
+    """Both planes of a gateway with e-CPS login (the PSC stand-in), with the default login budgets."""
+    directory = tmp_path_factory.mktemp("parity-ecps")
+    gateway_port = free_port()
+    registration = gateway_registration(f"http://127.0.0.1:{gateway_port}")
+    with running_psc(directory, [registration], identities=IDENTITIES) as psc:
+        extra = {"ecps": ecps_settings(psc, f"http://127.0.0.1:{gateway_port}")}
+        with running_planes(directory, assertion_key, extra, ECPS_SECRETS, gateway_port) as both:
+            yield both, psc
+
+
+@pytest.mark.parametrize("mode", ["proxy", "forward_auth"])
+def test_a_backchannel_logout_ends_cached_access_at_once(
+    ecps_planes: tuple[dict[str, Plane], PscServer], mode: str
+) -> None:
+    """PSC ends the professional's session: the gateway ends it by tag (it knows no session id then), and
+    nginx stops serving the reads it had cached for it."""
+    planes, psc = ecps_planes
+    base = f"http://127.0.0.1:{planes[mode].port}"
+    browser, path = Browser(), f"/patients/{NIR}"
+    start = browser.get(f"{base}/.gateway/login/ecps?next={path}")
+    assert start.status_code in (302, 303), start.status_code
+    assert browser.get(psc.approve(start.headers["Location"], DOCTOR)).status_code == 303
+    for _ in range(2):  # the second one from nginx's decision cache (forward-auth)
+        assert browser.get(base + path).status_code == 200
+    deliveries = psc.backchannel_logout(sid=str(psc.sessions(DOCTOR)[-1]["sid"]))
+    assert [d["status"] for d in deliveries] == [200]
+    assert browser.get(base + path).status_code == 401  # within the cache lifetime
