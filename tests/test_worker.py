@@ -196,6 +196,17 @@ def test_decisions_in_nginx_shape_are_answered_from_the_head_and_like_the_usual_
     ]
 
 
+def test_a_cookie_header_that_is_not_utf8_is_refused_both_ways(decision_port: int) -> None:
+    head = decision_head("/hello", "Cookie: a=\xff\xfe\r\n")
+    usual_head = decision_head("/hello", "Cookie: a=\xff\xfe\r\nConnection: keep-alive\r\n")
+    with socket.create_connection(("127.0.0.1", decision_port), timeout=5) as connection:
+        connection.sendall(head + usual_head)
+        raw, usual = answers(connection, 2)
+    assert "server" not in raw and usual["server"] == "gunicorn"
+    assert raw[":status"].split()[1] == usual[":status"].split()[1] == "400"
+    assert raw["x-gateway-reason"] == usual["x-gateway-reason"] == "bad_request_header"
+
+
 def _one(port: int, head: bytes) -> dict[str, str]:
     with socket.create_connection(("127.0.0.1", port), timeout=5) as connection:
         connection.sendall(head)

@@ -101,7 +101,13 @@ def raw_route(gateway: Gateway) -> RawRoute:
 
     def serve(environ: dict[str, str]) -> tuple[int, list[tuple[str, str]]]:
         try:
-            decided = answer(gateway, environ)
+            if utf8_header(environ.get("HTTP_COOKIE", "")):
+                decided = answer(gateway, environ)
+            else:  # nginx sends no Cookie here; the usual way (gateway/wsgi.py) refuses this one as malformed
+                detail = "a Cookie header that is not valid UTF-8"
+                reasons = [Reason.BAD_REQUEST_HEADER.value]
+                audit_request_event(gateway, environ, "bad_request", reasons=reasons, detail=detail)
+                decided = _refusal(environ, 400, Reason.BAD_REQUEST_HEADER)
         except AuditError:
             decided = _refusal(environ, 503, Reason.AUDIT_UNAVAILABLE)
         except STORAGE_ERRORS as exc:
