@@ -4,12 +4,14 @@ template in front of a real gateway (`gateway serve`) reading its access log."""
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import json
 import os
 import signal
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 from uuid import uuid4
@@ -20,6 +22,7 @@ import requests
 from gateway.access_stream import (
     ACCESS_EVENT,
     LINE_FIELDS,
+    RATE_LIMITED_EVENT,
     UNREADABLE_EVENT,
     AccessStream,
     DecisionToken,
@@ -33,8 +36,9 @@ from gateway.identity import Identity, LoginMethod
 from gateway.sessions import RedisSessionStore
 from tests.support.audit import audit_records
 from tests.support.config import TEST_POLICIES, write_config
+from tests.support.flood import flood
 from tests.support.gateways import serve_argv
-from tests.support.nginx import FORWARD_AUTH_TEMPLATE, Nginx, running_nginx
+from tests.support.nginx import FORWARD_AUTH_TEMPLATE, Nginx, running_fast_portal, running_nginx
 from tests.support.processes import free_port, running, wait_until
 from tests.support.redis import redis_server
 
@@ -142,6 +146,42 @@ def test_every_line_becomes_one_chained_record_with_the_access_facts(files: tupl
     assert first["decision_id"] == ids[0]
     assert verify_audit_file(audit_file).ok
     assert stream.step() == 0  # nothing new
+
+
+def rate_limited_line(request_id: str) -> bytes:
+    """One line as the template writes it for a request nginx refused over the client's limit."""
+    line = json.loads(nginx_line(request_id)) | {
+        "status": "429",
+        "decision": "",
+        "cache": "",
+        "reason": "rate_limited",
+    }
+    return json.dumps(line, separators=(",", ":")).encode() + b"\n"
+
+
+def test_consecutive_rate_limited_lines_are_one_record_listing_each_in_order(
+    files: tuple[Path, Path],
+) -> None:
+    access_log, audit_file = files
+    access_log.parent.mkdir()
+    first, refused, last = uuid4().hex, [uuid4().hex for _ in range(1003)], uuid4().hex
+    append(access_log, nginx_line(first), *map(rate_limited_line, refused), nginx_line(last))
+    stream = reader(files)
+    assert stream.step() == 1005
+    records = [r for r in audit_records(audit_file) if r["event"] in (ACCESS_EVENT, RATE_LIMITED_EVENT)]
+    assert [(r["event"], r.get("count")) for r in records] == [
+        (ACCESS_EVENT, None),
+        (RATE_LIMITED_EVENT, 1000),  # at most 1,000 a record
+        (RATE_LIMITED_EVENT, 3),
+        (ACCESS_EVENT, None),
+    ]
+    listed = [access for r in records[1:3] for access in r["accesses"]]
+    assert [access[1] for access in listed] == refused
+    assert listed[0][2:] == ["192.0.2.7", "GET", "/patients/1"] and records[1]["reasons"] == ["rate_limited"]
+    # Each record's log_position is where its last line ends: a restarted reader records nothing twice.
+    positions = [int(r["log_position"].rpartition(":")[2]) for r in records]
+    assert positions == sorted(positions) and positions[-1] == access_log.stat().st_size
+    assert verify_audit_file(audit_file).ok
 
 
 def test_a_line_being_written_waits_and_a_torn_one_is_recorded_as_unreadable(
@@ -299,7 +339,9 @@ STREAM_POLICIES = TEST_POLICIES + (
 class Stack:
     """nginx (the shipped template) -> gateway (2 workers) -> portal, the gateway reading nginx's access log."""
 
-    def __init__(self, directory: Path, redis_url: str, upstream_url: str, assertion_key: Path) -> None:
+    def __init__(
+        self, directory: Path, redis_url: str, upstream_url: str, assertion_key: Path, max_lag: float = 10
+    ) -> None:
         self.directory = directory
         self.gateway_port = free_port()
         self.access_log = directory / "nginx" / "access.log"
@@ -316,6 +358,7 @@ class Stack:
                     "trusted_nginx": ["127.0.0.1/32"],
                     "access_log": str(self.access_log),
                     "cache_seconds": 1,
+                    "max_lag": max_lag,
                 },
             },
         )
@@ -344,9 +387,11 @@ class Stack:
 
 
 @contextlib.contextmanager
-def stack_in(directory: Path, upstream_url: str, assertion_key: Path) -> Iterator[tuple[Stack, Nginx]]:
+def stack_in(
+    directory: Path, upstream_url: str, assertion_key: Path, max_lag: float = 10
+) -> Iterator[tuple[Stack, Nginx]]:
     with redis_server() as redis:
-        built = Stack(directory, redis.url, upstream_url, assertion_key)
+        built = Stack(directory, redis.url, upstream_url, assertion_key, max_lag)
         with running_nginx(directory / "nginx", FORWARD_AUTH_TEMPLATE, built.values) as nginx:
             yield built, nginx
 
@@ -449,9 +494,9 @@ def test_nothing_is_lost_or_recorded_twice_across_a_gateway_restart(
             sent += 1
             os.killpg(gateway.pid, signal.SIGKILL)  # no goodbye: records may be written, positions not saved
             gateway.wait()
-        # The gateway is down: nginx serves from its cache what it still holds, refuses the rest (502), and
-        # logs both.
-        assert send(nginx, f"/echo/counted/{idnat}", cookie).status_code == 502
+        # The gateway is down: nginx serves from its cache what it still holds, refuses the rest (503, its
+        # static page), and logs both.
+        assert send(nginx, f"/echo/counted/{idnat}", cookie).status_code == 503
         sent += 1
         with built.gateway():
             for n in range(5):
@@ -461,8 +506,106 @@ def test_nothing_is_lost_or_recorded_twice_across_a_gateway_restart(
             time.sleep(0.5)
             records = built.recorded(idnat)
         assert len(records) == sent and len({r["request_id"] for r in records}) == sent
-        assert [r["status"] for r in records if r["decision"] == ""] == [502]
+        assert [r["status"] for r in records if r["decision"] == ""] == [503]
         assert verify_audit_file(built.audit_file).ok
+
+
+def rate_limited_accesses(built: Stack, path: str) -> list[list[Any]]:
+    """The requests on ``path`` nginx refused over a client's limit, as the trail lists them."""
+    records = audit_records(built.audit_file, RATE_LIMITED_EVENT)
+    return [access for r in records for access in r["accesses"] if access[4] == path]
+
+
+def test_one_session_flooding_cached_reads_is_limited_and_never_stops_another_sessions_decisions(
+    tmp_path: Path, assertion_key: Path
+) -> None:
+    """One client sending cached reads as fast as nginx serves them (a fast portal) used to make the audit
+    trail lag past max_lag, and every user's new decisions were refused 503 until it caught up."""
+    with (
+        running_fast_portal(tmp_path / "portal") as portal,
+        stack_in(tmp_path, portal.base_url, assertion_key, max_lag=2) as (built, nginx),
+        built.gateway(),
+    ):
+        flooder, other = unique_idnat(), unique_idnat()
+        flood_cookie, other_cookie = built.login(flooder), built.login(other)
+        path = f"/echo/protected/{flooder}"
+        assert send(nginx, path, flood_cookie).status_code == 200  # the decision nginx then keeps
+        others: list[int] = []
+        with ThreadPoolExecutor(1) as pool:
+            flooding = pool.submit(
+                flood, nginx.base_url + path, flood_cookie, seconds=4, connections=8, work_dir=tmp_path
+            )
+            # Meanwhile, and while the reader catches up after, another professional opens new records: each
+            # one a new decision, which the gateway refuses (503) when the trail lags past max_lag.
+            after_the_flood = float("inf")
+            while time.monotonic() < after_the_flood:
+                others.append(send(nginx, f"/echo/counted/{other}-{len(others)}", other_cookie).status_code)
+                if flooding.done() and after_the_flood == float("inf"):
+                    after_the_flood = time.monotonic() + 1.5
+                time.sleep(0.05)
+            statuses = flooding.result()
+        assert set(others) == {200}, others
+        assert statuses[429] > statuses[200] > 0 and set(statuses) == {200, 429}  # over its share: 429s
+        # Every request nginx answered the flooder is in the trail with the status it was served: an access
+        # record each when let in, listed in access_rate_limited records (a few a batch) when refused.
+        logged = [json.loads(line) for line in built.access_log.read_text().splitlines()]
+        served = collections.Counter(line["status"] for line in logged if line["uri"] == path)
+        # nginx may have answered a request or so per connection that wrk stopped waiting for.
+        assert statuses[429] <= served["429"] <= statuses[429] + 8 and served["200"] == statuses[200] + 1
+        wait_until(
+            lambda: len(rate_limited_accesses(built, path)) >= served["429"],
+            timeout=15,
+            what="the refused requests recorded",
+        )
+        wait_until(lambda: len(built.recorded(flooder)) >= served["200"], timeout=5, what="the accesses")
+        time.sleep(0.5)
+        assert (
+            len(rate_limited_accesses(built, path)) == served["429"]
+            and len({access[1] for access in rate_limited_accesses(built, path)}) == served["429"]
+        )
+        records = built.recorded(flooder)
+        assert [r["status"] for r in records] == [200] * served["200"]
+        assert {r["idnat"] for r in records} == {flooder}
+        assert verify_audit_file(built.audit_file).ok
+
+
+def test_a_client_over_its_limit_gets_the_gateway_page_with_retry_after(shared: tuple[Stack, Nginx]) -> None:
+    built, nginx = shared
+    idnat = unique_idnat()
+    answers = [
+        send(nginx, f"/echo/protected/{idnat}", {"Accept-Language": "en-GB,en;q=0.8"}) for _ in range(150)
+    ]  # no session: 20 a second, bursts of 100
+    limited = [answer for answer in answers if answer.status_code == 429]
+    assert limited and all(answer.status_code in (401, 429) for answer in answers)
+    page = limited[-1]
+    assert page.headers["Retry-After"] == "1" and page.headers["X-Gateway-Reason"] == "rate_limited"
+    assert "Too many requests" in page.text and page.headers["Content-Type"].startswith("text/html")
+    french = send(nginx, f"/echo/protected/{idnat}", {"Accept-Language": "fr"})
+    assert french.status_code == 429 and "Trop de demandes" in french.text
+    api = send(nginx, f"/echo/protected/{idnat}", {"Accept": "application/json"})
+    assert (api.status_code, api.json()["error"]) == (429, "rate_limited")
+    # Each refused request is in the trail: listed in an access_rate_limited record, no decision asked.
+    wait_until(
+        lambda: len(rate_limited_accesses(built, f"/echo/protected/{idnat}")) == len(limited) + 2,
+        timeout=10,
+        what="the refused requests recorded",
+    )
+
+
+def test_a_gateway_that_cannot_be_reached_is_a_static_page_with_retry_after(
+    tmp_path: Path, upstream_url: str, assertion_key: Path
+) -> None:
+    with stack_in(tmp_path, upstream_url, assertion_key) as (built, nginx):  # no gateway running
+        idnat = unique_idnat()
+        answer = send(nginx, f"/echo/protected/{idnat}", {"Accept-Language": "en"})
+        assert answer.status_code == 503 and answer.headers["Retry-After"] == "30"
+        assert answer.headers["Content-Type"] == "text/html; charset=utf-8"
+        assert "Service momentanément indisponible" in answer.text
+        assert "Service temporarily unavailable" in answer.text
+        assert answer.headers["Cache-Control"] == "no-store"
+        with built.gateway():  # what nginx logged meanwhile is recorded once the gateway is back
+            wait_until(lambda: len(built.recorded(idnat)) >= 1, timeout=10, what="the refusal recorded")
+            assert [r["status"] for r in built.recorded(idnat)] == [503]
 
 
 def test_only_a_line_with_every_field_a_string_is_an_access() -> None:

@@ -80,3 +80,25 @@ def running_nginx(
     argv = [NGINX, "-p", str(prefix), "-c", str(conf), "-g", f"daemon off; pid {prefix}/nginx.pid;"]
     with running(argv, port, log=prefix / "nginx.out"):
         yield Nginx(port, prefix)
+
+
+@contextlib.contextmanager
+def running_fast_portal(prefix: Path) -> Iterator[Nginx]:
+    """A portal answering every path at nginx's speed (a short page, 200): what lets one client send cached
+    reads through forward-auth as fast as nginx serves them, as on a real portal's static assets."""
+    prefix.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    server = f"""\
+server {{
+    listen 127.0.0.1:{port};
+    location / {{
+        default_type text/html;
+        return 200 "<!doctype html><title>portal</title><p>portal page</p>";
+    }}
+}}
+"""
+    conf = prefix / "nginx.conf"
+    conf.write_text(main_config(prefix, server))
+    argv = [NGINX, "-p", str(prefix), "-c", str(conf), "-g", f"daemon off; pid {prefix}/nginx.pid;"]
+    with running(argv, port, log=prefix / "nginx.out"):
+        yield Nginx(port, prefix)
