@@ -40,6 +40,7 @@ from tests.support.flood import flood
 from tests.support.gateways import serve_argv
 from tests.support.nginx import FORWARD_AUTH_TEMPLATE, Nginx, running_fast_portal, running_nginx
 from tests.support.processes import free_port, running, wait_until
+from tests.support.raw_http import RawResponse, raw_request
 from tests.support.redis import redis_server
 
 COOKIE = "__Host-gateway-session"
@@ -571,25 +572,45 @@ def test_one_session_flooding_cached_reads_is_limited_and_never_stops_another_se
 
 def test_a_client_over_its_limit_gets_the_gateway_page_with_retry_after(shared: tuple[Stack, Nginx]) -> None:
     built, nginx = shared
-    idnat = unique_idnat()
-    answers = [
-        send(nginx, f"/echo/protected/{idnat}", {"Accept-Language": "en-GB,en;q=0.8"}) for _ in range(150)
-    ]  # no session: 20 a second, bursts of 100
-    limited = [answer for answer in answers if answer.status_code == 429]
-    assert limited and all(answer.status_code in (401, 429) for answer in answers)
+    path = f"/echo/protected/{unique_idnat()}"
+
+    def ask(*headers: tuple[str, str]) -> RawResponse:  # from an address of its own: a limit of its own
+        return raw_request(nginx.port, path, headers, source="127.0.0.21")
+
+    answers = [ask(("Accept-Language", "en-GB,en;q=0.8")) for _ in range(150)]  # no session: 20/s, burst 100
+    limited = [answer for answer in answers if answer.status == 429]
+    assert answers[0].status == 401 and {answer.status for answer in answers} == {401, 429}
     page = limited[-1]
-    assert page.headers["Retry-After"] == "1" and page.headers["X-Gateway-Reason"] == "rate_limited"
-    assert "Too many requests" in page.text and page.headers["Content-Type"].startswith("text/html")
-    french = send(nginx, f"/echo/protected/{idnat}", {"Accept-Language": "fr"})
-    assert french.status_code == 429 and "Trop de demandes" in french.text
-    api = send(nginx, f"/echo/protected/{idnat}", {"Accept": "application/json"})
-    assert (api.status_code, api.json()["error"]) == (429, "rate_limited")
+    assert page.header("Retry-After") == "1" and page.header("X-Gateway-Reason") == "rate_limited"
+    assert b"Too many requests" in page.body and (page.header("Content-Type") or "").startswith("text/html")
+    french = ask(("Accept-Language", "fr"))
+    assert french.status == 429 and "Trop de demandes" in french.body.decode()
+    api = ask(("Accept", "application/json"))
+    assert (api.status, json.loads(api.body)["error"]) == (429, "rate_limited")
     # Each refused request is in the trail: listed in an access_rate_limited record, no decision asked.
     wait_until(
-        lambda: len(rate_limited_accesses(built, f"/echo/protected/{idnat}")) == len(limited) + 2,
+        lambda: len(rate_limited_accesses(built, path)) == len(limited) + 2,
         timeout=10,
         what="the refused requests recorded",
     )
+
+
+def test_a_crafted_cookie_header_is_refused_within_the_same_limits(shared: tuple[Stack, Nginx]) -> None:
+    built, nginx = shared
+    idnat = unique_idnat()
+    path = f"/echo/protected/{idnat}"
+    crafted = ("Cookie", "; ".join(["__Host-gateway-login=a"] * 5))  # one left after four removals
+    statuses = [raw_request(nginx.port, path, [crafted], source="127.0.0.22").status for _ in range(150)]
+    assert statuses[0] == 400 and set(statuses) == {400, 429}  # no session: 20 a second, bursts of 100
+    wait_until(
+        lambda: len(rate_limited_accesses(built, path)) == statuses.count(429),
+        timeout=10,
+        what="the refused requests recorded",
+    )
+    wait_until(
+        lambda: len(built.recorded(idnat)) == statuses.count(400), timeout=10, what="the 400s recorded"
+    )
+    assert {r["status"] for r in built.recorded(idnat)} == {400}
 
 
 def test_a_gateway_that_cannot_be_reached_is_a_static_page_with_retry_after(
