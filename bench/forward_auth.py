@@ -14,6 +14,9 @@ audit file, nginx's access stream read into the audit trail) on a route with a q
 - new resources: every request reads a record never read before (wrk script): each asks the gateway, which
   checks the session and the quota and signs an assertion (target: >= 1 x mod_auth_openidc).
 
+Both forward-auth targets spread their requests over 1,000 sessions of one professional (SESSIONS): the
+template limits each session to 50 requests a second, so one session would measure mostly 429s.
+
 Printed: medians of the runs, ratios to nginx and to mod_auth_openidc of the same run, the CPU per request
 of each target's own processes from /proc (forward-auth: nginx, the gateway and its Redis), the gateway's
 CPU per decision (the gateway and Redis only, new resources) and the round-to-round spread. ``--compare``
@@ -66,9 +69,18 @@ function init(args)
 end
 function request()
   counter = counter + 1
-  return wrk.format("GET", prefix .. counter)
+  return wrk.format("GET", prefix .. counter, { Cookie = next_cookie() })
 end
 """
+#: Every request of every wrk thread reads the same record (nginx's decision cache, once per session).
+REPEATED_READS = """\
+function request()
+  return wrk.format("GET", "%s", { Cookie = next_cookie() })
+end
+"""
+#: Sessions the load is spread over: the template allows one session 50 requests a second (its limit_req), so
+#: a benchmark of many requests a second is many professionals, each under their limit (1,000 x 50/s).
+SESSIONS = 1000
 WORKERS, THREADS = 2, 16
 NGINX, APACHE = "nginx reverse proxy", "Apache + mod_auth_openidc, auth."
 REPEATED, NEW = "forward-auth, quota route, repeated", "forward-auth, quota route, new res."
@@ -183,10 +195,17 @@ def start_everything(
     redis = stack.enter_context(redis_server())
     redis_groups = (redis.process.pid,) if redis.process else ()
     identity = Identity("810001234567", LoginMethod.CARD, time.time(), professions=("10",), auth_mode="CARD")
-    session = RedisSessionStore(redis.url, absolute_timeout=3600).create(identity, time.time())
-    cookie = {"Cookie": f"__Host-gateway-session={session.id}"}
+    store = RedisSessionStore(redis.url, absolute_timeout=3600)
+    ids = [store.create(identity, time.time()).id for _ in range(SESSIONS)]
+    cookies = (
+        "local cookies = {" + ",".join(f'"__Host-gateway-session={i}"' for i in ids) + "}\n"
+        "local turn = 0\n"
+        "function next_cookie()\n  turn = turn + 1\n  return cookies[turn % #cookies + 1]\nend\n"
+    )
     script = directory / "new-resources.lua"
-    script.write_text(NEW_RESOURCES)
+    script.write_text(cookies + NEW_RESOURCES)
+    repeated = directory / "repeated-reads.lua"
+    repeated.write_text(cookies + REPEATED_READS % ROUTE)
     targets = {
         NGINX: Target(
             f"http://127.0.0.1:{proxy_port}{ROUTE}", (_process_group(directory / "nginx" / "nginx.pid"),), {}
@@ -206,8 +225,8 @@ def start_everything(
         groups = (nginx_pid, gateway_pid, *redis_groups)
         decision_groups = (gateway_pid, *redis_groups)
         url = f"http://127.0.0.1:{nginx_port}"
-        targets[REPEATED + suffix] = Target(url + ROUTE, groups, cookie, decision_groups=decision_groups)
-        targets[NEW + suffix] = Target(url + "/", groups, cookie, script, decision_groups)
+        targets[REPEATED + suffix] = Target(url + ROUTE, groups, {}, repeated, decision_groups)
+        targets[NEW + suffix] = Target(url + "/", groups, {}, script, decision_groups)
     return targets
 
 
