@@ -583,6 +583,7 @@ def test_a_client_over_its_limit_gets_the_gateway_page_with_retry_after(shared: 
     page = limited[-1]
     assert page.header("Retry-After") == "1" and page.header("X-Gateway-Reason") == "rate_limited"
     assert b"Too many requests" in page.body and (page.header("Content-Type") or "").startswith("text/html")
+    assert page.header("Set-Cookie") is None and page.header("Cache-Control") == "no-store"
     french = ask(("Accept-Language", "fr"))
     assert french.status == 429 and "Trop de demandes" in french.body.decode()
     api = ask(("Accept", "application/json"))
