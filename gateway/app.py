@@ -162,8 +162,13 @@ def _wire_ecps(app: Flask, login_cookie_secret: str) -> None:
     )
 
 
-#: Reached by internal names (load balancer probes, the portal fetching the JWKS): no Host check.
-_ANY_HOST_PATHS = frozenset(f"{GATEWAY_PREFIX}/{name}" for name in ("healthz", "readyz", "jwks.json"))
+#: Reached by internal names (load balancer probes, the portal fetching the JWKS): no Host check. Nor on the
+#: refusal page (asked by nginx only): the decision judged the Host already, and for a request nginx refused
+#: over the client's limit (no decision) the page does not depend on it, so nginx keeps one page for every
+#: Host rather than asking the gateway again for each one a client makes up.
+_ANY_HOST_PATHS = frozenset(
+    f"{GATEWAY_PREFIX}/{name}" for name in ("healthz", "readyz", "jwks.json", "refused")
+)
 
 
 def _refuse_bad_target() -> Response | None:

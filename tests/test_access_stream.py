@@ -588,9 +588,11 @@ def test_a_client_over_its_limit_gets_the_gateway_page_with_retry_after(shared: 
     assert french.status == 429 and "Trop de demandes" in french.body.decode()
     api = ask(("Accept", "application/json"))
     assert (api.status, json.loads(api.body)["error"]) == (429, "rate_limited")
+    made_up = ask(("Host", f"{uuid4().hex}.example"))  # the same page, whatever Host the client makes up
+    assert (made_up.status, made_up.header("X-Gateway-Reason")) == (429, "rate_limited")
     # Each refused request is in the trail: listed in an access_rate_limited record, no decision asked.
     wait_until(
-        lambda: len(rate_limited_accesses(built, path)) == len(limited) + 2,
+        lambda: len(rate_limited_accesses(built, path)) == len(limited) + 3,
         timeout=10,
         what="the refused requests recorded",
     )
