@@ -6,9 +6,10 @@ route (``deploy/nginx/forward-auth.conf``, format ``cps_gateway_access``: JSON, 
 routes left out), carrying the request's facts and the decision token the gateway returned with its answer
 (:data:`DECISION_HEADER`, also cached with it). The gateway reads that file and appends, per line, one
 ``access`` record to the hash-chained audit trail, with the time nginx served it; cached or not, every access
-is one record, except the requests nginx refused itself over a client's limit (429 ``rate_limited``, no
-decision asked): consecutive ones are listed in one ``access_rate_limited`` record, so that a client flooding
-nginx with them cannot make the trail lag (they cost the reader about 7 µs a line instead of 28). Allowed
+is one record, except the requests nginx refused itself before any decision (429 over a client's limit, 400
+for a malformed request): consecutive ones are listed in one ``access_refused_by_nginx`` record, so that a
+client flooding nginx with them cannot make the trail lag (they cost the reader about 7 µs a line instead of
+28). Allowed
 requests on quota rules are counted from the same stream (``count_served``).
 
 Loss. The file is the journal, and nothing but this reader removes the need for it:
@@ -69,15 +70,19 @@ UNREADABLE_EVENT = "access_unreadable"
 TRUNCATED_EVENT = "access_log_truncated"
 #: Audit event when the file the reader stopped in is gone (rotated and deleted meanwhile).
 MISSING_EVENT = "access_log_missing"
-#: Audit event of consecutive requests nginx refused itself, over a client's limit (429 ``rate_limited``, no
-#: decision asked): one record listing each of them (time, request id, client address, method, path), so that
-#: a client flooding nginx with refused requests cannot make the trail lag behind the file (each costs the
-#: reader a few microseconds instead of a record's ~28).
-RATE_LIMITED_EVENT = "access_rate_limited"
-#: Accesses listed at most in one ``access_rate_limited`` record.
-MAX_RATE_LIMITED_PER_RECORD = 1000
-#: How the template's lines for those requests end (checked before any parsing).
-_RATE_LIMITED_TAIL = b'"decision":"","cache":"","reason":"rate_limited"}'
+#: Audit event of consecutive requests nginx refused itself before asking any decision (4xx: 429 over the
+#: client's limit, 400 for a malformed request or a crafted Cookie header): one record listing each of them
+#: (time, request id, client address, method, path, status, reason), so that a client flooding nginx with
+#: requests it refuses cannot make the trail lag behind the file (each costs the reader a few microseconds
+#: instead of a record's ~28). Nothing reached the portal: no decision let it in.
+NGINX_REFUSED_EVENT = "access_refused_by_nginx"
+#: Accesses listed at most in one ``access_refused_by_nginx`` record.
+MAX_NGINX_REFUSED_PER_RECORD = 1000
+#: How the template's lines without a decision end (checked before any parsing).
+_UNDECIDED_TAILS = (
+    b'"decision":"","cache":"","reason":"rate_limited"}',
+    b'"decision":"","cache":"","reason":""}',
+)
 #: The outcome of a decision on a public route: nginx does not log those requests (no record, as in proxy mode).
 PUBLIC = "public"
 
@@ -220,33 +225,28 @@ def access_event(raw: bytes, position: str) -> tuple[tuple[str, float, dict[str,
     return (ACCESS_EVENT, served_at, fields), served
 
 
-def rate_limited_access(raw: bytes) -> list[Any] | None:
-    """``[time, request_id, client_ip, http_method, path]`` of a line nginx wrote for a request it refused
-    over the client's limit (before asking any decision), else None (an ordinary line)."""
-    if not raw.endswith(_RATE_LIMITED_TAIL):
+def nginx_refused_access(raw: bytes) -> list[Any] | None:
+    """``[time, request_id, client_ip, http_method, path, status, reason]`` of a line nginx wrote for a request
+    it refused (4xx) before any decision, else None (an ordinary line, or one for :func:`access_event`)."""
+    if not raw.endswith(_UNDECIDED_TAILS):
         return None
     try:
         line = json.loads(raw.decode("utf-8", "backslashreplace"))
         if type(line) is not dict or {type(value) for value in _line_values(line)} != {str}:
             return None
-        if line["status"] != "429":
-            return None
+        status = int(line["status"])
+        if not 400 <= status < 500:
+            return None  # e.g. 503: the gateway could not be reached
         return [float(line["time"]), line["request_id"], line["client_ip"], line["http_method"],
-                line["uri"].partition("?")[0]]  # fmt: skip
+                line["uri"].partition("?")[0], status, line["reason"]]  # fmt: skip
     except ValueError:
         return None
 
 
-def rate_limited_event(accesses: list[list[Any]], position: str) -> tuple[str, float, dict[str, Any]]:
-    """The one record of consecutive rate-limited accesses; ``position``: the last one's line."""
-    fields = {
-        "status": 429,
-        "reasons": ["rate_limited"],
-        "count": len(accesses),
-        "accesses": accesses,
-        "log_position": position,
-    }
-    return RATE_LIMITED_EVENT, accesses[0][0], fields
+def nginx_refused_event(accesses: list[list[Any]], position: str) -> tuple[str, float, dict[str, Any]]:
+    """The one record of consecutive requests nginx refused itself; ``position``: the last one's line."""
+    fields = {"count": len(accesses), "accesses": accesses, "log_position": position}
+    return NGINX_REFUSED_EVENT, accesses[0][0], fields
 
 
 # --- Where the reader is: the position file -----------------------------------------------------------------
@@ -437,27 +437,27 @@ class AccessStream:
         lines = chunk.split(b"\n")
         if chunk.endswith(b"\n"):
             lines.pop()  # what follows the last newline: nothing
-        refused: list[list[Any]] = []  # consecutive rate-limited accesses, one record (in the lines' order)
+        refused: list[list[Any]] = []  # consecutive requests nginx refused, one record (in the lines' order)
         for raw in lines:
             end = min(end + len(raw) + 1, self._offset + len(chunk))
             if not raw.strip():
                 continue
-            access = rate_limited_access(raw)
+            access = nginx_refused_access(raw)
             if access is not None:
                 refused.append(access)
-                if len(refused) == MAX_RATE_LIMITED_PER_RECORD:
-                    events.append(rate_limited_event(refused, f"{self._inode}:{end}"))
+                if len(refused) == MAX_NGINX_REFUSED_PER_RECORD:
+                    events.append(nginx_refused_event(refused, f"{self._inode}:{end}"))
                     refused = []
                 continue
             if refused:
-                events.append(rate_limited_event(refused, f"{self._inode}:{end - len(raw) - 1}"))
+                events.append(nginx_refused_event(refused, f"{self._inode}:{end - len(raw) - 1}"))
                 refused = []
             event, counted = access_event(raw, f"{self._inode}:{end}")
             events.append(event)
             if counted is not None:
                 served.append(counted)
         if refused:
-            events.append(rate_limited_event(refused, f"{self._inode}:{end}"))
+            events.append(nginx_refused_event(refused, f"{self._inode}:{end}"))
         try:
             if served and self._count_served is not None:
                 self._count_served(served)
@@ -473,7 +473,7 @@ class AccessStream:
             return -1
         self._offset += len(chunk)
         self._clear_error()
-        return sum(fields["count"] if event == RATE_LIMITED_EVENT else 1 for event, _, fields in events)
+        return sum(fields["count"] if event == NGINX_REFUSED_EVENT else 1 for event, _, fields in events)
 
     def _truncated(self, now: float) -> int:
         log.warning("%s shrank below the position read (truncated in place?): reading it from its start",

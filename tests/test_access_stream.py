@@ -9,6 +9,7 @@ import contextlib
 import json
 import os
 import signal
+import socket
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -22,7 +23,7 @@ import requests
 from gateway.access_stream import (
     ACCESS_EVENT,
     LINE_FIELDS,
-    RATE_LIMITED_EVENT,
+    NGINX_REFUSED_EVENT,
     UNREADABLE_EVENT,
     AccessStream,
     DecisionToken,
@@ -149,36 +150,48 @@ def test_every_line_becomes_one_chained_record_with_the_access_facts(files: tupl
     assert stream.step() == 0  # nothing new
 
 
-def rate_limited_line(request_id: str) -> bytes:
-    """One line as the template writes it for a request nginx refused over the client's limit."""
+def undecided_line(request_id: str, status: str, reason: str = "") -> bytes:
+    """One line as the template writes it for a request answered without a decision."""
     line = json.loads(nginx_line(request_id)) | {
-        "status": "429",
+        "status": status,
         "decision": "",
         "cache": "",
-        "reason": "rate_limited",
+        "reason": reason,
     }
     return json.dumps(line, separators=(",", ":")).encode() + b"\n"
 
 
-def test_consecutive_rate_limited_lines_are_one_record_listing_each_in_order(
+def test_consecutive_requests_nginx_refused_itself_are_one_record_listing_each(
     files: tuple[Path, Path],
 ) -> None:
     access_log, audit_file = files
     access_log.parent.mkdir()
     first, refused, last = uuid4().hex, [uuid4().hex for _ in range(1003)], uuid4().hex
-    append(access_log, nginx_line(first), *map(rate_limited_line, refused), nginx_line(last))
+    unreachable, malformed = uuid4().hex, uuid4().hex
+    append(
+        access_log,
+        nginx_line(first),
+        *(undecided_line(i, "429", "rate_limited") for i in refused),
+        nginx_line(last),
+        undecided_line(unreachable, "503"),  # the gateway could not be asked: an access record, as before
+        undecided_line(malformed, "400"),
+    )
     stream = reader(files)
-    assert stream.step() == 1005
-    records = [r for r in audit_records(audit_file) if r["event"] in (ACCESS_EVENT, RATE_LIMITED_EVENT)]
+    assert stream.step() == 1007
+    records = [r for r in audit_records(audit_file) if r["event"] in (ACCESS_EVENT, NGINX_REFUSED_EVENT)]
     assert [(r["event"], r.get("count")) for r in records] == [
         (ACCESS_EVENT, None),
-        (RATE_LIMITED_EVENT, 1000),  # at most 1,000 a record
-        (RATE_LIMITED_EVENT, 3),
+        (NGINX_REFUSED_EVENT, 1000),  # at most 1,000 a record
+        (NGINX_REFUSED_EVENT, 3),
         (ACCESS_EVENT, None),
+        (ACCESS_EVENT, None),
+        (NGINX_REFUSED_EVENT, 1),
     ]
     listed = [access for r in records[1:3] for access in r["accesses"]]
     assert [access[1] for access in listed] == refused
-    assert listed[0][2:] == ["192.0.2.7", "GET", "/patients/1"] and records[1]["reasons"] == ["rate_limited"]
+    assert listed[0][2:] == ["192.0.2.7", "GET", "/patients/1", 429, "rate_limited"]
+    assert [r["request_id"] for r in records[3:5]] == [last, unreachable] and records[4]["status"] == 503
+    assert records[5]["accesses"][0][1:2] + records[5]["accesses"][0][5:] == [malformed, 400, ""]
     # Each record's log_position is where its last line ends: a restarted reader records nothing twice.
     positions = [int(r["log_position"].rpartition(":")[2]) for r in records]
     assert positions == sorted(positions) and positions[-1] == access_log.stat().st_size
@@ -511,10 +524,10 @@ def test_nothing_is_lost_or_recorded_twice_across_a_gateway_restart(
         assert verify_audit_file(built.audit_file).ok
 
 
-def rate_limited_accesses(built: Stack, path: str) -> list[list[Any]]:
-    """The requests on ``path`` nginx refused over a client's limit, as the trail lists them."""
-    records = audit_records(built.audit_file, RATE_LIMITED_EVENT)
-    return [access for r in records for access in r["accesses"] if access[4] == path]
+def refused_by_nginx(built: Stack, path: str, status: int = 429) -> list[list[Any]]:
+    """The requests on ``path`` nginx refused itself with ``status``, as the trail lists them."""
+    records = audit_records(built.audit_file, NGINX_REFUSED_EVENT)
+    return [access for r in records for access in r["accesses"] if access[4] == path and access[5] == status]
 
 
 def test_one_session_flooding_cached_reads_is_limited_and_never_stops_another_sessions_decisions(
@@ -548,21 +561,21 @@ def test_one_session_flooding_cached_reads_is_limited_and_never_stops_another_se
         assert set(others) == {200}, others
         assert statuses[429] > statuses[200] > 0 and set(statuses) == {200, 429}  # over its share: 429s
         # Every request nginx answered the flooder is in the trail with the status it was served: an access
-        # record each when let in, listed in access_rate_limited records (a few a batch) when refused.
+        # record each when let in, listed in access_refused_by_nginx records (a few a batch) when refused.
         logged = [json.loads(line) for line in built.access_log.read_text().splitlines()]
         served = collections.Counter(line["status"] for line in logged if line["uri"] == path)
         # nginx may have answered a request or so per connection that wrk stopped waiting for.
         assert statuses[429] <= served["429"] <= statuses[429] + 8 and served["200"] == statuses[200] + 1
         wait_until(
-            lambda: len(rate_limited_accesses(built, path)) >= served["429"],
+            lambda: len(refused_by_nginx(built, path)) >= served["429"],
             timeout=15,
             what="the refused requests recorded",
         )
         wait_until(lambda: len(built.recorded(flooder)) >= served["200"], timeout=5, what="the accesses")
         time.sleep(0.5)
         assert (
-            len(rate_limited_accesses(built, path)) == served["429"]
-            and len({access[1] for access in rate_limited_accesses(built, path)}) == served["429"]
+            len(refused_by_nginx(built, path)) == served["429"]
+            and len({access[1] for access in refused_by_nginx(built, path)}) == served["429"]
         )
         records = built.recorded(flooder)
         assert [r["status"] for r in records] == [200] * served["200"]
@@ -590,9 +603,9 @@ def test_a_client_over_its_limit_gets_the_gateway_page_with_retry_after(shared: 
     assert (api.status, json.loads(api.body)["error"]) == (429, "rate_limited")
     made_up = ask(("Host", f"{uuid4().hex}.example"))  # the same page, whatever Host the client makes up
     assert (made_up.status, made_up.header("X-Gateway-Reason")) == (429, "rate_limited")
-    # Each refused request is in the trail: listed in an access_rate_limited record, no decision asked.
+    # Each refused request is in the trail: listed in an access_refused_by_nginx record, no decision asked.
     wait_until(
-        lambda: len(rate_limited_accesses(built, path)) == len(limited) + 3,
+        lambda: len(refused_by_nginx(built, path)) == len(limited) + 3,
         timeout=10,
         what="the refused requests recorded",
     )
@@ -606,14 +619,22 @@ def test_a_crafted_cookie_header_is_refused_within_the_same_limits(shared: tuple
     statuses = [raw_request(nginx.port, path, [crafted], source="127.0.0.22").status for _ in range(150)]
     assert statuses[0] == 400 and set(statuses) == {400, 429}  # no session: 20 a second, bursts of 100
     wait_until(
-        lambda: len(rate_limited_accesses(built, path)) == statuses.count(429),
+        lambda: len(refused_by_nginx(built, path)) == statuses.count(429),
         timeout=10,
         what="the refused requests recorded",
     )
-    wait_until(
-        lambda: len(built.recorded(idnat)) == statuses.count(400), timeout=10, what="the 400s recorded"
-    )
-    assert {r["status"] for r in built.recorded(idnat)} == {400}
+    assert len(refused_by_nginx(built, path, 400)) == statuses.count(400) and not built.recorded(idnat)
+
+
+def test_a_request_nginx_cannot_take_is_listed_among_its_refusals(shared: tuple[Stack, Nginx]) -> None:
+    """nginx answers 400 to a malformed request before any location (no limit applies): logged, and recorded
+    as cheaply as the requests refused over a limit."""
+    built, nginx = shared
+    path = f"/echo/protected/{unique_idnat()}"
+    with socket.create_connection(("127.0.0.1", nginx.port), timeout=5) as connection:
+        connection.sendall(f"GET {path} HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n".encode())
+        assert connection.recv(64).startswith(b"HTTP/1.1 400 ")
+    wait_until(lambda: len(refused_by_nginx(built, path, 400)) == 1, timeout=10, what="the 400 recorded")
 
 
 def test_a_gateway_that_cannot_be_reached_is_a_static_page_with_retry_after(
