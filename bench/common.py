@@ -62,11 +62,19 @@ def wrk(
     output = subprocess.run(
         [*argv, url], capture_output=True, text=True, check=True, timeout=seconds + 30
     ).stdout
-    if "Non-2xx" in output or "Socket errors" in output:
-        raise RuntimeError(f"{url} answered errors under load:\n{output}")
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", output).group(1))  # type: ignore[union-attr]
     total = int(re.search(r"(\d+) requests in", output).group(1))  # type: ignore[union-attr]
+    if "Non-2xx" in output or _socket_errors(output) * 10_000 > total:
+        raise RuntimeError(f"{url} answered errors under load:\n{output}")
     return Load(rps, _percentile(output, "50%"), _percentile(output, "99%"), total)
+
+
+def _socket_errors(output: str) -> int:
+    """wrk's count of connect, read, write and timeout errors. A server closing a kept-alive connection while
+    wrk stops (Apache's event MPM does now and then) costs a read error or two in a run: tolerated below one
+    in 10,000 requests, a failing target is not."""
+    found = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", output)
+    return sum(int(n) for n in found.groups()) if found else 0
 
 
 _CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
