@@ -696,6 +696,36 @@ def test_the_portal_and_the_audit_trail_share_the_request_id(plane: Plane) -> No
     assert [(e["path"], e["decision"]) for e in recorded()] == [(f"/patients/{NIR}", "allow")]
 
 
+def test_n_accesses_are_n_audit_records(plane: Plane) -> None:
+    """Issue 14 goal 2 in both planes: every access to a record, served from nginx's decision cache or not,
+    is one record of the hash-chained trail, naming the request the portal received."""
+    session = plane.login(idnat="8" + str(uuid4().int)[:11])
+    cookie = [("Cookie", f"{COOKIE}={session}")]
+    targets = (
+        [f"/patients/{NIR}"] * 12 + [f"/patients/2800175{n:08d}" for n in range(6)] + [f"/patients/{NIR}"] * 4
+    )
+    request_ids = []
+    for target in targets:
+        response, records = plane.send(target, cookie)
+        assert response.status == 200, (target, response.status)
+        request_ids.append(records[0]["headers"]["x-request-id"])
+    assert len(set(request_ids)) == len(targets)
+    event = "decision" if plane.mode == "proxy" else "access"
+
+    def recorded() -> list[dict[str, Any]]:
+        wanted = set(request_ids)
+        return [e for e in plane.audit() if e["event"] == event and e["request_id"] in wanted]
+
+    wait_until(lambda: len(recorded()) >= len(targets), timeout=10, what="every access recorded")
+    time.sleep(0.3)  # what came more would be a duplicate
+    records = recorded()
+    assert sorted(r["request_id"] for r in records) == sorted(request_ids)
+    assert [r["path"] for r in sorted(records, key=lambda r: request_ids.index(r["request_id"]))] == targets
+    assert {r["decision"] for r in records} == {"allow"}
+    if plane.mode == "forward_auth":
+        assert any(r["cached"] for r in records)  # nginx served repeated reads itself, and they are recorded
+
+
 # --- Login budgets: what another site's page can make a browser send ----------------------------------------
 
 #: How a page of another site can load a URL without navigating the tab to it.
