@@ -45,6 +45,7 @@ bench: deps
 	$(PY) bench/proxy.py
 	$(PY) bench/forward_auth.py
 	$(PY) bench/decision.py
+	$(PY) bench/capacity.py
 
 # The e-CPS tests' second OpenID Connect provider (panva/oidc-provider on the machine's node 20 and npm),
 # pinned by its package-lock.json; npm ci writes node_modules/.package-lock.json last.
