@@ -450,9 +450,11 @@ def refuse(
     rule: Rule | None = None,
     as_json: bool = False,
     session_ended: bool = False,
+    reference: str | None = None,
 ) -> Response:
     """The refusal of this request; ``rule`` guards where the professional was going (default: the rule
-    matching ``next_path``); ``session_ended``: the refused request ended its session (no logout link)."""
+    matching ``next_path``); ``session_ended``: the refused request ended its session (no logout link);
+    ``reference``: the id the page names (default: this request's; "": none, for a page shared by clients)."""
     gateway = gateway_of()
     destination = next_path or current_next_path()
     return refusal(
@@ -462,7 +464,7 @@ def refuse(
         way_forward=way_forward(gateway, session_ended=session_ended),
         login=gateway.login_links(destination),
         rule=rule or destination_rule(gateway, destination),
-        request_id=request_id(),
+        request_id=request_id() if reference is None else reference,
         retry_after=retry_after,
         as_json=as_json,
     )

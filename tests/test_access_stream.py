@@ -611,6 +611,28 @@ def test_a_client_over_its_limit_gets_the_gateway_page_with_retry_after(shared: 
     )
 
 
+def test_the_rate_limited_page_nginx_shares_names_no_client_request(shared: tuple[Stack, Nginx]) -> None:
+    """nginx keeps the rate_limited page a second for every client over its limit: were it to name the request
+    that rendered it, other clients would be shown that client's reference."""
+    _, nginx = shared
+    path = f"/echo/protected/{unique_idnat()}"
+
+    def pages(source: str, accept: str) -> list[RawResponse]:
+        answers = [raw_request(nginx.port, path, [("Accept", accept)], source=source) for _ in range(130)]
+        return [answer for answer in answers if answer.status == 429]
+
+    for accept in ("text/html", "application/json"):
+        first, second = pages("127.0.0.23", accept), pages("127.0.0.24", accept)
+        assert first and second
+        for page in first + second:
+            assert page.header("X-Gateway-Reason") == "rate_limited"
+            if accept == "text/html":
+                assert b'class="reference"' not in page.body
+            else:
+                assert json.loads(page.body)["error"] == "rate_limited"
+                assert json.loads(page.body)["request_id"] == ""
+
+
 def test_a_crafted_cookie_header_is_refused_within_the_same_limits(shared: tuple[Stack, Nginx]) -> None:
     built, nginx = shared
     idnat = unique_idnat()

@@ -268,7 +268,8 @@ def refused_page() -> Response:
     """The page for a request the decision endpoint refused, as proxy mode answers it.
 
     Asked by nginx (``forward_auth.trusted_nginx`` only; anyone else finds nothing here) with the refused
-    request's method, URI and host, the reason the decision named, and the client's Accept, Accept-Language
+    request's method, URI, host and id (the page's reference; none for a page nginx shares), the reason the
+    decision named, and the client's Accept, Accept-Language
     and Cookie (language, page or JSON, the logout link). It decides nothing: the refusal was decided, and
     audited, by the decision endpoint."""
     gateway = gateway_of()
@@ -297,4 +298,7 @@ def refused_page() -> Response:
         next_path=next_path,
         rule=rule,
         session_ended=request.headers.get(SESSION_ENDED) == "1",
+        # Without the refused request's id, nginx caches the page for every client (@cps_rate_limited): it
+        # must name no request, or one client's reference would be shown to others.
+        reference=None if _REQUEST_ID.match(request_id) else "",
     )
