@@ -39,6 +39,7 @@ exclusive ``flock`` on the position file reads; another takes over within a seco
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import errno
 import fcntl
@@ -182,10 +183,24 @@ def _decoded(text: str) -> DecisionToken | None:
     return DecisionToken.decode(text)
 
 
+def _bytes_as_json_text(error: UnicodeError) -> tuple[str, int]:
+    """Bytes that are not UTF-8 as the text ``\\xNN``, escaped for JSON. nginx writes the URI's bytes as they
+    came (escape=json escapes none above 0x7f), always inside a JSON string: the line stays valid JSON (an
+    allowed access is never an unreadable line) and its URI shows them as backslashreplace would."""
+    if not isinstance(error, UnicodeDecodeError):
+        raise error
+    bad = error.object[error.start : error.end]
+    return "".join(f"\\\\x{byte:02x}" for byte in bad), error.end
+
+
+_LINE_ERRORS = "gateway-access-line"
+codecs.register_error(_LINE_ERRORS, _bytes_as_json_text)
+
+
 def access_event(raw: bytes, position: str) -> tuple[tuple[str, float, dict[str, Any]], ServedRequest | None]:
     """The audit event ``(event, time, fields)`` for one line of the access log, and the request to count
     for a quota when it is one."""
-    text = raw.decode("utf-8", "backslashreplace")  # nginx writes the URI's bytes as they came
+    text = raw.decode("utf-8", _LINE_ERRORS)
     try:
         line = json.loads(text)
         if type(line) is not dict or {type(value) for value in _line_values(line)} != {str}:
@@ -231,7 +246,7 @@ def nginx_refused_access(raw: bytes) -> list[Any] | None:
     if not raw.endswith(_UNDECIDED_TAILS):
         return None
     try:
-        line = json.loads(raw.decode("utf-8", "backslashreplace"))
+        line = json.loads(raw.decode("utf-8", _LINE_ERRORS))
         if type(line) is not dict or {type(value) for value in _line_values(line)} != {str}:
             return None
         status = int(line["status"])
