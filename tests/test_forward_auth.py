@@ -419,3 +419,14 @@ def test_the_raw_route_answers_a_failure_as_the_usual_way_does(
         usual = ask(app_without_stream.test_client(), environ["HTTP_X_ORIGINAL_URI"])
     assert (status, dict(headers)["X-Gateway-Reason"]) == (503, "audit_unavailable")
     assert (usual.status_code, usual.headers["X-Gateway-Reason"]) == (503, "audit_unavailable")
+
+
+@pytest.mark.parametrize("retry_after", ["9" * 5000, "\u00b2", "-1", "1e3", ""])
+def test_the_refusal_page_never_fails_on_the_retry_after_nginx_relays(app: Flask, retry_after: str) -> None:
+    page = app.test_client().get(
+        "/.gateway/refused",
+        headers={"X-Gateway-Reason": "quota_exceeded", "X-Gateway-Retry-After": retry_after},
+        environ_base={"REMOTE_ADDR": NGINX},
+    )
+    assert (page.status_code, page.headers["X-Gateway-Reason"]) == (429, "quota_exceeded")
+    assert "Retry-After" not in page.headers

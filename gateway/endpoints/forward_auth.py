@@ -75,6 +75,8 @@ ORIGINAL_URI = "X-Original-URI"
 CACHEABLE = "X-Gateway-Cacheable"
 #: nginx's $request_id (32 hex digits): the audit trail and the portal then share one id per request.
 _REQUEST_ID = re.compile(r"^[0-9A-Za-z-]{8,64}$")
+#: A Retry-After nginx relays (the decision's): whole seconds, short enough for int() (no 500 for a long one).
+_RETRY_AFTER = re.compile(r"[0-9]{1,9}")
 _NOT_CACHED = [(CACHEABLE, "0"), ("X-Accel-Expires", "0")]
 
 
@@ -294,7 +296,7 @@ def refused_page() -> Response:
         next_path, rule = target.path_and_query, gateway.policies.match(method, host, target.path)
     return refuse(
         reason,
-        retry_after=int(retry_after) if retry_after.isdigit() else None,
+        retry_after=int(retry_after) if _RETRY_AFTER.fullmatch(retry_after) else None,
         next_path=next_path,
         rule=rule,
         session_ended=request.headers.get(SESSION_ENDED) == "1",
