@@ -75,6 +75,9 @@ ORIGINAL_URI = "X-Original-URI"
 CACHEABLE = "X-Gateway-Cacheable"
 #: nginx's $request_id (32 hex digits): the audit trail and the portal then share one id per request.
 _REQUEST_ID = re.compile(r"^[0-9A-Za-z-]{8,64}$")
+#: What no request target may hold (RFC 9112 3.2: printable ASCII only), proxy mode's parser (gunicorn)
+#: refuses, and nginx lets through in a query: raw bytes above 0x7e.
+_NOT_PRINTABLE_ASCII = re.compile(r"[^\x21-\x7e]")
 #: A Retry-After nginx relays (the decision's): whole seconds, short enough for int() (no 500 for a long one).
 _RETRY_AFTER = re.compile(r"[0-9]{1,9}")
 _NOT_CACHED = [(CACHEABLE, "0"), ("X-Accel-Expires", "0")]
@@ -144,6 +147,11 @@ def answer(gateway: Gateway, environ: dict[str, Any]) -> Answer:
         target = normalise_target(raw_uri)
     except BadPath as exc:
         _audit_refusal(gateway, environ, "bad_request", Reason.BAD_REQUEST_PATH, detail=str(exc))
+        return _refusal(environ, 400, Reason.BAD_REQUEST_PATH)
+    if _NOT_PRINTABLE_ASCII.search(target.query):
+        # Proxy mode never gets such a target (400): nor does the portal, which could read those bytes its way.
+        detail = "a byte that is not printable ASCII in the query (browsers percent-encode it)"
+        _audit_refusal(gateway, environ, "bad_request", Reason.BAD_REQUEST_PATH, detail=detail)
         return _refusal(environ, 400, Reason.BAD_REQUEST_PATH)
     if target.path != raw_uri.partition("?")[0]:
         # nginx would forward the raw form: the portal could resolve it to another resource than the one judged.

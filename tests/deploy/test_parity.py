@@ -18,6 +18,7 @@ import json
 import os
 import posixpath
 import re
+import socket
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -308,6 +309,23 @@ def test_a_target_in_normal_form_reaches_the_portal_exactly(plane: Plane) -> Non
     response, records = plane.send(target)
     assert response.status == 200
     assert [r["raw_uri"] for r in records] == [target]
+
+
+def test_a_query_with_bytes_that_are_not_printable_ascii_never_reaches_the_portal(plane: Plane) -> None:
+    """No request target may hold them (RFC 9112 3.2): proxy mode's parser refuses the request line, nginx
+    takes it, so the decision refuses it (a portal could read those bytes its own way)."""
+    case = uuid4().hex
+    head = (
+        f"GET /patients/{NIR}?q=\xc0\xae\xff HTTP/1.1\r\nHost: 127.0.0.1:{plane.port}\r\n"
+        f"Cookie: {COOKIE}={plane.login()}\r\n{CASE_HEADER}: {case}\r\nConnection: close\r\n\r\n"
+    )
+    address = ("127.0.0.1", plane.port)
+    with socket.create_connection(address, timeout=5, source_address=(CLIENT_ADDRESS, 0)) as connection:
+        connection.sendall(head.encode("latin-1"))
+        answer = b"".join(iter(lambda: connection.recv(65536), b""))
+    assert answer.startswith(b"HTTP/1.1 400 ") and received(plane.recording, case) == []
+    if plane.mode == "forward_auth":  # refused by the decision (the stand-in portal would refuse it too)
+        assert b"\r\nX-Gateway-Reason: bad_request_path\r\n" in answer.partition(b"\r\n\r\n")[0]
 
 
 def test_requests_with_a_body_reach_the_portal_whole_one_after_the_other(plane: Plane) -> None:
