@@ -110,9 +110,11 @@ def running_planes(
     extra: dict[str, dict[str, Any]] | None = None,
     env: dict[str, str] | None = None,
     gateway_port: int | None = None,
+    nginx_http: str = "",
 ) -> Iterator[dict[str, Plane]]:
     """The portal stand-in, Redis, one gateway on the example policies (settings ``extra`` merged section
-    by section) and nginx with the shipped template in front of it: both planes."""
+    by section) and nginx with the shipped template in front of it (``nginx_http``: the operator's own
+    http-level directives around it): both planes."""
     recording = directory / "portal-requests.jsonl"
     portal_port, gateway_port = free_port(), gateway_port or free_port()
     portal = f"127.0.0.1:{portal_port}"
@@ -153,7 +155,7 @@ def running_planes(
         gateway_env = {**os.environ, **env} if env else None
         with running(serve_argv(config), gateway_port, env=gateway_env, log=directory / "gateway.log"):
             values = {"GATEWAY": f"127.0.0.1:{gateway_port}", "PORTAL": portal, "ACCESS_LOG": str(access_log)}
-            with running_nginx(directory / "nginx", FORWARD_AUTH_TEMPLATE, values) as nginx:
+            with running_nginx(directory / "nginx", FORWARD_AUTH_TEMPLATE, values, http=nginx_http) as nginx:
                 common = {
                     "recording": recording,
                     "audit_file": directory / "gateway" / "audit.log",
@@ -608,23 +610,49 @@ def test_a_cached_decision_is_never_served_after_the_session_ended(plane: Plane,
     for _ in range(2):  # the second one from nginx's decision cache (forward-auth)
         assert plane.send(path, cookie)[0].status == 200
     if ended_by == "logout":
-        live = plane.store.get(session, time.time())
-        assert live is not None
-        form = f"csrf_token={live.csrf_token}".encode()
-        headers = [
-            *cookie,
-            ("Content-Type", "application/x-www-form-urlencoded"),
-            ("Sec-Fetch-Site", "same-origin"),
-        ]
-        headers.append(("Content-Length", str(len(form))))
-        ended, _ = plane.send("/.gateway/logout", headers, method="POST", body=form)
-        assert ended.status == 303
+        _log_out(plane, session)
     else:  # 30 other patients: the breach revokes the session (on_exceed: revoke_session)
         for n in range(31):
             plane.send(f"/patients/1800175123{n:05d}", cookie)
     assert plane.store.get(session, time.time()) is None
     response, records = plane.send(path, cookie)  # within the cache lifetime: the same session id, replayed
     assert (response.status, records) == (401, [])
+
+
+def _log_out(plane: Plane, session: str) -> None:
+    live = plane.store.get(session, time.time())
+    assert live is not None
+    form = f"csrf_token={live.csrf_token}".encode()
+    headers = [
+        ("Cookie", f"{COOKIE}={session}"),
+        ("Content-Type", "application/x-www-form-urlencoded"),
+        ("Sec-Fetch-Site", "same-origin"),
+        ("Content-Length", str(len(form))),
+    ]
+    ended, _ = plane.send("/.gateway/logout", headers, method="POST", body=form)
+    assert ended.status == 303
+
+
+#: What an operator may well have in nginx's http block (it speeds up static files), "no such file" included.
+OPEN_FILE_CACHE = (
+    "open_file_cache max=1000 inactive=60s; open_file_cache_valid 60s; open_file_cache_errors on;"
+)
+
+
+def test_a_logout_ends_cached_access_at_once_whatever_open_file_cache_nginx_has(
+    tmp_path: Path, assertion_key: Path
+) -> None:
+    """The template's ended-session check (if -f) must not read nginx's cached "no such mark" of before the
+    logout: the session's cached allows would be served on until they expire."""
+    with running_planes(tmp_path, assertion_key, nginx_http=OPEN_FILE_CACHE) as both:
+        plane = both["forward_auth"]
+        session = plane.login()
+        cookie = [("Cookie", f"{COOKIE}={session}")]
+        for _ in range(2):  # the second one from nginx's decision cache
+            assert plane.send(f"/patients/{NIR}", cookie)[0].status == 200
+        _log_out(plane, session)
+        response, records = plane.send(f"/patients/{NIR}", cookie)
+        assert (response.status, records) == (401, [])
 
 
 def _stored_by_a_browser(set_cookie: str) -> str | None:

@@ -40,7 +40,8 @@ def render(template: Path, values: Mapping[str, str]) -> str:
     return text
 
 
-def main_config(prefix: Path, server_config: str, workers: int = 1) -> str:
+def main_config(prefix: Path, server_config: str, workers: int = 1, http: str = "") -> str:
+    """nginx.conf around ``server_config``; ``http``: an operator's own http-level directives."""
     temp = {name: prefix / name for name in ("client", "proxy", "fastcgi", "uwsgi", "scgi")}
     for directory in temp.values():
         directory.mkdir(parents=True, exist_ok=True)
@@ -58,6 +59,7 @@ http {{
     uwsgi_temp_path {temp["uwsgi"]};
     scgi_temp_path {temp["scgi"]};
     keepalive_requests 100000;
+{http}
 {server_config}
 }}
 """
@@ -65,7 +67,7 @@ http {{
 
 @contextlib.contextmanager
 def running_nginx(
-    prefix: Path, template: Path, values: Mapping[str, str], workers: int = 1
+    prefix: Path, template: Path, values: Mapping[str, str], workers: int = 1, http: str = ""
 ) -> Iterator[Nginx]:
     prefix.mkdir(parents=True, exist_ok=True)
     port = free_port()
@@ -76,7 +78,7 @@ def running_nginx(
     }
     server = render(template, {**defaults, **values})
     conf = prefix / "nginx.conf"
-    conf.write_text(main_config(prefix, server, workers))
+    conf.write_text(main_config(prefix, server, workers, http))
     argv = [NGINX, "-p", str(prefix), "-c", str(conf), "-g", f"daemon off; pid {prefix}/nginx.pid;"]
     with running(argv, port, log=prefix / "nginx.out"):
         yield Nginx(port, prefix)
