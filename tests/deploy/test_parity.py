@@ -655,6 +655,34 @@ def test_a_logout_ends_cached_access_at_once_whatever_open_file_cache_nginx_has(
         assert (response.status, records) == (401, [])
 
 
+#: What an operator may well have in nginx's http block for the portal's caching: stale answers when the
+#: upstream fails.
+USE_STALE = "proxy_cache_use_stale error timeout updating http_500 http_502 http_503 http_504 http_403;"
+
+
+def test_an_expired_cached_allow_is_never_served_when_the_gateway_refuses_whatever_nginx_http_has(
+    tmp_path: Path, assertion_key: Path
+) -> None:
+    """Fail closed: once a cached allow expired, the gateway's refusal (here 503, the session store down) is
+    what the client gets, never the stale allow an http-level proxy_cache_use_stale would serve."""
+    extra = {"forward_auth": {"cache_seconds": 1}}
+    with running_planes(tmp_path, assertion_key, extra, nginx_http=USE_STALE) as both:
+        plane = both["forward_auth"]
+        cookie = [("Cookie", f"{COOKIE}={plane.login()}")]
+        for _ in range(2):  # the second one from nginx's decision cache
+            assert plane.send(f"/patients/{NIR}", cookie)[0].status == 200
+        plane.redis.stop()
+        try:
+            # Served from the cache until the allow expires (X-Accel-Expires: 1, nginx counts whole seconds).
+            deadline = time.monotonic() + 3
+            while (response := plane.send(f"/patients/{NIR}", cookie)[0]).status == 200:
+                assert time.monotonic() < deadline, "a stale allow served while the gateway refuses"
+                time.sleep(0.1)
+        finally:
+            plane.redis.start()
+        assert response.status == 503  # the store (or the trail, which counts quotas there) unavailable
+
+
 def _stored_by_a_browser(set_cookie: str) -> str | None:
     """The cookie name a browser would store for a __Host- cookie of the gateway, None when it must refuse it:
     the __Host- prefix demands Secure, Path=/ and no Domain (RFC 6265bis, cookie name prefixes)."""
