@@ -996,6 +996,27 @@ def test_clients_never_ask_for_a_refusal_page_themselves(planes: dict[str, Plane
     assert response.status == 404
 
 
+@pytest.mark.parametrize("target", ["/.gateway//auth", "/.gateway/x/..//auth", "/.gateway//refused"])
+def test_clients_never_reach_the_decision_or_refusal_page_whatever_nginx_http_has(
+    tmp_path_factory: pytest.TempPathFactory, assertion_key: Path, target: str
+) -> None:
+    """Through nginx's /.gateway/ location the gateway sees nginx as its peer: were a client to reach these
+    two there (an http-level merge_slashes off: "/.gateway//auth" is not "= /.gateway/auth" then, and the
+    gateway's normal form drops the empty segment), it would choose the session and URI judged, get the
+    signed identity headers, or any refusal page."""
+    with running_planes(
+        tmp_path_factory.mktemp("slashes"), assertion_key, nginx_http="merge_slashes off;"
+    ) as both:
+        plane = both["forward_auth"]
+        headers = [
+            ("X-Original-URI", f"/patients/{NIR}"),
+            ("X-Gateway-Session", plane.login()),
+            ("X-Gateway-Reason", "quota_exceeded"),
+        ]
+        response, _ = plane.send(target, headers)
+        assert response.status == 404 and response.header("X-Gateway-Assertion") is None
+
+
 @pytest.mark.parametrize(
     ("target", "session", "reason", "card", "ecps"),
     [
