@@ -64,6 +64,12 @@ class NormalisedTargetMiddleware:
         return self.app(environ, start_response)
 
 
+def raw_path_of(environ: dict[str, Any]) -> str | None:
+    """The request target's path as the client sent it (before any normalisation), None when unknown."""
+    raw = environ.get("RAW_URI") or environ.get("REQUEST_URI")
+    return None if raw is None else str(raw).partition("?")[0]
+
+
 def utf8_header(value: str) -> bool:
     """True when a header value (WSGI: its bytes as latin-1 code points) is valid UTF-8."""
     if value.isascii():

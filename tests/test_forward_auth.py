@@ -430,3 +430,19 @@ def test_the_refusal_page_never_fails_on_the_retry_after_nginx_relays(app: Flask
     )
     assert (page.status_code, page.headers["X-Gateway-Reason"]) == (429, "quota_exceeded")
     assert "Retry-After" not in page.headers
+
+
+@pytest.mark.parametrize(
+    "path", ["/.gateway//auth", "/.gateway/./auth", "/.gateway//refused", "/.gateway/x/../refused"]
+)
+def test_the_decision_and_refusal_page_answer_only_their_very_path(app: Flask, path: str) -> None:
+    """nginx asks exactly /.gateway/auth and /.gateway/refused; another spelling of them is a client's, which
+    got past the template's 404 (an nginx that does not merge slashes): it would choose what is judged."""
+    session = gateway_of(app).sessions.create(identity(), time.time()).id
+    headers = {
+        "X-Original-URI": "/patients/1",
+        "X-Gateway-Session": session,
+        "X-Gateway-Reason": "quota_exceeded",
+    }
+    response = app.test_client().get(path, headers=headers, environ_base={"REMOTE_ADDR": NGINX})
+    assert response.status_code == 404 and "X-Gateway-Assertion" not in response.headers

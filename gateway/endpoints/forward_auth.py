@@ -60,7 +60,7 @@ from gateway.runtime import (
     refused_host,
     request_id_of,
 )
-from gateway.wsgi import RawRoute, normalise_host, utf8_header
+from gateway.wsgi import RawRoute, normalise_host, raw_path_of, utf8_header
 
 log = logging.getLogger("gateway.forward_auth")
 
@@ -277,14 +277,16 @@ def blueprint() -> Blueprint:
 def refused_page() -> Response:
     """The page for a request the decision endpoint refused, as proxy mode answers it.
 
-    Asked by nginx (``forward_auth.trusted_nginx`` only; anyone else finds nothing here) with the refused
+    Asked by nginx (``forward_auth.trusted_nginx`` only, by this very path; anyone else finds nothing here) with the refused
     request's method, URI, host and id (the page's reference; none for a page nginx shares), the reason the
     decision named, and the client's Accept, Accept-Language
     and Cookie (language, page or JSON, the logout link). It decides nothing: the refusal was decided, and
     audited, by the decision endpoint."""
     gateway = gateway_of()
     environ = request.environ
-    if not in_networks(peer_of(environ), gateway.settings.forward_auth.trusted_nginx):
+    trusted = in_networks(peer_of(environ), gateway.settings.forward_auth.trusted_nginx)
+    # By its very path only (nginx's): "/.gateway//refused" is a client that got past nginx's 404.
+    if not trusted or raw_path_of(environ) != REFUSED_PATH:
         return Response("not found", 404, content_type="text/plain; charset=utf-8")
     request_id = environ.get("HTTP_X_REQUEST_ID", "")
     if _REQUEST_ID.match(request_id):

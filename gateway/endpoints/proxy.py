@@ -38,7 +38,7 @@ from gateway.runtime import (
     request_id_of,
     unexpected_error,
 )
-from gateway.wsgi import TARGET_KEY, WsgiApp, request_headers
+from gateway.wsgi import TARGET_KEY, WsgiApp, raw_path_of, request_headers
 
 log = logging.getLogger("gateway.proxy")
 
@@ -70,7 +70,8 @@ class ProxyApp:
         answer: Callable[[], WsgiApp]
         if target.decoded_path.startswith(_OWN_PATHS):
             hot_route = self.hot_routes.get(target.decoded_path)
-            if hot_route is None:
+            if hot_route is None or raw_path_of(environ) != target.decoded_path:
+                # Only asked by its very path (nginx's): "/.gateway//auth" is a client that got past nginx.
                 return self.gateway_routes(environ, start_response)
             answer = partial(hot_route, self.gateway, environ)
         else:
