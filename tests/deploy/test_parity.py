@@ -683,6 +683,27 @@ def test_an_expired_cached_allow_is_never_served_when_the_gateway_refuses_whatev
         assert response.status == 503  # the store (or the trail, which counts quotas there) unavailable
 
 
+def test_a_cached_allow_lives_no_longer_than_the_gateway_says_whatever_nginx_http_has(
+    tmp_path: Path, assertion_key: Path
+) -> None:
+    """The gateway bounds each cached allow (X-Accel-Expires: cache_seconds, never past the login's max_age or
+    the session's end); an http-level proxy_ignore_headers must not stretch it to the template's fallback."""
+    extra = {"forward_auth": {"cache_seconds": 1}}
+    with running_planes(
+        tmp_path, assertion_key, extra, nginx_http="proxy_ignore_headers X-Accel-Expires;"
+    ) as both:
+        plane = both["forward_auth"]
+        session = plane.login()
+        cookie = [("Cookie", f"{COOKIE}={session}")]
+        for _ in range(2):  # the second one from nginx's decision cache
+            assert plane.send(f"/patients/{NIR}", cookie)[0].status == 200
+        plane.store.delete(session)  # from the store alone: no ended-session mark, the cache's bound applies
+        deadline = time.monotonic() + 3  # 1 s, counted in whole seconds by nginx
+        while plane.send(f"/patients/{NIR}", cookie)[0].status == 200:
+            assert time.monotonic() < deadline, "a cached allow served past the gateway's bound"
+            time.sleep(0.1)
+
+
 def _stored_by_a_browser(set_cookie: str) -> str | None:
     """The cookie name a browser would store for a __Host- cookie of the gateway, None when it must refuse it:
     the __Host- prefix demands Secure, Path=/ and no Domain (RFC 6265bis, cookie name prefixes)."""
