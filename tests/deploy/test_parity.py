@@ -704,6 +704,21 @@ def test_a_cached_allow_lives_no_longer_than_the_gateway_says_whatever_nginx_htt
             time.sleep(0.1)
 
 
+def test_the_requests_per_client_limit_holds_whatever_nginx_http_has(
+    tmp_path: Path, assertion_key: Path
+) -> None:
+    """One client's share of the access stream is bounded (limit_req): an http-level limit_req_dry_run (set
+    while trying limits out elsewhere) must not lift it, or one client could make the audit trail lag for all."""
+    with running_planes(tmp_path, assertion_key, nginx_http="limit_req_dry_run on;") as both:
+        plane = both["forward_auth"]
+        crafted = [("Cookie", "; ".join(["__Host-gateway-login=a"] * 5))]  # refused by nginx itself (400)
+        for target in (f"/patients/{NIR}", "/"):
+            statuses = [
+                raw_request(plane.port, target, crafted if target == "/" else []).status for _ in range(130)
+            ]
+            assert 429 in statuses  # no session: 20 a second, bursts of 100
+
+
 def _stored_by_a_browser(set_cookie: str) -> str | None:
     """The cookie name a browser would store for a __Host- cookie of the gateway, None when it must refuse it:
     the __Host- prefix demands Secure, Path=/ and no Domain (RFC 6265bis, cookie name prefixes)."""
