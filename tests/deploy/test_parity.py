@@ -719,6 +719,26 @@ def test_the_requests_per_client_limit_holds_whatever_nginx_http_has(
             assert 429 in statuses  # no session: 20 a second, bursts of 100
 
 
+def test_one_professional_page_is_never_served_to_another_whatever_nginx_http_has(
+    tmp_path: Path, assertion_key: Path
+) -> None:
+    """Proxy mode caches no answer of the portal: nor does forward-auth, even under an http-level proxy_cache
+    (the same URI, /account/profile, is each professional's own page)."""
+    operator_cache = (
+        f"proxy_cache_path {tmp_path}/operator-cache keys_zone=operator:1m; proxy_cache operator;"
+    )
+    with running_planes(
+        tmp_path, assertion_key, nginx_http=operator_cache + " proxy_cache_valid 200 1m;"
+    ) as both:
+        plane = both["forward_auth"]
+        for idnat in ("810000000001", "810000000002"):
+            response, records = plane.send(
+                "/account/profile", [("Cookie", f"{COOKIE}={plane.login(idnat=idnat)}")]
+            )
+            assert response.status == 200 and len(records) == 1
+            assert json.loads(response.body)["headers"]["x-gateway-subject"] == idnat
+
+
 def _stored_by_a_browser(set_cookie: str) -> str | None:
     """The cookie name a browser would store for a __Host- cookie of the gateway, None when it must refuse it:
     the __Host- prefix demands Secure, Path=/ and no Domain (RFC 6265bis, cookie name prefixes)."""
