@@ -739,6 +739,14 @@ def test_one_professional_page_is_never_served_to_another_whatever_nginx_http_ha
             assert json.loads(response.body)["headers"]["x-gateway-subject"] == idnat
 
 
+def test_the_decision_is_never_skipped_whatever_nginx_http_has(tmp_path: Path, assertion_key: Path) -> None:
+    """An http-level "satisfy any" with an allow rule (internal networks) must not let those clients past the
+    gateway's decision: every protected request is judged."""
+    with running_planes(tmp_path, assertion_key, nginx_http="satisfy any; allow 127.0.0.0/8;") as both:
+        response, records = both["forward_auth"].send(f"/patients/{NIR}")
+        assert (response.status, records) == (401, [])
+
+
 def _stored_by_a_browser(set_cookie: str) -> str | None:
     """The cookie name a browser would store for a __Host- cookie of the gateway, None when it must refuse it:
     the __Host- prefix demands Secure, Path=/ and no Domain (RFC 6265bis, cookie name prefixes)."""
