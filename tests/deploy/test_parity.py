@@ -124,7 +124,12 @@ def running_planes(
         "PORTAL_ORIGIN": f"http://{portal}",
         "PATH": "/usr/bin:/bin",
     }
-    portal_argv = gunicorn_argv(portal_port, threads=4, app="tests.support.recording_upstream:app")
+    # A portal that reads X_Name as X-Name, as many frameworks do (gunicorn drops such fields by default).
+    portal_argv = [
+        *gunicorn_argv(portal_port, threads=4, app="tests.support.recording_upstream:app"),
+        "--header-map",
+        "dangerous",
+    ]
     with (
         redis_server() as redis,
         running(portal_argv, portal_port, env=portal_env, log=directory / "portal.log"),
@@ -745,6 +750,22 @@ def test_the_decision_is_never_skipped_whatever_nginx_http_has(tmp_path: Path, a
     with running_planes(tmp_path, assertion_key, nginx_http="satisfy any; allow 127.0.0.0/8;") as both:
         response, records = both["forward_auth"].send(f"/patients/{NIR}")
         assert (response.status, records) == (401, [])
+
+
+def test_a_forged_identity_header_spelt_with_underscores_never_reaches_the_portal_whatever_nginx_http_has(
+    tmp_path: Path, assertion_key: Path
+) -> None:
+    """Many portals read X_Gateway_Subject as X-Gateway-Subject; proxy mode never forwards such a field, and
+    the template's server drops them whatever the http level says (underscores_in_headers on there)."""
+    with running_planes(tmp_path, assertion_key, nginx_http="underscores_in_headers on;") as both:
+        for plane in both.values():
+            forged = [("X_Gateway_Subject", "810000000666"), ("X_Original_URI", "/admin")]
+            response, records = plane.send(
+                f"/patients/{NIR}", [("Cookie", f"{COOKIE}={plane.login()}"), *forged]
+            )
+            assert response.status == 200 and len(records) == 1
+            assert records[0]["headers"]["x-gateway-subject"] == "810001234567"  # plane.login()'s
+            assert "x-original-uri" not in records[0]["headers"]
 
 
 def _stored_by_a_browser(set_cookie: str) -> str | None:
