@@ -768,6 +768,15 @@ def test_a_forged_identity_header_spelt_with_underscores_never_reaches_the_porta
             assert "x-original-uri" not in records[0]["headers"]
 
 
+def test_the_portal_cannot_send_nginx_to_a_resource_the_gateway_did_not_judge(plane: Plane) -> None:
+    """X-Accel-Redirect from the portal (protected downloads often answer it) would make nginx serve another
+    URI than the one judged, under the first one's decision: a back-office page never reachable otherwise."""
+    cookie = [("Cookie", f"{COOKIE}={plane.login()}")]
+    response, records = plane.send("/account/accel-redirect?to=/admin/users", cookie)
+    assert response.status == 200
+    assert [r["raw_uri"] for r in records] == ["/account/accel-redirect?to=/admin/users"]
+
+
 def _stored_by_a_browser(set_cookie: str) -> str | None:
     """The cookie name a browser would store for a __Host- cookie of the gateway, None when it must refuse it:
     the __Host- prefix demands Secure, Path=/ and no Domain (RFC 6265bis, cookie name prefixes)."""

@@ -49,6 +49,10 @@ def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable
     headers = [("Content-Type", "application/json")]
     if path.endswith("/content-location"):
         headers.append(("Content-Location", named))
+    if path.endswith(
+        "/accel-redirect"
+    ):  # what a portal's protected downloads often answer (nginx's own header)
+        headers.append(("X-Accel-Redirect", named))
     if path.endswith("/set-cookie"):
         headers += [("Set-Cookie", value) for value in GATEWAY_SET_COOKIES]
         headers.append(("Set-Cookie", "portal=ok; Path=/; Secure"))
