@@ -894,6 +894,24 @@ def test_n_accesses_are_n_audit_records(plane: Plane) -> None:
         assert any(r["cached"] for r in records)  # nginx served repeated reads itself, and they are recorded
 
 
+def test_one_access_is_one_audit_record_whatever_nginx_http_has(tmp_path: Path, assertion_key: Path) -> None:
+    """An http-level log_subrequest on must not log nginx's decision sub-requests in the access stream too:
+    each access would be recorded twice (and counted twice against the professional's quota)."""
+    with running_planes(tmp_path, assertion_key, nginx_http="log_subrequest on;") as both:
+        plane = both["forward_auth"]
+        cookie = [("Cookie", f"{COOKIE}={plane.login()}")]
+        request_ids = [
+            plane.send(f"/patients/{NIR}", cookie)[1][0]["headers"]["x-request-id"] for _ in range(3)
+        ]
+        wait_until(
+            lambda: len([e for e in plane.audit() if e["event"] == "access"]) >= 3,
+            timeout=10,
+            what="the accesses",
+        )
+        time.sleep(0.3)  # what came more would be a duplicate
+        assert sorted(e["request_id"] for e in plane.audit() if e["event"] == "access") == sorted(request_ids)
+
+
 # --- Login budgets: what another site's page can make a browser send ----------------------------------------
 
 #: How a page of another site can load a URL without navigating the tab to it.
