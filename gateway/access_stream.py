@@ -413,6 +413,7 @@ class AccessStream:
             self._save(now)
             return 0
         try:
+            size_before = os.fstat(self._fd).st_size
             data = os.pread(self._fd, self._max_batch, self._offset)
             size = os.fstat(self._fd).st_size
         except OSError as exc:
@@ -431,11 +432,22 @@ class AccessStream:
                 self._save(now)
                 return -1
             self._last_growth = now
-        at_end = self._offset + (len(data) - end) >= size  # nothing whole left to read in this file
-        if at_end and not self._follow_rotation(now):
+        read_to = self._offset + (len(data) - end)
+        if read_to >= size and not self._follow_rotation(now):  # nothing whole left to read in this file
             self._caught_up = now
+        elif read_to >= size_before and self._still_current():
+            # Lines keep coming (a busy nginx never lets the reader find the file's end), yet every line
+            # written before this step began is recorded: the trail lags by no more than since then.
+            self._caught_up = max(self._caught_up, now)
         self._save(now)
         return recorded
+
+    def _still_current(self) -> bool:
+        """Whether nginx still writes the file being read (no rotation has started)."""
+        try:
+            return os.stat(self.log_path).st_ino == self._inode
+        except OSError:
+            return False
 
     # --- internals ---------------------------------------------------------------------------------------
 

@@ -322,6 +322,38 @@ def test_records_that_cannot_be_written_are_tried_again_and_health_says_why(file
     assert recorded_ids(audit_file) == ["1" * 32]
 
 
+def test_a_reader_keeping_up_with_lines_that_never_stop_is_not_lagging(
+    files: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Under a steady stream nginx writes new lines while each batch is read, so the reader never finds the
+    file's end; the trail still only lags by the time since the batch began (was: since the file's end was
+    last seen, and every decision was refused after max_lag although the reader kept up)."""
+    access_log, audit_file = files
+    access_log.parent.mkdir()
+    append(access_log, *(nginx_line(uuid4().hex) for _ in range(3)))
+    stream = reader(files)
+    health = StreamHealth(access_log, audit_file, max_lag=10, check_interval=0)
+    read = os.pread
+
+    def read_while_nginx_writes(fd: int, length: int, offset: int) -> bytes:
+        data = read(fd, length, offset)
+        append(access_log, nginx_line(uuid4().hex))  # a line written meanwhile: the end is never reached
+        return data
+
+    monkeypatch.setattr(os, "pread", read_while_nginx_writes)
+    start = time.time()
+    for second in range(1, 31):
+        assert stream.step(now=start + second) >= 1
+        assert health.problem(start + second + 0.5) is None, second
+    # A reader that falls behind by more than a batch is still seen lagging.
+    monkeypatch.setattr(os, "pread", read)
+    append(access_log, *(nginx_line(uuid4().hex) for _ in range(200)))
+    stream.release()
+    behind = reader(files, max_batch_bytes=4096)
+    assert behind.step(now=start + 31) >= 1
+    assert "lags" in (health.problem(start + 40) or "")
+
+
 def test_health_fails_when_the_trail_lags_or_no_reader_runs(files: tuple[Path, Path]) -> None:
     access_log, audit_file = files
     access_log.parent.mkdir()
