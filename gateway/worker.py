@@ -44,12 +44,14 @@ from http import HTTPStatus
 from typing import Any
 
 from gunicorn import http
+from gunicorn.http import errors as parse_errors
 from gunicorn.http.unreader import SocketUnreader
 from gunicorn.workers.base import Worker
 from gunicorn.workers.gthread import STOP_KEEPALIVE_LINGER, ThreadWorker
+from werkzeug.test import EnvironBuilder, run_wsgi_app
 
 from gateway.settings import ServerSettings
-from gateway.wsgi import RAW_ROUTES_ATTRIBUTE, RawRoute, RequestBodyTimeout
+from gateway.wsgi import BAD_HEADER_KEY, BAD_TARGET_KEY, RAW_ROUTES_ATTRIBUTE, RawRoute, RequestBodyTimeout
 
 #: How long a thread that has just answered on a kept-alive connection waits for the next request on it.
 KEEPALIVE_LINGER = 0.05
@@ -201,6 +203,18 @@ class _Next(enum.Enum):
     CLOSE = "close"
     IDLE = "idle"
     PARTIAL_HEAD = "partial_head"
+
+
+#: What gunicorn's parser refuses as a malformed request (its 400s), and how the app names it.
+_MALFORMED: dict[type[BaseException], tuple[str, str]] = {
+    parse_errors.InvalidRequestLine: (BAD_TARGET_KEY, "a request line"),
+    parse_errors.InvalidRequestMethod: (BAD_TARGET_KEY, "a request method"),
+    parse_errors.InvalidHTTPVersion: (BAD_TARGET_KEY, "an HTTP version"),
+    parse_errors.InvalidHeader: (BAD_HEADER_KEY, "a header"),
+    parse_errors.InvalidHeaderName: (BAD_HEADER_KEY, "a header name"),
+    parse_errors.ObsoleteFolding: (BAD_HEADER_KEY, "a folded header"),
+}
+_FRAMING = frozenset({"content-length", "connection", "transfer-encoding"})
 
 
 class GatewayWorker(ThreadWorker):
@@ -480,6 +494,30 @@ class GatewayWorker(ThreadWorker):
         except Exception as exc:
             self.handle_error(req, conn.sock, conn.client, exc)
         return _Next.CLOSE
+
+    def handle_error(self, req: Any, client: Any, addr: Any, exc: BaseException) -> None:
+        """A request head gunicorn's parser refuses gets the gateway's own 400 page, audited (gunicorn's is a
+        bare English page echoing the request line), like any other malformed request."""
+        problem = _MALFORMED.get(type(exc))
+        if problem is None or not isinstance(addr, tuple):
+            super().handle_error(req, client, addr, exc)
+            return
+        key, what = problem
+        environ = EnvironBuilder(path="/", method="GET").get_environ()
+        environ.update({"REMOTE_ADDR": str(addr[0]), "RAW_URI": "/"})
+        environ[key] = f"{what} the HTTP parser refused ({type(exc).__name__})"
+        try:
+            body_parts, status, headers = run_wsgi_app(self.wsgi, environ, buffered=True)
+            body = b"".join(body_parts)
+        except Exception:
+            self.log.exception("the page of a malformed request could not be made")
+            super().handle_error(req, client, addr, exc)
+            return
+        fields = [(name, value) for name, value in headers.items() if name.lower() not in _FRAMING]
+        fields += [("Content-Length", str(len(body))), ("Connection", "close")]
+        head = f"HTTP/1.1 {status}\r\n" + "".join(f"{name}: {value}\r\n" for name, value in fields)
+        with contextlib.suppress(OSError):
+            client.sendall(head.encode("latin-1") + b"\r\n" + body)
 
     def _answered_raw(self, conn: _Connection) -> bool:
         """Answer the gathered head from a raw route if it is one, in the plain shape; False: not answered."""

@@ -38,6 +38,11 @@ class NormalisedTargetMiddleware:
         self.app = app
 
     def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        if BAD_TARGET_KEY in environ or BAD_HEADER_KEY in environ:
+            # Set by the gateway's worker for a request its HTTP parser refused (gateway/worker.py): the app
+            # answers its page. (A client cannot name a WSGI key: its headers all become HTTP_*.)
+            environ["PATH_INFO"] = "/"
+            return self.app(environ, start_response)
         if not utf8_header(environ.get("HTTP_COOKIE", "")):
             # werkzeug decodes cookies as UTF-8 and raises on anything else, wherever a cookie is read
             # (the session, the login state, the refusal page itself): refuse, and keep the header from them.

@@ -20,7 +20,7 @@ from tests.support.clients import UNFINISHED_HEAD, read_answer, stalled_connecti
 from tests.support.config import write_config
 from tests.support.gateways import serve_argv, serving, status_of_get
 from tests.support.nginx import FORWARD_AUTH_TEMPLATE, running_nginx
-from tests.support.processes import free_port, running
+from tests.support.processes import free_port, running, wait_until
 
 # --- No client holds a thread without sending work (issue 12, item 4) -----------------------------------
 
@@ -265,3 +265,26 @@ def test_a_raw_answer_cannot_be_split() -> None:
     for value in ("a\r\nSet-Cookie: x=1", "a\nb", "a\rb", "a\0b"):
         with pytest.raises(ValueError):
             _raw_answer(200, [("X-A", value)])
+
+
+@pytest.mark.parametrize(
+    ("head", "reason"),
+    [
+        (b"GET /patients/180017512345678?q=\xff HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n", "bad_request_path"),
+        (b"GET /hello HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Odd: a\x00b\r\n\r\n", "bad_request_header"),
+    ],
+)
+def test_a_request_the_http_parser_refuses_gets_the_gateway_page_and_is_audited(
+    tmp_path: Path, decision_port: int, head: bytes, reason: str
+) -> None:
+    """Was gunicorn's bare English page, echoing the request line, and no audit record."""
+    with socket.create_connection(("127.0.0.1", decision_port), timeout=5) as connection:
+        connection.sendall(head)
+        answer = read_answer(connection)
+    status, _, rest = answer.partition(b"\r\n")
+    assert status.startswith(b"HTTP/1.1 400 "), answer[:300]
+    assert f"X-Gateway-Reason: {reason}".encode() in rest
+    assert b'lang="fr"' in answer and b"Invalid" not in answer and b"\xff" not in answer  # French page
+    wait_until(lambda: bool(audit_records(tmp_path / "audit.log", "bad_request")), timeout=5, what="audited")
+    [record] = audit_records(tmp_path / "audit.log", "bad_request")
+    assert record["reasons"] == [reason] and "HTTP parser refused" in record["detail"]
