@@ -1208,3 +1208,17 @@ def test_a_backchannel_logout_ends_cached_access_at_once(
     deliveries = psc.backchannel_logout(sid=str(psc.sessions(DOCTOR)[-1]["sid"]))
     assert [d["status"] for d in deliveries] == [200]
     assert browser.get(base + path).status_code == 401  # within the cache lifetime
+
+
+@pytest.mark.parametrize("status", [401, 403, 500])
+def test_the_portal_own_errors_reach_the_client_whatever_nginx_http_has(
+    tmp_path: Path, assertion_key: Path, status: int
+) -> None:
+    """Proxy mode forwards the portal's own refusals and errors as they are: so does forward-auth, even under
+    an http-level proxy_intercept_errors (the template's error_page lines are for the gateway's refusals)."""
+    with running_planes(tmp_path, assertion_key, nginx_http="proxy_intercept_errors on;") as both:
+        for plane in both.values():
+            cookie = [("Cookie", f"{COOKIE}={plane.login()}")]
+            response, records = plane.send(f"/static/status-{status}", cookie)
+            assert (response.status, len(records)) == (status, 1), plane.mode
+            assert b"its own answer" in response.body, plane.mode

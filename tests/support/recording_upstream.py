@@ -53,6 +53,9 @@ def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable
         "/accel-redirect"
     ):  # what a portal's protected downloads often answer (nginx's own header)
         headers.append(("X-Accel-Redirect", named))
+    if path.endswith(("/status-401", "/status-403", "/status-500")):  # the portal's own refusals and errors
+        start_response(f"{path[-3:]} Portal", headers)
+        return [b'{"portal": "its own answer"}']
     if path.endswith("/set-cookie"):
         headers += [("Set-Cookie", value) for value in GATEWAY_SET_COOKIES]
         headers.append(("Set-Cookie", "portal=ok; Path=/; Secure"))
