@@ -24,20 +24,13 @@ import time
 from pathlib import Path
 
 from common import cpu_seconds, gateway_config, wrk
+from forward_auth import POLICIES
 
 from gateway.identity import Identity, LoginMethod
 from gateway.sessions import RedisSessionStore
 from tests.support.processes import PYTHON, free_port, running
 from tests.support.redis import redis_server
 
-POLICIES = """\
-rules:
-  - name: records
-    match: { path: /patients/*, methods: [GET] }
-    action: authenticate
-    login: { professions: [10] }
-    quota: { window: 1h, max_requests: 100000000, max_distinct: 100000000, resource: { path_segment: 2 } }
-"""
 #: nginx's sub-request for a new record each time ({session}, {run}: filled in per run).
 SUB_REQUESTS = """\
 local threads = 0
