@@ -172,9 +172,13 @@ LINE_FIELDS = (
 )
 
 
-def _line_values(line: dict[str, Any]) -> tuple[Any, ...]:
-    """The values of LINE_FIELDS in ``line``, None for a missing one (no Python-level loop)."""
-    return tuple(map(line.get, LINE_FIELDS))
+def _access_line(raw: bytes) -> dict[str, Any] | None:
+    """One line of the template's format: a JSON object holding every LINE_FIELDS as a string, else None."""
+    line = json.loads(raw.decode("utf-8", _LINE_ERRORS))
+    # No Python-level loop over the fields: one set of their types.
+    if type(line) is not dict or {type(value) for value in map(line.get, LINE_FIELDS)} != {str}:
+        return None
+    return line
 
 
 @functools.lru_cache(maxsize=4096)
@@ -200,14 +204,14 @@ codecs.register_error(_LINE_ERRORS, _bytes_as_json_text)
 def access_event(raw: bytes, position: str) -> tuple[tuple[str, float, dict[str, Any]], ServedRequest | None]:
     """The audit event ``(event, time, fields)`` for one line of the access log, and the request to count
     for a quota when it is one."""
-    text = raw.decode("utf-8", _LINE_ERRORS)
     try:
-        line = json.loads(text)
-        if type(line) is not dict or {type(value) for value in _line_values(line)} != {str}:
+        line = _access_line(raw)
+        if line is None:
             raise ValueError("not a cps_gateway_access line")
         served_at = float(line["time"])
         status = int(line["status"])
     except ValueError:
+        text = raw.decode("utf-8", _LINE_ERRORS)
         fields = {"log_position": position, "length": len(raw), "line": text[:4096]}
         return (UNREADABLE_EVENT, time.time(), fields), None
     token = _decoded(line["decision"])
@@ -246,8 +250,8 @@ def nginx_refused_access(raw: bytes) -> list[Any] | None:
     if not raw.endswith(_UNDECIDED_TAILS):
         return None
     try:
-        line = json.loads(raw.decode("utf-8", _LINE_ERRORS))
-        if type(line) is not dict or {type(value) for value in _line_values(line)} != {str}:
+        line = _access_line(raw)
+        if line is None:
             return None
         status = int(line["status"])
         if not 400 <= status < 500:
