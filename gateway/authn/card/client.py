@@ -96,10 +96,8 @@ def _listing(certificates: Sequence[tokens.TokenCertificate]) -> str:
 def _opener(jar: http.cookiejar.CookieJar, cacert: str | None) -> urllib.request.OpenerDirector:
     try:
         context = ssl.create_default_context(cafile=cacert)
-    except (
-        OSError,
-        ssl.SSLError,
-    ) as exc:  # ssl names neither the file nor, for a bad one, the problem clearly
+    # ssl.SSLError is an OSError too. ssl names neither the file nor, for a bad one, the problem clearly.
+    except OSError as exc:
         reason = "no PEM CA certificate in it" if isinstance(exc, ssl.SSLError) else exc.strerror
         raise CardLoginError(f"cannot use --cacert {cacert}: {reason}") from None
     return urllib.request.build_opener(
